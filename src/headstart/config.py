@@ -1,0 +1,85 @@
+"""Every setting of a run in one typed dataclass, resolved once and written to ``config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from headstart.errors import UsageError
+
+Mode = Literal["extract", "frozen"]
+Head = Literal["gap", "flatten"]
+BatchNormPolicy = Literal["frozen", "inference"]
+
+DEFAULT_AUGMENT = "flip,rotate=0.1,zoom=0.2"
+
+
+@dataclass
+class Config:
+    """All settings of ``headstart train``; defaults are the recommended recipe.
+
+    ``image_size``, ``weights`` and ``unfreeze`` start as ``None``/"default" and are
+    resolved from the backbone registry before training, so ``config.json`` always
+    holds the concrete values that were used.
+    """
+
+    data: str
+    out: str | None = None
+    backbone: str = "efficientnet_lite0"
+    weights: str = "default"  # "imagenet", "none", a path, or "default" (the backbone's own)
+    image_size: int | None = None  # None: the backbone's default input size
+    mode: Mode = "extract"  # extract: cache backbone features (workflow 2); frozen: workflow 1
+    epochs: int = 20  # stage 1 (head) epochs; early stopping ends it sooner
+    fine_tune: bool = True
+    fine_tune_epochs: int = 5
+    unfreeze: str = "default"  # top N backbone layers, "all", or "default" (the top block)
+    bn: BatchNormPolicy = "frozen"
+    lr: float = 1e-3
+    fine_tune_lr: float = 1e-5
+    batch_size: int = 32
+    augment: str = DEFAULT_AUGMENT  # used wherever images run through the backbone in training
+    head: Head = "gap"
+    hidden: int = 0  # width of an optional hidden Dense layer in the head; 0: none
+    dropout: float = 0.2
+    seed: int = 0
+    val_split: float = 0.2
+    test_split: float = 0.1
+    patience: int = 3  # early stopping patience, in epochs, on validation loss
+    quiet: bool = False
+
+    def validate(self) -> None:
+        """Reject impossible values with the option's name, before any work starts."""
+        checks = [
+            (self.mode in ("extract", "frozen"), "--mode must be 'extract' or 'frozen'"),
+            (self.head in ("gap", "flatten"), "--head must be 'gap' or 'flatten'"),
+            (self.bn in ("frozen", "inference"), "--bn must be 'frozen' or 'inference'"),
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.fine_tune_epochs >= 0, "--fine-tune-epochs must be 0 or more"),
+            (self.lr > 0 and self.fine_tune_lr > 0, "--lr and --fine-tune-lr must be positive"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.hidden >= 0, "--hidden must be 0 (no hidden layer) or a positive width"),
+            (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
+            (self.patience >= 1, "--patience must be at least 1"),
+            (self.image_size is None or self.image_size >= 1, "--image-size must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def save(self, path: str | Path) -> None:
+        from headstart.runs import write_text_atomic
+
+        write_text_atomic(path, self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        """Read a run's config.json; unknown keys (from newer versions) are ignored."""
+        values = json.loads(Path(path).read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})

@@ -1,0 +1,135 @@
+"""The classifier: raw RGB input -> preprocessing -> backbone (inference mode) -> head.
+
+Every piece is a standard Keras layer, so the saved ``.keras`` file loads anywhere with
+``keras.saving.load_model`` and takes images as they come (0..255 RGB).
+"""
+
+from __future__ import annotations
+
+import io
+
+import keras
+from keras import layers
+
+from headstart.backbones import Backbone, preprocessing_layers
+from headstart.errors import UsageError
+
+CLASSIFIER_NAME = "classifier"
+FEATURES_NAME = "features"
+
+
+def output_units(n_classes: int) -> int:
+    """One logit for two classes (sigmoid), one per class otherwise (softmax)."""
+    return 1 if n_classes == 2 else n_classes
+
+
+def build_head(feature_dim: int, n_classes: int, hidden: int, dropout: float) -> keras.Model:
+    """The new classifier trained on pooled features: [Dense(hidden)] -> [Dropout] -> logits."""
+    inputs = keras.Input((feature_dim,), name="pooled_features")
+    x = inputs
+    if hidden:
+        x = layers.Dense(hidden, activation="relu", name="hidden")(x)
+    if dropout:
+        x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(output_units(n_classes), name="logits")(x)
+    return keras.Model(inputs, outputs, name=CLASSIFIER_NAME)
+
+
+def build_model(
+    backbone: Backbone,
+    base: keras.Model,
+    n_classes: int,
+    *,
+    head: str = "gap",
+    hidden: int = 0,
+    dropout: float = 0.2,
+) -> keras.Model:
+    """Assemble the full model around an already built ``base``.
+
+    A pretrained base is called with ``training=False`` so its BatchNormalization layers stay
+    in inference mode even once unfrozen (seed 000). A from-scratch base trains normally.
+    """
+    inputs = keras.Input(base.input_shape[1:], name="image")
+    x = inputs
+    for layer in preprocessing_layers(backbone):
+        x = layer(x)
+    x = base(x, training=False) if backbone.pretrained else base(x)
+    pool = layers.GlobalAveragePooling2D if head == "gap" else layers.Flatten
+    features = pool(name=FEATURES_NAME)(x)
+    classifier = build_head(features.shape[-1], n_classes, hidden, dropout)
+    return keras.Model(inputs, classifier(features), name=f"headstart_{backbone.name}")
+
+
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """Input -> pooled backbone features: the part that is frozen during head training."""
+    return keras.Model(model.inputs, model.get_layer(FEATURES_NAME).output, name="extractor")
+
+
+def classifier_of(model: keras.Model) -> keras.Model:
+    return model.get_layer(CLASSIFIER_NAME)
+
+
+def base_of(model: keras.Model, backbone: Backbone) -> keras.Model:
+    return model.get_layer(backbone_layer_name(model))
+
+
+def backbone_layer_name(model: keras.Model) -> str:
+    """The nested base is the only functional sub-model besides the classifier."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model) and layer.name != CLASSIFIER_NAME:
+            return layer.name
+    raise ValueError("model has no backbone sub-model")
+
+
+def parameter_counts(model: keras.Model) -> dict[str, int]:
+    trainable = sum(int(w.numpy().size) for w in model.trainable_weights)
+    total = sum(int(w.numpy().size) for w in model.weights)
+    return {"total": total, "trainable": trainable, "non_trainable": total - trainable}
+
+
+def summary_text(model: keras.Model) -> str:
+    """``model.summary(show_trainable=True)`` as text, ending with the machine-readable counts."""
+    buffer = io.StringIO()
+    model.summary(show_trainable=True, print_fn=lambda line, **_: buffer.write(line + "\n"))
+    counts = parameter_counts(model)
+    buffer.write(
+        f"total={counts['total']} trainable={counts['trainable']} "
+        f"non_trainable={counts['non_trainable']}\n"
+    )
+    return buffer.getvalue()
+
+
+def summary(
+    backbone: str,
+    *,
+    image_size: int | None = None,
+    head: str = "gap",
+    hidden: int = 0,
+    dropout: float = 0.2,
+    classes: int = 2,
+    unfreeze: str | None = None,
+    bn: str = "frozen",
+    weights: str = "none",
+) -> str:
+    """The model headstart would build, with the trainable state of a given stage.
+
+    ``unfreeze`` "none" (the default) is stage 1 with the base frozen, a number or "all" is
+    stage 2; from-scratch backbones are always fully trainable.
+    ``head="none"`` summarises the backbone alone. Weights default to none: counts don't
+    depend on them.
+    """
+    from headstart.backbones import build_backbone, get_backbone, resolve_weights
+    from headstart.freeze import resolve_unfreeze, unfreeze_top
+
+    spec = get_backbone(backbone)
+    if classes < 2:
+        raise UsageError("--classes must be at least 2")
+    if head not in ("gap", "flatten", "none"):
+        raise UsageError("--head must be gap, flatten or none")
+    base = build_backbone(spec, image_size or spec.default_size, resolve_weights(spec, weights))
+    if spec.pretrained:  # a from-scratch base always trains end to end, BatchNorm included
+        unfreeze_top(base, resolve_unfreeze(unfreeze or "none", spec, base), bn)
+    if head == "none":
+        return summary_text(base)
+    model = build_model(spec, base, classes, head=head, hidden=hidden, dropout=dropout)
+    return summary_text(model)
