@@ -1,0 +1,604 @@
+"""Turn a folder of labelled images into checked, split file lists and tf.data pipelines.
+
+Two layouts are accepted: ``DATA/<class>/*`` (split here, stratified and seeded) and
+``DATA/{train,val,test}/<class>/*`` (the user's split is kept). Every image is decoded once up
+front so broken files are reported before training instead of killing it halfway. The data
+folder is only ever read, never written.
+
+Pixel conventions (identical for training and prediction, since both go through `read_image`):
+transparent images are composited on white, 16-bit images are scaled to 8 bits, EXIF
+orientation is applied, and GIF/WebP animations use their first frame.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+import zlib
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from headstart.errors import UsageError
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
+
+_CLASS_FOLDERS = "class_folders"
+_SPLIT_FOLDERS = "split_folders"
+
+_SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+_CACHE_BUDGET_BYTES = 2 * 1024**3
+_LOG_SKIPPED = 10  # skipped files named individually at WARNING level
+_WHITE = (255, 255, 255, 255)
+
+
+# ----------------------------------------------------------------------------- data classes
+
+
+@dataclass(frozen=True)
+class Split:
+    """One subset (train, val or test) as parallel tuples, so it can feed tf.data directly."""
+
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def counts(self, n_classes: int) -> list[int]:
+        """Images per class, including zeros, for reports and class weights."""
+        return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=n_classes).tolist()
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """Everything training needs to know about a data folder, decided once, up front."""
+
+    root: str
+    class_names: tuple[str, ...]
+    train: Split
+    val: Split
+    test: Split
+    skipped: tuple[tuple[str, str], ...]
+    layout: str
+
+
+class UnreadableImage(Exception):
+    """Raised by read_image; str(exc) is the short reason."""
+
+
+# ----------------------------------------------------------------------------- reading images
+
+
+def read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """uint8 RGB array (H, W, 3); resized (bilinear) to size=(height, width) when given.
+
+    Training, checking and prediction all read through here, so pixels always match.
+    Any failure becomes `UnreadableImage` with a short reason, never another exception type.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            raise UnreadableImage("empty file")
+        with Image.open(path) as img:
+            _refuse_bombs(img)
+            if size is not None:
+                # JPEG only: decode at 1/2, 1/4 or 1/8 scale, still >= size (square, so that an
+                # EXIF rotation cannot make one side too small).
+                img.draft("RGB", (max(size),) * 2)
+            img.load()
+            rgb = _to_rgb(_exif_transpose(img))
+            if size is not None and rgb.size != (size[1], size[0]):
+                rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            return np.array(rgb, dtype=np.uint8)
+    except UnreadableImage:
+        raise
+    except Exception as exc:  # any decoder failure means: skip this file
+        raise UnreadableImage(_reason(exc)) from exc
+
+
+def _refuse_bombs(img: Image.Image) -> None:
+    """Treat PIL's DecompressionBombWarning threshold as an error.
+
+    An explicit pixel check rather than ``warnings.catch_warnings()``: that context manager
+    swaps process-global state and is not thread-safe before Python 3.14, and this function runs
+    in thread pools. PIL itself raises DecompressionBombError above twice this limit.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        raise UnreadableImage("too large (decompression bomb)")
+
+
+def _exif_transpose(img: Image.Image) -> Image.Image:
+    """Honour the orientation tag; a corrupt EXIF block is not a reason to lose the image."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as exc:  # a bad tag only loses the rotation
+        logger.debug("ignoring unusable EXIF in %s: %s", getattr(img, "filename", "?"), exc)
+        return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB whatever the source mode: alpha composited on white, 16-bit scaled down."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I"):
+        # I;16* and I come from 16-bit PNGs; plain convert() would clip them to white.
+        grey = np.asarray(img).astype(np.float64) / 257.0
+        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE)
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _reason(exc: Exception) -> str:
+    """Short, stable reasons so skipped.txt can be grepped and summarised."""
+    text = str(exc)
+    if isinstance(exc, Image.DecompressionBombError):
+        return "too large (decompression bomb)"
+    if isinstance(exc, FileNotFoundError):
+        return "missing file"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, IsADirectoryError):
+        return "not a file"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image"
+    if "truncated" in text.lower():
+        return "truncated"
+    if isinstance(exc, (OSError, SyntaxError)):
+        return f"corrupt ({_shorten(text)})"
+    return f"unreadable ({type(exc).__name__}: {_shorten(text)})"
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------- scanning
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk_images(folder: str) -> list[str]:
+    """Image files below folder, sorted; symlinked folders are not followed, so loops end."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False, onerror=_walk_error):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        found.extend(
+            os.path.join(dirpath, f) for f in filenames if not _is_hidden(f) and _is_image_name(f)
+        )
+    return sorted(found)
+
+
+def _walk_error(exc: OSError) -> None:
+    logger.warning("cannot list %s: %s", exc.filename, exc.strerror or exc)
+
+
+def _subfolders(folder: str) -> list[tuple[str, str]]:
+    """(name, path) of visible subfolders, sorted by name."""
+    try:
+        with os.scandir(folder) as entries:
+            found = [(e.name, e.path) for e in entries if not _is_hidden(e.name) and e.is_dir()]
+    except OSError as exc:
+        raise UsageError(f"cannot read data folder {folder}: {exc.strerror or exc}") from exc
+    return sorted(found)
+
+
+def _scan_classes(folder: str) -> dict[str, list[str]]:
+    """class name -> image paths, for one folder of class subfolders."""
+    classes = {}
+    for name, path in _subfolders(folder):
+        files = _walk_images(path)
+        if files:
+            classes[name] = files
+        else:
+            logger.warning("ignoring class folder with no images: %s", path)
+    return classes
+
+
+def _detect_layout(root: str) -> tuple[str, dict[str, dict[str, list[str]]]]:
+    """Layout name and {split: {class: paths}}; splits absent from the folder are absent here."""
+    folders = _subfolders(root)
+    if not any(name.lower() == "train" for name, _ in folders):
+        return _CLASS_FOLDERS, {"all": _scan_classes(root)}
+    splits: dict[str, dict[str, list[str]]] = {}
+    for name, path in folders:
+        split = _SPLIT_NAMES.get(name.lower())
+        if split is None:
+            raise UsageError(
+                f"{root} has a 'train' folder, so it is read as train/val/test splits, but it also "
+                f"has '{name}': move class folders into train/<class>/ (or rename 'train' if it "
+                f"is a class)"
+            )
+        if split in splits:
+            raise UsageError(f"{root} has both 'val' and 'validation' folders: keep only one")
+        splits[split] = _scan_classes(path)
+    return _SPLIT_FOLDERS, splits
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def _check_images(paths: list[str], check_size: int, workers: int | None) -> dict[str, str]:
+    """path -> reason for every unreadable image; decoding is parallel since PIL drops the GIL."""
+    if not paths:
+        return {}
+    workers = workers or min(32, (os.cpu_count() or 1) + 4)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="headstart-check") as pool:
+        reasons = list(pool.map(lambda p: _check_one(p, check_size), paths))
+    bad = {p: r for p, r in zip(paths, reasons, strict=True) if r is not None}
+    logger.info(
+        "checked %d images in %.1fs: %d unreadable", len(paths), time.perf_counter() - start,
+        len(bad),
+    )
+    for i, (path, reason) in enumerate(sorted(bad.items())):
+        # A messy folder can have thousands: name a few, the caller writes the full list.
+        logger.log(logging.WARNING if i < _LOG_SKIPPED else logging.DEBUG,
+                   "skipping %s: %s", path, reason)
+    if len(bad) > _LOG_SKIPPED:
+        logger.warning("... and %d more unreadable files", len(bad) - _LOG_SKIPPED)
+    return bad
+
+
+def _check_one(path: str, check_size: int) -> str | None:
+    try:
+        read_image(path, (check_size, check_size))
+    except UnreadableImage as exc:
+        return str(exc)
+    return None
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+def _validate_fractions(val_split: float, test_split: float) -> None:
+    for option, value in (("--val-split", val_split), ("--test-split", test_split)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise UsageError(f"{option} must be a fraction in [0, 1), got {value!r}")
+    if val_split + test_split >= 1:
+        raise UsageError(
+            f"--val-split {val_split} + --test-split {test_split} must be below 1 "
+            f"to leave images for training"
+        )
+
+
+def _split_sizes(n: int, val_split: float, test_split: float) -> tuple[int, int]:
+    """(n_val, n_test): rounded, at least 1 each when the fraction is > 0."""
+    n_val = max(1, round(n * val_split)) if val_split > 0 else 0
+    n_test = max(1, round(n * test_split)) if test_split > 0 else 0
+    return n_val, n_test
+
+
+def _min_class_size(val_split: float, test_split: float) -> int:
+    """Smallest class size that leaves at least one training image (fractions sum to < 1)."""
+    n = 1
+    while n - sum(_split_sizes(n, val_split, test_split)) < 1:
+        n += 1
+    return n
+
+
+def _shuffle_class(files: list[str], name: str, seed: int) -> list[str]:
+    """Seeded per class *name*, so adding a class never reshuffles the others."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8", "surrogatepass"))])
+    ordered = sorted(files)
+    return [ordered[i] for i in rng.permutation(len(ordered))]
+
+
+def _stratify(
+    files: list[str], name: str, val_split: float, test_split: float, seed: int, where: str
+) -> tuple[list[str], list[str], list[str]]:
+    """(train, val, test) for one class."""
+    n = len(files)
+    n_val, n_test = _split_sizes(n, val_split, test_split)
+    if n - n_val - n_test < 1:
+        need = _min_class_size(val_split, test_split)
+        options = f"--val-split {val_split}"
+        if test_split:
+            options += f" and --test-split {test_split}"
+        raise UsageError(
+            f"class '{name}' has {n} usable image(s){where}; with {options} each class needs at "
+            f"least {need}: add images or lower the split fractions"
+        )
+    shuffled = _shuffle_class(files, name, seed)
+    return shuffled[n_test + n_val :], shuffled[n_test : n_test + n_val], shuffled[:n_test]
+
+
+def _make_split(by_class: dict[str, list[str]], class_names: tuple[str, ...]) -> Split:
+    index = {name: i for i, name in enumerate(class_names)}
+    pairs = sorted((index[name], path) for name, files in by_class.items() for path in files)
+    return Split(tuple(p for _, p in pairs), tuple(label for label, _ in pairs))
+
+
+def _drop_unreadable(
+    classes: dict[str, list[str]], bad: dict[str, str], where: str
+) -> dict[str, list[str]]:
+    kept = {}
+    for name, files in classes.items():
+        good = [f for f in files if f not in bad]
+        if good:
+            kept[name] = good
+        else:
+            logger.warning("ignoring class '%s'%s: none of its %d images is readable",
+                           name, where, len(files))
+    return kept
+
+
+# ----------------------------------------------------------------------------- public entry
+
+
+def load_image_folder(
+    root: str,
+    *,
+    val_split: float = 0.2,
+    test_split: float = 0.1,
+    seed: int = 0,
+    check_size: int = 64,
+    workers: int | None = None,
+) -> ImageFolder:
+    """Scan, check every image (skipped files recorded, never fatal), split.
+
+    In the train/val/test layout the user's split wins: `test_split` is ignored, and
+    `val_split` is only used to carve a missing val folder out of train.
+    """
+    _validate_fractions(val_split, test_split)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {seed!r}")
+    if workers is not None and workers < 1:
+        raise UsageError(f"workers must be at least 1, got {workers!r}")
+    if check_size < 1:
+        raise UsageError(f"check_size must be at least 1, got {check_size!r}")
+    root = _existing_folder(root)
+    layout, found = _detect_layout(root)
+    paths = [p for classes in found.values() for files in classes.values() for p in files]
+    bad = _check_images(paths, check_size, workers)
+    found = {
+        split: _drop_unreadable(classes, bad, "" if split == "all" else f" in {split}/")
+        for split, classes in found.items()
+    }
+    if layout == _CLASS_FOLDERS:
+        class_names, parts = _split_class_folders(root, found["all"], val_split, test_split, seed)
+    else:
+        class_names, parts = _split_split_folders(root, found, val_split, seed)
+    folder = ImageFolder(
+        root=root,
+        class_names=class_names,
+        train=_make_split(parts[0], class_names),
+        val=_make_split(parts[1], class_names),
+        test=_make_split(parts[2], class_names),
+        skipped=tuple(sorted(bad.items())),
+        layout=layout,
+    )
+    logger.info(
+        "%s: %d classes, %d train / %d val / %d test images, %d skipped", root,
+        len(class_names), len(folder.train), len(folder.val), len(folder.test), len(bad),
+    )
+    return folder
+
+
+def _existing_folder(root: str) -> str:
+    path = os.path.abspath(os.fspath(root))
+    if not os.path.exists(path):
+        raise UsageError(f"data folder not found: {path}")
+    if not os.path.isdir(path):
+        raise UsageError(f"data path is not a folder: {path} (expected DATA/<class>/<images>)")
+    return path
+
+
+def _require_classes(root: str, names: Iterable[str]) -> tuple[str, ...]:
+    class_names = tuple(sorted(names))
+    if len(class_names) < 2:
+        found = ", ".join(class_names) or "none"
+        raise UsageError(
+            f"{root}: found {len(class_names)} class folder(s) with readable images ({found}); "
+            f"need at least 2: put each class's images in its own subfolder"
+        )
+    return class_names
+
+
+_Parts = tuple[dict[str, list[str]], dict[str, list[str]], dict[str, list[str]]]
+
+
+def _split_class_folders(
+    root: str, classes: dict[str, list[str]], val_split: float, test_split: float, seed: int
+) -> tuple[tuple[str, ...], _Parts]:
+    class_names = _require_classes(root, classes)
+    parts: _Parts = ({}, {}, {})
+    for name in class_names:
+        for part, files in zip(
+            parts, _stratify(classes[name], name, val_split, test_split, seed, ""), strict=True
+        ):
+            part[name] = files
+    return class_names, parts
+
+
+def _split_split_folders(
+    root: str, found: dict[str, dict[str, list[str]]], val_split: float, seed: int
+) -> tuple[tuple[str, ...], _Parts]:
+    train = found["train"]
+    class_names = _require_classes(os.path.join(root, "train"), train)
+    for split in ("val", "test"):
+        extra = sorted(set(found.get(split, {})) - set(train))
+        if extra:
+            raise UsageError(
+                f"class '{extra[0]}' is in {split}/ but has no readable images in train/ "
+                f"({os.path.join(root, 'train')}): add it to train/ or remove it from {split}/"
+            )
+    if "val" in found:
+        return class_names, (train, found["val"], found.get("test", {}))
+    carved: _Parts = ({}, {}, found.get("test", {}))
+    for name in class_names:
+        kept, val, _ = _stratify(train[name], name, val_split, 0.0, seed, " in train/")
+        carved[0][name], carved[1][name] = kept, val
+    return class_names, carved
+
+
+# ----------------------------------------------------------------------------- tf.data
+
+
+def make_dataset(
+    split: Split,
+    image_size: tuple[int, int],
+    *,
+    batch_size: int = 32,
+    shuffle: bool = False,
+    seed: int = 0,
+    cache: bool | None = None,
+) -> tf.data.Dataset:
+    """(images float32 0-255, labels int32) batches; cache=None decides by estimated memory.
+
+    Decoded uint8 images are cached *before* the shuffle, so epochs still see new orders;
+    without a cache the cheap paths are shuffled instead, so no decoded-image buffer is needed.
+    """
+    import tensorflow as tf
+
+    height, width = _validate_dataset_args(image_size, batch_size)
+    if cache is None:
+        cache = _fits_cache(len(split), image_size)
+    paths = tf.constant([os.fsencode(p) for p in split.paths], dtype=tf.string)
+    labels = tf.constant(split.labels, dtype=tf.int32)
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    buffer = max(1, len(split))
+    if shuffle and not cache:
+        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(
+        _tf_decoder(height, width), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    if cache:
+        ds = ds.cache()
+        if shuffle:
+            ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(
+        lambda images, y: (tf.cast(images, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _validate_dataset_args(image_size: tuple[int, int], batch_size: int) -> tuple[int, int]:
+    if (
+        not isinstance(image_size, (tuple, list))
+        or len(image_size) != 2
+        or not all(isinstance(s, (int, np.integer)) and s > 0 for s in image_size)
+    ):
+        raise UsageError(f"--image-size must be two positive integers, got {image_size!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    return int(image_size[0]), int(image_size[1])
+
+
+def _fits_cache(n_images: int, image_size: tuple[int, int]) -> bool:
+    """Cache decoded images when they fit min(2 GiB, a quarter of RAM)."""
+    needed = n_images * image_size[0] * image_size[1] * 3
+    budget = _CACHE_BUDGET_BYTES
+    try:
+        budget = min(budget, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
+    except (AttributeError, ValueError, OSError):
+        pass
+    return needed <= budget
+
+
+def _tf_decoder(height: int, width: int):
+    """A tf.data map function decoding with PIL, so the pipeline matches `read_image` exactly."""
+    import tensorflow as tf
+
+    def load(path: bytes) -> np.ndarray:
+        name = os.fsdecode(path)
+        try:
+            return read_image(name, (height, width))
+        except UnreadableImage as exc:
+            # Changed since the up-front check. A neutral grey stand-in keeps the dataset's
+            # length known (Keras needs it for progress and steps) and the run alive.
+            logger.warning("%s became unreadable during training (%s): using a grey image", name, exc)
+            return np.full((height, width, 3), 128, dtype=np.uint8)
+
+    def decode(path, label):
+        image = tf.numpy_function(load, [path], tf.uint8, stateful=False)
+        image.set_shape((height, width, 3))
+        return image, label
+
+    return decode
+
+
+# ----------------------------------------------------------------------------- predict inputs
+
+
+def find_images(paths: list[str]) -> list[str]:
+    """For `predict`: expand files, folders (recursive, sorted) and glob patterns to image files;
+    UsageError when a path matches nothing.
+
+    Paths are returned as the user spelled them (not made absolute), duplicates dropped.
+    """
+    if not paths:
+        raise UsageError("no images given: pass image files, folders or glob patterns")
+    found: list[str] = []
+    for path in paths:
+        found.extend(_expand(os.fspath(path)))
+    seen: set[str] = set()
+    unique = []
+    for path in found:
+        key = os.path.normcase(os.path.abspath(path))
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
+
+
+def _expand(path: str) -> list[str]:
+    if os.path.isfile(path):
+        if not _is_image_name(path):
+            exts = " ".join(sorted(IMAGE_EXTENSIONS))
+            raise UsageError(f"{path}: not a supported image file (expected one of {exts})")
+        return [path]
+    if os.path.isdir(path):
+        images = _walk_images(path)
+        if not images:
+            raise UsageError(f"{path}: folder contains no image files")
+        return images
+    if any(char in path for char in "*?["):
+        matches = []
+        for match in sorted(glob.glob(path, recursive=True)):
+            if os.path.isdir(match):
+                matches.extend(_walk_images(match))
+            elif _is_image_name(match):
+                matches.append(match)
+        if not matches:
+            raise UsageError(f"{path}: pattern matches no image files")
+        return matches
+    raise UsageError(f"{path}: no such file or folder")
+
+
+def write_skipped(skipped: Iterable[tuple[str, str]], path: str) -> None:
+    """Write skipped.txt: one `path<TAB>reason` line per skipped file (an empty file when none)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with open(path, "w", encoding="utf-8", errors="backslashreplace", newline="\n") as out:
+        for file, reason in skipped:
+            out.write(f"{_one_line(file)}\t{_one_line(reason)}\n")
+
+
+def _one_line(text: str) -> str:
+    """Keep the TAB/newline format parseable even for odd file names."""
+    return text.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")

@@ -1,0 +1,189 @@
+"""Shared fixtures: tiny, learnable image folders generated on the fly (no binary test data)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Let `pytest` work from a fresh checkout without `pip install -e .`.
+_SRC = Path(__file__).resolve().parents[1] / "src"
+if importlib.util.find_spec("headstart") is None and _SRC.is_dir():
+    sys.path.insert(0, str(_SRC))
+
+# Well separated colours: a tiny model (or a frozen backbone + head) separates them in a few steps.
+_PALETTE = np.array(
+    [
+        (220, 40, 40),
+        (40, 90, 220),
+        (40, 190, 60),
+        (230, 200, 40),
+        (170, 50, 200),
+        (40, 200, 210),
+        (240, 130, 30),
+        (120, 120, 120),
+    ],
+    dtype=np.float64,
+)
+
+
+class ImageFolderFactory:
+    """Callable fixture: ``image_folder_factory(root, classes=..., ...) -> Path``.
+
+    Layouts: ``class_folders`` writes ``root/<class>/`` with `per_class` images each;
+    ``split_folders`` writes ``root/<split>/<class>/`` for each name in `splits`, with
+    `per_class` images in train and ``split_count(split, per_class)`` in the others.
+
+    With ``odd_files=True`` the files in `ODD_GOOD` and `ODD_BAD` are added to the first class
+    (in ``train/`` for the split layout), plus junk that must be ignored silently: `.DS_Store`
+    files, a `__MACOSX` folder, a hidden `.thumbnails` folder holding a valid image,
+    `notes.txt` files, and a class folder `EMPTY_CLASS` with no images. So the first class has
+    ``per_class + len(ODD_GOOD)`` readable images and `len(ODD_BAD)` files are skipped.
+    """
+
+    #: Readable odd files (relative to the first class folder).
+    ODD_GOOD: tuple[str, ...] = (
+        "rgba.png",  # left half fully transparent over black: must come out white
+        "sixteen_bit.png",  # I;16 gradient 20000..45000: mid-grey, never all 255
+        "palette.png",  # P mode, index 0 transparent on the left half
+        "cmyk.jpg",  # pure red in CMYK
+        "grey.jpg",
+        "animated.gif",  # frame 0 red, frame 1 blue
+        "photo.webp",
+        "tiny_1x1.png",
+        "UPPER.JPG",
+        "exif_rotated.jpg",  # stored 30 wide x 20 high, EXIF orientation 6
+        "nested/deeper/café photo ñ.png",  # unicode + space, two folders down
+    )
+    #: Unreadable odd files -> the reason `load_image_folder` must give.
+    ODD_BAD: dict[str, str] = {
+        "zero_bytes.jpg": "empty file",
+        "truncated.jpg": "truncated",
+        "text_not_image.jpg": "not an image",
+    }
+    EMPTY_CLASS = "zz_empty_class"
+    EXIF_STORED_SIZE = (30, 20)  # PIL (width, height) before rotation
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory):
+        self._tmp = tmp_path_factory
+
+    @staticmethod
+    def split_count(split: str, per_class: int) -> int:
+        """Images per class written into `split` in the split_folders layout."""
+        return per_class if split == "train" else max(1, per_class // 2)
+
+    def __call__(
+        self,
+        root: Path | str | None = None,
+        classes: tuple[str, ...] = ("cat", "dog"),
+        per_class: int = 12,
+        size: tuple[int, int] = (40, 48),
+        layout: str = "class_folders",
+        odd_files: bool = False,
+        splits: tuple[str, ...] = ("train", "val", "test"),
+    ) -> Path:
+        """Write the folder and return it; `size` is (height, width), seeded so it is stable."""
+        root = Path(root) if root is not None else self._tmp.mktemp("images") / "data"
+        root.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(1234)
+        if layout == "class_folders":
+            parents = {"": per_class}
+        elif layout == "split_folders":
+            parents = {split: self.split_count(split, per_class) for split in splits}
+        else:
+            raise ValueError(f"unknown layout {layout!r}")
+        for parent, count in parents.items():
+            for index, name in enumerate(classes):
+                folder = root / parent / name
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(count):
+                    image = _class_image(index, size, rng)
+                    ext = "png" if i % 2 == 0 else "jpg"
+                    image.save(folder / f"{name}_{parent or 'all'}_{i:03d}.{ext}")
+        if odd_files:
+            first = root / ("train" if layout == "split_folders" else "") / classes[0]
+            self._write_odd_files(root, first, size, rng)
+        return root
+
+    def _write_odd_files(self, root: Path, folder: Path, size: tuple[int, int], rng) -> None:
+        h, w = size
+        red = _class_image(0, size, rng)
+        rgba = np.zeros((h, w, 4), np.uint8)
+        rgba[:, w // 2 :] = (220, 40, 40, 255)
+        Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+        ramp = np.linspace(20000, 45000, h * w).reshape(h, w).astype(np.uint16)
+        Image.fromarray(ramp).save(folder / "sixteen_bit.png")
+        pal = Image.new("P", (w, h), 0)
+        pal.putpalette([0, 0, 0, 220, 40, 40] + [0] * 762)
+        pal.paste(1, (w // 2, 0, w, h))
+        pal.save(folder / "palette.png", transparency=0)
+        Image.new("CMYK", (w, h), (0, 255, 255, 0)).save(folder / "cmyk.jpg")
+        red.convert("L").save(folder / "grey.jpg")
+        frames = [Image.new("RGB", (w, h), (255, 0, 0)), Image.new("RGB", (w, h), (0, 0, 255))]
+        frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:])
+        red.save(folder / "photo.webp")
+        Image.new("RGB", (1, 1), (220, 40, 40)).save(folder / "tiny_1x1.png")
+        red.save(folder / "UPPER.JPG", format="JPEG")
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.new("RGB", self.EXIF_STORED_SIZE, (220, 40, 40)).save(
+            folder / "exif_rotated.jpg", exif=exif
+        )
+        nested = folder / "nested" / "deeper"
+        nested.mkdir(parents=True)
+        red.save(nested / "café photo ñ.png")
+        self._write_bad_files(folder, red)
+        self._write_junk(root, folder, red)
+
+    @staticmethod
+    def _write_bad_files(folder: Path, image: Image.Image) -> None:
+        (folder / "zero_bytes.jpg").write_bytes(b"")
+        buf = io.BytesIO()
+        image.resize((200, 160)).save(buf, format="JPEG", quality=95)
+        (folder / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+        (folder / "text_not_image.jpg").write_text("this is not a JPEG\n")
+
+    def _write_junk(self, root: Path, folder: Path, image: Image.Image) -> None:
+        (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        (root / "notes.txt").write_text("where these images came from\n")
+        (folder / "notes.txt").write_text("a note\n")
+        macosx = root / "__MACOSX" / folder.name
+        macosx.mkdir(parents=True)
+        (macosx / "._rgba.png").write_bytes(b"\x00\x05\x16\x07junk")
+        (macosx / "real_looking.png").write_bytes(b"junk")
+        hidden = folder / ".thumbnails"
+        hidden.mkdir()
+        image.save(hidden / "thumb.png")
+        empty = folder.parent / self.EMPTY_CLASS
+        empty.mkdir()
+        (empty / ".DS_Store").write_bytes(b"\x00")
+        (empty / "readme.txt").write_text("nothing here yet\n")
+
+
+def _class_image(index: int, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """Class colour x class stripe pattern + noise: learnable, yet no two images identical."""
+    h, w = size
+    colour = _PALETTE[index % len(_PALETTE)]
+    yy, xx = np.mgrid[0:h, 0:w]
+    coord = yy if index % 2 == 0 else xx
+    stripes = 0.75 + 0.25 * (np.sin(coord * (0.5 + 0.2 * (index // 2))) > 0)
+    pixels = colour * stripes[..., None] + rng.normal(0, 12, (h, w, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+@pytest.fixture(scope="session")
+def image_folder_factory(tmp_path_factory: pytest.TempPathFactory) -> ImageFolderFactory:
+    """Build image folders anywhere; see `ImageFolderFactory` for the layout and odd files."""
+    return ImageFolderFactory(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(image_folder_factory: ImageFolderFactory) -> Path:
+    """Read-only, shared: DATA/{cat,dog}/ with 20 learnable 40x48 images each (PNG/JPEG)."""
+    return image_folder_factory(classes=("cat", "dog"), per_class=20)

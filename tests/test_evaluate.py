@@ -1,0 +1,241 @@
+"""Metrics checked against numbers worked out by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from headstart.evaluate import compute_metrics, format_metrics, probabilities_from_logits
+
+NAMES3 = ["cat", "dog", "fox"]
+
+
+def one_hot_ish(predictions: list[int], n_classes: int, top: float = 0.6) -> np.ndarray:
+    """Probabilities whose argmax is ``predictions``; the rest of the mass is spread evenly."""
+    rest = (1.0 - top) / (n_classes - 1)
+    probs = np.full((len(predictions), n_classes), rest)
+    probs[np.arange(len(predictions)), predictions] = top
+    return probs
+
+
+@pytest.fixture
+def three_class() -> dict:
+    # true:      0  0  1  1  2  2
+    # predicted: 0  1  1  1  2  0
+    # confusion (rows true, cols predicted): [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    probs = one_hot_ish([0, 1, 1, 1, 2, 0], 3)  # 0.6 on the prediction, 0.2 elsewhere
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return compute_metrics(labels, probs, NAMES3)
+
+
+def test_three_class_confusion_matrix(three_class):
+    assert three_class["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert three_class["class_names"] == NAMES3
+    assert three_class["n_test"] == 6
+
+
+def test_three_class_per_class_scores(three_class):
+    pc = three_class["per_class"]
+    # cat: tp 1, predicted 2, support 2 -> P 1/2, R 1/2, F1 1/2
+    assert pc["cat"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
+    # dog: tp 2, predicted 3, support 2 -> P 2/3, R 1, F1 2*(2/3)/(5/3) = 4/5
+    assert pc["dog"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
+    # fox: tp 1, predicted 1, support 2 -> P 1, R 1/2, F1 2*(1/2)/(3/2) = 2/3
+    assert pc["fox"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})
+
+
+def test_three_class_summary_scores(three_class):
+    assert three_class["accuracy"] == pytest.approx(4 / 6)
+    assert three_class["balanced_accuracy"] == pytest.approx((0.5 + 1.0 + 0.5) / 3)
+    assert three_class["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+
+
+def test_loss_is_mean_cross_entropy_of_true_class(three_class):
+    # 4 correct rows give the true class 0.6, 2 wrong rows give it 0.2.
+    expected = -(4 * math.log(0.6) + 2 * math.log(0.2)) / 6
+    assert three_class["loss"] == pytest.approx(expected)
+    assert three_class["loss"] == pytest.approx(0.87702971, abs=1e-8)
+
+
+def test_loss_clips_zero_probability_to_epsilon():
+    labels = np.array([0, 1])
+    probs = np.array([[0.0, 1.0], [0.0, 1.0]])  # row 0 gives the true class exactly 0
+    metrics = compute_metrics(labels, probs, ["a", "b"])
+    assert metrics["loss"] == pytest.approx((-math.log(1e-7) - math.log(1.0)) / 2)
+    assert math.isfinite(metrics["loss"])
+
+
+def test_metrics_are_json_serialisable(three_class):
+    assert json.loads(json.dumps(three_class)) == three_class
+
+
+def test_never_predicted_class_scores_zero_not_nan():
+    labels = np.array([0, 1, 2])
+    probs = one_hot_ish([0, 1, 1], 3)  # fox is never predicted
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics = compute_metrics(labels, probs, NAMES3)
+    assert metrics["per_class"]["fox"] == {
+        "precision": 0.0,
+        "recall": 0.0,
+        "f1": 0.0,
+        "support": 1,
+    }
+    assert metrics["per_class"]["dog"]["precision"] == pytest.approx(0.5)
+    assert metrics["macro_f1"] == pytest.approx((1.0 + 2 / 3 + 0.0) / 3)
+    assert metrics["balanced_accuracy"] == pytest.approx((1.0 + 1.0 + 0.0) / 3)
+
+
+def test_class_absent_from_test_set_is_left_out_of_averages():
+    # "fox" has no test images and is never predicted: all zeros, excluded from the means.
+    labels = np.array([0, 0, 1, 1])
+    probs = one_hot_ish([0, 1, 1, 1], 3)
+    metrics = compute_metrics(labels, probs, NAMES3)
+    assert metrics["per_class"]["fox"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert metrics["balanced_accuracy"] == pytest.approx((0.5 + 1.0) / 2)
+    # cat: P 1, R 1/2 -> F1 2/3; dog: P 2/3, R 1 -> F1 4/5
+    assert metrics["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+
+
+def test_wrongly_predicted_absent_class_counts_in_macro_f1():
+    # "fox" has no test images but is predicted once: F1 0 pulls the macro-F1 down.
+    labels = np.array([0, 1])
+    probs = one_hot_ish([0, 2], 3)
+    metrics = compute_metrics(labels, probs, NAMES3)
+    assert metrics["macro_f1"] == pytest.approx((1.0 + 0.0 + 0.0) / 3)
+    assert metrics["balanced_accuracy"] == pytest.approx((1.0 + 0.0) / 2)
+
+
+def test_perfect_predictions_score_one():
+    labels = np.array([2, 0, 1, 1, 0])
+    metrics = compute_metrics(labels, one_hot_ish(labels.tolist(), 3, top=0.9), NAMES3)
+    assert metrics["accuracy"] == 1.0
+    assert metrics["balanced_accuracy"] == 1.0
+    assert metrics["macro_f1"] == 1.0
+    for row in metrics["per_class"].values():
+        assert (row["precision"], row["recall"], row["f1"]) == (1.0, 1.0, 1.0)
+    assert metrics["confusion_matrix"] == [[2, 0, 0], [0, 2, 0], [0, 0, 1]]
+    assert metrics["loss"] == pytest.approx(-math.log(0.9))
+
+
+def test_confusion_matrix_rows_are_true_columns_are_predicted():
+    # Three images of class "a" all predicted "b": the count sits at row a, column b.
+    labels = np.array([0, 0, 0])
+    probs = np.array([[0.1, 0.9]] * 3)
+    metrics = compute_metrics(labels, probs, ["a", "b"])
+    assert metrics["confusion_matrix"] == [[0, 3], [0, 0]]
+    assert metrics["per_class"]["a"]["recall"] == 0.0
+    assert metrics["per_class"]["b"]["precision"] == 0.0
+
+
+def test_binary_logits_become_two_column_probabilities():
+    logits = np.array([[0.0], [2.0], [-3.0]])
+    probs = probabilities_from_logits(logits)
+    s2 = 1 / (1 + math.exp(-2.0))  # 0.8807970779778823
+    s3 = 1 / (1 + math.exp(3.0))  # sigmoid(-3) = 0.04742587317756678
+    assert probs.shape == (3, 2)
+    np.testing.assert_allclose(probs, [[0.5, 0.5], [1 - s2, s2], [1 - s3, s3]], rtol=1e-12)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-12)
+
+
+def test_binary_logits_extreme_values_do_not_overflow():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probs = probabilities_from_logits(np.array([[1000.0], [-1000.0]]))
+    np.testing.assert_array_equal(probs, [[0.0, 1.0], [1.0, 0.0]])
+
+
+def test_binary_logits_through_compute_metrics():
+    # logits -> p(class 1): 0.88, 0.05, 0.62, 0.27 -> predictions 1, 0, 1, 0
+    logits = np.array([[2.0], [-3.0], [0.5], [-1.0]])
+    labels = np.array([1, 0, 0, 0])
+    metrics = compute_metrics(labels, probabilities_from_logits(logits), ["neg", "pos"])
+    assert metrics["confusion_matrix"] == [[2, 1], [0, 1]]
+    assert metrics["accuracy"] == pytest.approx(0.75)
+    # true-class probabilities: sigmoid(2), sigmoid(3), sigmoid(-0.5), sigmoid(1)
+    expected_loss = np.mean(np.log1p(np.exp(-np.array([2.0, 3.0, -0.5, 1.0]))))
+    assert metrics["loss"] == pytest.approx(expected_loss)
+    assert metrics["per_class"]["pos"] == pytest.approx(
+        {"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1}
+    )
+
+
+def test_softmax_matches_hand_formula():
+    probs = probabilities_from_logits(np.array([[0.0, 1.0, 2.0]]))
+    e = np.exp([0.0, 1.0, 2.0])
+    np.testing.assert_allclose(probs, [e / e.sum()], rtol=1e-12)
+    np.testing.assert_allclose(probs, [[0.09003057, 0.24472847, 0.66524096]], atol=1e-8)
+
+
+def test_softmax_is_stable_for_large_logits():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probs = probabilities_from_logits(np.array([[1000.0, 1001.0, 1002.0], [-1e4, 0.0, 1e4]]))
+    assert np.all(np.isfinite(probs))
+    np.testing.assert_allclose(probs[0], probabilities_from_logits(np.array([[0.0, 1.0, 2.0]]))[0])
+    np.testing.assert_array_equal(probs[1], [0.0, 0.0, 1.0])
+
+
+def test_logits_must_be_two_dimensional():
+    with pytest.raises(ValueError, match="shape"):
+        probabilities_from_logits(np.array([0.1, 0.2]))
+
+
+@pytest.mark.parametrize(
+    ("labels", "probs", "match"),
+    [
+        (np.array([0, 1]), np.full((2, 2), 0.5), r"shape \(N, 3\)"),
+        (np.array([0, 1, 2]), np.full((2, 3), 1 / 3), r"labels must have shape"),
+        (np.array([0, 3]), np.full((2, 3), 1 / 3), r"labels must be in \[0, 2\]"),
+        (np.array([], dtype=int), np.zeros((0, 3)), "empty"),
+    ],
+)
+def test_bad_inputs_raise(labels, probs, match):
+    with pytest.raises(ValueError, match=match):
+        compute_metrics(labels, probs, NAMES3)
+
+
+def test_duplicate_class_names_raise():
+    with pytest.raises(ValueError, match="unique"):
+        compute_metrics(np.array([0]), np.array([[1.0, 0.0]]), ["a", "a"])
+
+
+def test_format_metrics_headline_and_aligned_table():
+    metrics = {
+        "accuracy": 0.931,
+        "loss": 0.20123,
+        "n_test": 100,
+        "balanced_accuracy": 0.93,
+        "macro_f1": 0.93024,
+        "per_class": {
+            "t-shirt_top": {"precision": 1.0, "recall": 0.9, "f1": 0.947368, "support": 50},
+            "bag": {"precision": 0.875, "recall": 0.962, "f1": 0.91644, "support": 50},
+        },
+        "confusion_matrix": [[45, 5], [2, 48]],
+        "class_names": ["t-shirt_top", "bag"],
+    }
+    lines = format_metrics(metrics).splitlines()
+    assert lines[0] == "accuracy 0.9310 (n=100)  loss 0.2012  macro-F1 0.9302"
+    assert lines[1].split() == ["class", "precision", "recall", "F1", "support"]
+    assert lines[2].split() == ["t-shirt_top", "1.0000", "0.9000", "0.9474", "50"]
+    assert lines[3].split() == ["bag", "0.8750", "0.9620", "0.9164", "50"]
+    assert len(lines) == 4
+    table = lines[1:]
+    assert len({len(line) for line in table}) == 1  # right-aligned columns end together
+    for header_word in ("precision", "recall", "F1", "support"):
+        end = table[0].index(header_word) + len(header_word)
+        assert all(
+            line[end - 1] != " " and (end == len(line) or line[end] == " ") for line in table
+        )
+
+
+def test_format_metrics_accepts_compute_metrics_output(three_class):
+    text = format_metrics(three_class)
+    assert text.splitlines()[0] == "accuracy 0.6667 (n=6)  loss 0.8770  macro-F1 0.6556"
+    assert len(text.splitlines()) == 1 + 1 + 3
