@@ -11,10 +11,22 @@ from headstart.freeze import resolve_unfreeze
 
 SEED_BACKBONES = ("vgg16", "vgg19", "xception", "inception_v3", "resnet50", "mobilenet")
 REQUIRED = SEED_BACKBONES + (
-    "resnet50_v2", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
-    "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
-    "efficientnet_v2_b0", "convnext_tiny", "densenet121", "efficientnet_lite0",
-    "efficientnet_lite1", "efficientnet_lite2", "scratch_cnn", "separable_cnn",
+    "resnet50_v2",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "efficientnet_b1",
+    "efficientnet_b2",
+    "efficientnet_b3",
+    "efficientnet_v2_b0",
+    "convnext_tiny",
+    "densenet121",
+    "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
+    "scratch_cnn",
+    "separable_cnn",
 )
 
 
@@ -60,8 +72,10 @@ def test_weights_resolution():
 
 def test_offline_imagenet_download_failure_is_one_clear_line(monkeypatch):
     def refuse(*args, **kwargs):
-        raise Exception("URL fetch failure on https://storage.googleapis.com/x.h5: None -- "
-                        "[Errno -3] Temporary failure in name resolution")
+        raise Exception(
+            "URL fetch failure on https://storage.googleapis.com/x.h5: None -- "
+            "[Errno -3] Temporary failure in name resolution"
+        )
 
     monkeypatch.setattr("keras.src.applications.mobilenet_v2.file_utils.get_file", refuse)
     with pytest.raises(UsageError) as error:
@@ -71,12 +85,15 @@ def test_offline_imagenet_download_failure_is_one_clear_line(monkeypatch):
     assert "--weights PATH" in message and "efficientnet_lite0" in message
 
 
-@pytest.mark.parametrize("name, reference", [
-    ("vgg16", keras.applications.vgg16),
-    ("resnet50", keras.applications.resnet50),
-    ("densenet121", keras.applications.densenet),
-    ("mobilenet_v2", keras.applications.mobilenet_v2),
-])
+@pytest.mark.parametrize(
+    "name, reference",
+    [
+        ("vgg16", keras.applications.vgg16),
+        ("resnet50", keras.applications.resnet50),
+        ("densenet121", keras.applications.densenet),
+        ("mobilenet_v2", keras.applications.mobilenet_v2),
+    ],
+)
 def test_in_model_preprocessing_equals_keras_preprocess_input(tmp_path, name, reference):
     """Raw RGB through headstart's layers (caffe's BGR flip folded into the first conv) gives
     the same features as Keras' own ``preprocess_input`` in front of the same weights."""
@@ -97,7 +114,10 @@ def test_in_model_preprocessing_equals_keras_preprocess_input(tmp_path, name, re
 def test_scratch_baselines_match_the_seeds():
     scratch = build_backbone(get_backbone("scratch_cnn"), 224, "none")
     assert [type(layer).__name__ for layer in scratch.layers[1:4]] == [
-        "BatchNormalization", "Conv2D", "MaxPooling2D"]
+        "BatchNormalization",
+        "Conv2D",
+        "MaxPooling2D",
+    ]
     separable = build_backbone(get_backbone("separable_cnn"), 64, "none")
     assert sum(isinstance(layer, keras.layers.SeparableConv2D) for layer in separable.layers) == 6
     assert separable.count_params() == 34491

@@ -71,8 +71,11 @@ def test_class_folders_layout_classes_sorted_and_labels(image_folder_factory, tm
     assert folder.layout == "class_folders"
     assert folder.root == str(root.resolve())
     assert folder.class_names == ("bird", "cat", "dog")
-    for path, label in zip(_all_paths(folder), folder.train.labels + folder.val.labels
-                           + folder.test.labels, strict=True):
+    for path, label in zip(
+        _all_paths(folder),
+        folder.train.labels + folder.val.labels + folder.test.labels,
+        strict=True,
+    ):
         assert os.path.isabs(path)
         assert Path(path).parent.name == folder.class_names[label]
     # 12 per class: test round(1.2)=1, val round(2.4)=2, train 9
@@ -133,14 +136,22 @@ def test_split_folders_used_as_given(image_folder_factory, tmp_path):
     assert folder.layout == "split_folders"
     assert folder.class_names == ("cat", "dog")
     assert (folder.train.counts(2), folder.val.counts(2), folder.test.counts(2)) == (
-        [8, 8], [4, 4], [4, 4])
+        [8, 8],
+        [4, 4],
+        [4, 4],
+    )
     for split_name, split in (("train", folder.train), ("val", folder.val), ("test", folder.test)):
         assert all(Path(p).parts[-3] == split_name for p in split.paths)
 
 
 def test_split_folders_validation_name_and_missing_test(image_folder_factory, tmp_path):
-    root = image_folder_factory(tmp_path / "d", per_class=6, size=SMALL, layout="split_folders",
-                                splits=("train", "validation"))
+    root = image_folder_factory(
+        tmp_path / "d",
+        per_class=6,
+        size=SMALL,
+        layout="split_folders",
+        splits=("train", "validation"),
+    )
     folder = load_image_folder(str(root))
     assert folder.val.counts(2) == [3, 3]
     assert len(folder.test) == 0 and folder.test.counts(2) == [0, 0]
@@ -148,8 +159,9 @@ def test_split_folders_validation_name_and_missing_test(image_folder_factory, tm
 
 
 def test_split_folders_missing_val_is_carved_from_train(image_folder_factory, tmp_path):
-    root = image_folder_factory(tmp_path / "d", per_class=10, size=SMALL, layout="split_folders",
-                                splits=("train", "test"))
+    root = image_folder_factory(
+        tmp_path / "d", per_class=10, size=SMALL, layout="split_folders", splits=("train", "test")
+    )
     folder = load_image_folder(str(root), val_split=0.3, test_split=0.0)
     assert folder.train.counts(2) == [7, 7]
     assert folder.val.counts(2) == [3, 3]
@@ -181,8 +193,9 @@ def test_split_folders_with_stray_folder_or_both_val_names(image_folder_factory,
 # ----------------------------------------------------------------------------- odd files
 
 
-def test_odd_files_are_used_or_skipped_with_reason(odd_folder, odd_loaded, image_folder_factory,
-                                                  caplog):
+def test_odd_files_are_used_or_skipped_with_reason(
+    odd_folder, odd_loaded, image_folder_factory, caplog
+):
     factory = image_folder_factory
     cat = odd_folder / "cat"
     assert odd_loaded.class_names == ("cat", "dog")  # no __MACOSX, no empty class
@@ -191,15 +204,24 @@ def test_odd_files_are_used_or_skipped_with_reason(odd_folder, odd_loaded, image
     used = set(_all_paths(odd_loaded))
     assert {str(cat / n) for n in factory.ODD_GOOD} <= used
     assert len(used) == 2 * 12 + len(factory.ODD_GOOD)
-    counts = [a + b + c for a, b, c in zip(odd_loaded.train.counts(2), odd_loaded.val.counts(2),
-                                           odd_loaded.test.counts(2), strict=True)]
+    counts = [
+        a + b + c
+        for a, b, c in zip(
+            odd_loaded.train.counts(2),
+            odd_loaded.val.counts(2),
+            odd_loaded.test.counts(2),
+            strict=True,
+        )
+    ]
     assert counts == [12 + len(factory.ODD_GOOD), 12]
     # every image-looking file outside hidden/__MACOSX/empty folders is accounted for
     candidates = {
-        str(p) for p in odd_folder.rglob("*")
+        str(p)
+        for p in odd_folder.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") or part == "__MACOSX"
-                    for part in p.relative_to(odd_folder).parts)
+        and not any(
+            part.startswith(".") or part == "__MACOSX" for part in p.relative_to(odd_folder).parts
+        )
     }
     assert candidates == used | {p for p, _ in odd_loaded.skipped}
     with caplog.at_level(logging.WARNING, logger="headstart.data"):
@@ -247,8 +269,12 @@ def test_read_image_resizes_to_height_width(odd_folder):
 
 @pytest.mark.parametrize(
     ("name", "reason"),
-    [("zero_bytes.jpg", "empty file"), ("truncated.jpg", "truncated"),
-     ("text_not_image.jpg", "not an image"), ("does_not_exist.png", "missing file")],
+    [
+        ("zero_bytes.jpg", "empty file"),
+        ("truncated.jpg", "truncated"),
+        ("text_not_image.jpg", "not an image"),
+        ("does_not_exist.png", "missing file"),
+    ],
 )
 def test_read_image_reasons(odd_folder, name, reason):
     with pytest.raises(UnreadableImage) as info:
@@ -313,8 +339,13 @@ def test_usage_errors_for_folders(tmp_path, image_folder_factory):
 
 @pytest.mark.parametrize(
     ("val", "test", "option"),
-    [(-0.1, 0.1, "--val-split"), (1.0, 0.0, "--val-split"), (0.2, 1.5, "--test-split"),
-     (float("nan"), 0.1, "--val-split"), (0.6, 0.4, "--val-split 0.6 \\+ --test-split 0.4")],
+    [
+        (-0.1, 0.1, "--val-split"),
+        (1.0, 0.0, "--val-split"),
+        (0.2, 1.5, "--test-split"),
+        (float("nan"), 0.1, "--val-split"),
+        (0.6, 0.4, "--val-split 0.6 \\+ --test-split 0.4"),
+    ],
 )
 def test_bad_split_fractions(tiny_folder, val, test, option):
     with pytest.raises(UsageError, match=option):
@@ -425,10 +456,12 @@ def test_find_images(odd_folder, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("make", "match"),
-    [(lambda d: d / "missing.jpg", "no such file"),
-     (lambda d: d / "*.webp", "pattern matches no image"),
-     (lambda d: d / "notes.txt", "not a supported image"),
-     (lambda d: d / "empty_dir", "contains no image")],
+    [
+        (lambda d: d / "missing.jpg", "no such file"),
+        (lambda d: d / "*.webp", "pattern matches no image"),
+        (lambda d: d / "notes.txt", "not a supported image"),
+        (lambda d: d / "empty_dir", "contains no image"),
+    ],
 )
 def test_find_images_errors(tmp_path, make, match):
     (tmp_path / "notes.txt").write_text("x")

@@ -15,5 +15,13 @@ from headstart.train import train
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "UsageError", "demo", "evaluate", "list_backbones", "predict", "summary",
-           "train"]
+__all__ = [
+    "Config",
+    "UsageError",
+    "demo",
+    "evaluate",
+    "list_backbones",
+    "predict",
+    "summary",
+    "train",
+]

@@ -56,5 +56,6 @@ def build_augmenter(spec: str, seed: int = 0) -> keras.Sequential | None:
         "contrast": lambda v: layers.RandomContrast(v, seed=seed + 4),
         "brightness": lambda v: layers.RandomBrightness(v, value_range=(0, 255), seed=seed + 5),
     }
-    return keras.Sequential([makers[name](value) for name, value in parsed.items()],
-                            name="augmentation")
+    return keras.Sequential(
+        [makers[name](value) for name, value in parsed.items()], name="augmentation"
+    )

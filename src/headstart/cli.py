@@ -22,15 +22,26 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--backbone", default=defaults.backbone, help="see `headstart backbones`")
     add("--weights", default=defaults.weights, help="imagenet, none, or a weights file path")
     add("--image-size", type=int, help="input size in pixels (default: the backbone's)")
-    add("--mode", choices=("extract", "frozen"), default=defaults.mode,
-        help="stage 1: extract = cache backbone features (fast), frozen = backbone in the loop")
+    add(
+        "--mode",
+        choices=("extract", "frozen"),
+        default=defaults.mode,
+        help="stage 1: extract = cache backbone features (fast), frozen = backbone in the loop",
+    )
     add("--epochs", type=int, default=defaults.epochs, help="stage 1 (head) epochs")
     add("--fine-tune-epochs", type=int, default=defaults.fine_tune_epochs)
     add("--no-fine-tune", dest="fine_tune", action="store_false", help="skip stage 2")
-    add("--unfreeze", default=defaults.unfreeze,
-        help="top backbone layers to fine-tune: N, all, or default (the top block)")
-    add("--bn", choices=("frozen", "inference"), default=defaults.bn,
-        help="BatchNormalization when fine-tuning: frozen, or gamma/beta train (inference)")
+    add(
+        "--unfreeze",
+        default=defaults.unfreeze,
+        help="top backbone layers to fine-tune: N, all, or default (the top block)",
+    )
+    add(
+        "--bn",
+        choices=("frozen", "inference"),
+        default=defaults.bn,
+        help="BatchNormalization when fine-tuning: frozen, or gamma/beta train (inference)",
+    )
     add("--lr", type=float, default=defaults.lr)
     add("--fine-tune-lr", type=float, default=defaults.fine_tune_lr)
     add("--batch-size", type=int, default=defaults.batch_size)
@@ -46,8 +57,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="headstart",
-        description="Folder of labelled images -> fine-tuned Keras classifier.")
+        prog="headstart", description="Folder of labelled images -> fine-tuned Keras classifier."
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
@@ -87,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="headstart: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="headstart: %(message)s"
+    )
     try:
         return _run(args)
     except UsageError as error:
@@ -122,9 +134,20 @@ def _run(args: argparse.Namespace) -> int:
     elif args.verb == "summary":
         from headstart.model import summary
 
-        print(summary(args.backbone, image_size=args.image_size, head=args.head,
-                      hidden=args.hidden, dropout=args.dropout, classes=args.classes,
-                      unfreeze=args.unfreeze, bn=args.bn, weights=args.weights), end="")
+        print(
+            summary(
+                args.backbone,
+                image_size=args.image_size,
+                head=args.head,
+                hidden=args.hidden,
+                dropout=args.dropout,
+                classes=args.classes,
+                unfreeze=args.unfreeze,
+                bn=args.bn,
+                weights=args.weights,
+            ),
+            end="",
+        )
     return 0
 
 
@@ -135,13 +158,20 @@ def _print_result(result) -> None:
         print(format_metrics(result.metrics))
     print(f"run saved to {result.run_dir}")
     if "accuracy" in result.metrics:
-        print(f"test accuracy {result.metrics['accuracy']:.4f} on {result.metrics['n_test']} images")
+        print(
+            f"test accuracy {result.metrics['accuracy']:.4f} on {result.metrics['n_test']} images"
+        )
 
 
 def _print_predictions(predictions, output_format: str) -> None:
-    rows = [{"path": p.path, "error": p.error or "",
-             "top": [{"label": label, "probability": round(prob, 6)} for label, prob in p.top]}
-            for p in predictions]
+    rows = [
+        {
+            "path": p.path,
+            "error": p.error or "",
+            "top": [{"label": label, "probability": round(prob, 6)} for label, prob in p.top],
+        }
+        for p in predictions
+    ]
     if output_format == "json":
         print(json.dumps(rows, indent=2, ensure_ascii=False))
     elif output_format == "csv":
@@ -160,8 +190,16 @@ def _print_predictions(predictions, output_format: str) -> None:
 
 def _print_backbones(rows: list[dict]) -> None:
     header = ("name", "parameters", "image size", "offline weights", "description")
-    table = [header] + [(r["name"], f"{r['parameters']:,}", str(r["image_size"]),
-                         r["offline_weights"], r["description"]) for r in rows]
+    table = [header] + [
+        (
+            r["name"],
+            f"{r['parameters']:,}",
+            str(r["image_size"]),
+            r["offline_weights"],
+            r["description"],
+        )
+        for r in rows
+    ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1])

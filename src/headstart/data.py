@@ -252,13 +252,16 @@ def _check_images(paths: list[str], check_size: int, workers: int | None) -> dic
         reasons = list(pool.map(lambda p: _check_one(p, check_size), paths))
     bad = {p: r for p, r in zip(paths, reasons, strict=True) if r is not None}
     logger.info(
-        "checked %d images in %.1fs: %d unreadable", len(paths), time.perf_counter() - start,
+        "checked %d images in %.1fs: %d unreadable",
+        len(paths),
+        time.perf_counter() - start,
         len(bad),
     )
     for i, (path, reason) in enumerate(sorted(bad.items())):
         # A messy folder can have thousands: name a few, the caller writes the full list.
-        logger.log(logging.WARNING if i < _LOG_SKIPPED else logging.DEBUG,
-                   "skipping %s: %s", path, reason)
+        logger.log(
+            logging.WARNING if i < _LOG_SKIPPED else logging.DEBUG, "skipping %s: %s", path, reason
+        )
     if len(bad) > _LOG_SKIPPED:
         logger.warning("... and %d more unreadable files", len(bad) - _LOG_SKIPPED)
     return bad
@@ -342,8 +345,9 @@ def _drop_unreadable(
         if good:
             kept[name] = good
         else:
-            logger.warning("ignoring class '%s'%s: none of its %d images is readable",
-                           name, where, len(files))
+            logger.warning(
+                "ignoring class '%s'%s: none of its %d images is readable", name, where, len(files)
+            )
     return kept
 
 
@@ -393,8 +397,13 @@ def load_image_folder(
         layout=layout,
     )
     logger.info(
-        "%s: %d classes, %d train / %d val / %d test images, %d skipped", root,
-        len(class_names), len(folder.train), len(folder.val), len(folder.test), len(bad),
+        "%s: %d classes, %d train / %d val / %d test images, %d skipped",
+        root,
+        len(class_names),
+        len(folder.train),
+        len(folder.val),
+        len(folder.test),
+        len(bad),
     )
     return folder
 
@@ -484,9 +493,7 @@ def make_dataset(
     buffer = max(1, len(split))
     if shuffle and not cache:
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.map(
-        _tf_decoder(height, width), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
+    ds = ds.map(_tf_decoder(height, width), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if cache:
         ds = ds.cache()
         if shuffle:
@@ -531,7 +538,9 @@ def _tf_decoder(height: int, width: int):
         except UnreadableImage as exc:
             # Changed since the up-front check. A neutral grey stand-in keeps the dataset's
             # length known (Keras needs it for progress and steps) and the run alive.
-            logger.warning("%s became unreadable during training (%s): using a grey image", name, exc)
+            logger.warning(
+                "%s became unreadable during training (%s): using a grey image", name, exc
+            )
             return np.full((height, width, 3), 128, dtype=np.uint8)
 
     def decode(path, label):

@@ -143,7 +143,9 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def metrics_for_split(model, split: Split, class_names: Sequence[str], batch_size: int = 32) -> dict:
+def metrics_for_split(
+    model, split: Split, class_names: Sequence[str], batch_size: int = 32
+) -> dict:
     """Run ``model`` over one split and score it; an empty split gives ``n_test: 0``."""
     if len(split) == 0:
         return {"n_test": 0, "note": "no test images"}
@@ -164,8 +166,9 @@ def evaluate(run: str | Path, data: str | Path, *, batch_size: int = 32) -> dict
     config = Config.load(run_dir / runs.CONFIG_FILE)
     class_names = runs.read_labels(run_dir)
     if Path(data).resolve() == Path(config.data).resolve():
-        folder = load_image_folder(str(data), val_split=config.val_split,
-                                   test_split=config.test_split, seed=config.seed)
+        folder = load_image_folder(
+            str(data), val_split=config.val_split, test_split=config.test_split, seed=config.seed
+        )
         split = folder.test
     else:
         folder = load_image_folder(str(data), val_split=0.0, test_split=0.0)

@@ -24,7 +24,9 @@ def resolve_unfreeze(spec: str | int, backbone: Backbone, base: keras.Model) -> 
     try:
         count = int(text)
     except ValueError:
-        raise UsageError(f"--unfreeze {spec!r}: expected a number of layers, 'all' or 'none'") from None
+        raise UsageError(
+            f"--unfreeze {spec!r}: expected a number of layers, 'all' or 'none'"
+        ) from None
     if not 0 <= count <= total:
         raise UsageError(f"--unfreeze {count}: {backbone.name} has {total} layers")
     return count

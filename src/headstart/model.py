@@ -46,8 +46,8 @@ def build_model(
 ) -> keras.Model:
     """Assemble the full model around an already built ``base``.
 
-    A pretrained base is called with ``training=False`` so its BatchNormalization layers stay
-    in inference mode even once unfrozen (seed 000). A from-scratch base trains normally.
+    A pretrained base is called with ``training=False`` as in seed 000; note that Keras 3's
+    ``fit`` overrides it, which is why training goes through ``trainer_for`` instead.
     """
     inputs = keras.Input(base.input_shape[1:], name="image")
     x = inputs
@@ -60,9 +60,35 @@ def build_model(
     return keras.Model(inputs, classifier(features), name=f"headstart_{backbone.name}")
 
 
+class _InferenceModeBackbone(keras.Model):
+    """Training view of a model: the backbone part always runs in inference mode.
+
+    Keras 3's ``fit`` passes ``training=True`` into nested models, overriding the functional
+    ``base(x, training=False)`` (keras-team/keras#20285), so an unfrozen BatchNormalization
+    would normalise with batch statistics and update its moving averages. Calling the
+    preprocessing + backbone part with ``training=False`` here keeps BN in inference mode for
+    either ``--bn`` policy, while the head's Dropout still follows ``fit``. The weights are
+    the full model's own: only the full model is ever saved.
+    """
+
+    def __init__(self, model: keras.Model):
+        super().__init__(name=f"{model.name}_trainer")
+        self.body = feature_extractor(model)
+        self.head = classifier_of(model)
+
+    def call(self, images, training=None):
+        return self.head(self.body(images, training=False), training=training)
+
+
+def trainer_for(model: keras.Model, backbone: Backbone) -> keras.Model:
+    """The model to ``fit``: an inference-mode-backbone view for pretrained bases; a
+    from-scratch model trains as it is (its BatchNorm must learn statistics)."""
+    return _InferenceModeBackbone(model) if backbone.pretrained else model
+
+
 def feature_extractor(model: keras.Model) -> keras.Model:
     """Input -> pooled backbone features: the part that is frozen during head training."""
-    return keras.Model(model.inputs, model.get_layer(FEATURES_NAME).output, name="extractor")
+    return keras.Model(model.input, model.get_layer(FEATURES_NAME).output, name="extractor")
 
 
 def classifier_of(model: keras.Model) -> keras.Model:

@@ -30,8 +30,9 @@ def load_run_model(run: str | Path) -> tuple[keras.Model, list[str]]:
     return keras.saving.load_model(run_dir / runs.MODEL_FILE), runs.read_labels(run_dir)
 
 
-def predict(run: str | Path, paths: list[str], *, top_k: int = 1,
-            batch_size: int = 32) -> list[Prediction]:
+def predict(
+    run: str | Path, paths: list[str], *, top_k: int = 1, batch_size: int = 32
+) -> list[Prediction]:
     """Top-k classes for every image under ``paths`` (files, folders, globs).
 
     Unreadable files get a Prediction with ``error`` set instead of stopping the batch.
@@ -43,7 +44,7 @@ def predict(run: str | Path, paths: list[str], *, top_k: int = 1,
     size = tuple(model.input_shape[1:3])
     results: dict[str, Prediction] = {}
     for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
+        chunk = files[start : start + batch_size]
         images, good = _read_batch(chunk, size, results)
         if good:
             logits = model.predict(np.stack(images), verbose=0)

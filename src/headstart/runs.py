@@ -1,4 +1,4 @@
-"""The run directory: where a run's files go, written atomically so a crash never leaves half a file."""
+"""The run directory: where a run's files go, written atomically (never half a file)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ SKIPPED_FILE = "skipped.txt"
 
 
 def new_run_dir(out: str | None) -> Path:
-    """``out`` or ``runs/<timestamp>``; refuses a non-empty existing folder so no run is overwritten."""
+    """``out`` or ``runs/<timestamp>``; a non-empty folder is refused, never overwritten."""
     path = Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if path.exists() and any(path.iterdir()):
         raise UsageError(f"--out {path} already exists and is not empty: choose a new folder")
@@ -38,7 +38,7 @@ def open_run_dir(run: str | Path) -> Path:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers see old or new, never half."""
+    """Write a temporary file beside ``path``, then rename: readers see old or new, never half."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

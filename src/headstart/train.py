@@ -25,7 +25,13 @@ from headstart.data import ImageFolder, load_image_folder, make_dataset, write_s
 from headstart.errors import UsageError
 from headstart.evaluate import metrics_for_split
 from headstart.freeze import freeze, resolve_unfreeze, unfreeze_top
-from headstart.model import build_model, classifier_of, feature_extractor, summary_text
+from headstart.model import (
+    build_model,
+    classifier_of,
+    feature_extractor,
+    summary_text,
+    trainer_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +61,23 @@ def train(config: Config) -> TrainResult:
     run_dir = runs.new_run_dir(config.out)
     keras.utils.set_random_seed(config.seed)
     base = build_backbone(backbone, image_size, weights)
-    model = build_model(backbone, base, len(folder.class_names), head=config.head,
-                        hidden=config.hidden, dropout=config.dropout)
+    model = build_model(
+        backbone,
+        base,
+        len(folder.class_names),
+        head=config.head,
+        hidden=config.hidden,
+        dropout=config.dropout,
+    )
     unfreeze = resolve_unfreeze(config.unfreeze, backbone, base) if backbone.pretrained else 0
     config = dataclasses.replace(
-        config, data=str(Path(config.data).resolve()), out=str(run_dir), image_size=image_size,
-        weights=weights, unfreeze=str(unfreeze), mode=config.mode if backbone.pretrained else "frozen",
+        config,
+        data=str(Path(config.data).resolve()),
+        out=str(run_dir),
+        image_size=image_size,
+        weights=weights,
+        unfreeze=str(unfreeze),
+        mode=config.mode if backbone.pretrained else "frozen",
     )
     config.save(run_dir / runs.CONFIG_FILE)
     runs.write_json(run_dir / runs.LABELS_FILE, list(folder.class_names))
@@ -124,17 +141,24 @@ class _Session:
         ]
 
     def images(self, split: str, *, training: bool):
-        """A split as a tf.data pipeline; training order is shuffled and augmented."""
+        """A split as a tf.data pipeline; training order is shuffled (by tf.data, so ``fit``
+        gets ``shuffle=False``) and augmented."""
         data = getattr(self.folder, split)
-        dataset = make_dataset(data, self.size, batch_size=self.config.batch_size,
-                               shuffle=training, seed=self.config.seed)
+        dataset = make_dataset(
+            data,
+            self.size,
+            batch_size=self.config.batch_size,
+            shuffle=training,
+            seed=self.config.seed,
+        )
         augmenter = build_augmenter(self.config.augment, self.config.seed) if training else None
         if augmenter is None:
             return dataset
         import tensorflow as tf  # input pipelines are tf.data on every Keras backend
 
-        return dataset.map(lambda x, y: (augmenter(x, training=True), y),
-                           num_parallel_calls=tf.data.AUTOTUNE)
+        return dataset.map(
+            lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
+        )
 
     def train_head(self) -> None:
         config = self.config
@@ -144,10 +168,16 @@ class _Session:
         if config.mode == "extract":
             self._train_head_on_features()
             return
-        compile_for(self.model, self.n_classes, config.lr)
-        self.model.fit(self.images("train", training=True), epochs=config.epochs,
-                       validation_data=self.images("val", training=False),
-                       callbacks=self.callbacks("head"), verbose=self.verbose)
+        trainer = trainer_for(self.model, self.backbone)
+        compile_for(trainer, self.n_classes, config.lr)
+        trainer.fit(
+            self.images("train", training=True),
+            epochs=config.epochs,
+            validation_data=self.images("val", training=False),
+            callbacks=self.callbacks("head"),
+            verbose=self.verbose,
+            shuffle=False,
+        )
 
     def _train_head_on_features(self) -> None:
         """Workflow 2: one pass of the frozen backbone, then the head trains on its outputs."""
@@ -156,9 +186,15 @@ class _Session:
         val_x, val_y = self._features(extractor, "val")
         classifier = classifier_of(self.model)
         compile_for(classifier, self.n_classes, self.config.lr)
-        classifier.fit(train_x, train_y, batch_size=self.config.batch_size,
-                       epochs=self.config.epochs, validation_data=(val_x, val_y),
-                       callbacks=self.callbacks("head"), verbose=self.verbose)
+        classifier.fit(
+            train_x,
+            train_y,
+            batch_size=self.config.batch_size,
+            epochs=self.config.epochs,
+            validation_data=(val_x, val_y),
+            callbacks=self.callbacks("head"),
+            verbose=self.verbose,
+        )
 
     def _features(self, extractor: keras.Model, split: str) -> tuple[np.ndarray, np.ndarray]:
         dataset = self.images(split, training=False)
@@ -169,10 +205,16 @@ class _Session:
         """Stage 2: unfreeze the top of the base, recompile at a low rate, train a few epochs."""
         unfreeze_top(self.base, unfreeze, self.config.bn)
         self.summaries.append("# stage 2: fine-tuning\n" + summary_text(self.model))
-        compile_for(self.model, self.n_classes, self.config.fine_tune_lr)
-        self.model.fit(self.images("train", training=True), epochs=self.config.fine_tune_epochs,
-                       validation_data=self.images("val", training=False),
-                       callbacks=self.callbacks("fine_tune"), verbose=self.verbose)
+        trainer = trainer_for(self.model, self.backbone)
+        compile_for(trainer, self.n_classes, self.config.fine_tune_lr)
+        trainer.fit(
+            self.images("train", training=True),
+            epochs=self.config.fine_tune_epochs,
+            validation_data=self.images("val", training=False),
+            callbacks=self.callbacks("fine_tune"),
+            verbose=self.verbose,
+            shuffle=False,
+        )
 
 
 class BestModelCheckpoint(keras.callbacks.Callback):
