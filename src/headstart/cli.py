@@ -156,6 +156,12 @@ def _print_result(result) -> None:
 
     if result.metrics.get("n_test"):
         print(format_metrics(result.metrics))
+    saved = result.metrics.get("saved_from", {})
+    if saved.get("stage"):
+        print(
+            f"model.keras: best validation loss {saved['val_loss']:.4f} "
+            f"({saved['stage']} stage, epoch {saved['epoch']})"
+        )
     print(f"run saved to {result.run_dir}")
     if "accuracy" in result.metrics:
         print(

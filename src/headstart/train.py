@@ -92,7 +92,15 @@ def train(config: Config) -> TrainResult:
     metrics = metrics_for_split(model, folder.test, folder.class_names, config.batch_size)
     metrics["train_seconds"] = round(time.monotonic() - started, 1)
     metrics["skipped"] = len(folder.skipped)
+    checkpoint = session.checkpoint
+    metrics["saved_from"] = {
+        "stage": checkpoint.best_stage,
+        "epoch": checkpoint.best_epoch + 1,
+        "val_loss": checkpoint.best,
+    }
     runs.write_json(run_dir / runs.METRICS_FILE, metrics)
+    if session.fine_tuned and checkpoint.best_stage == "head":
+        log.info("fine-tuning did not lower validation loss: model.keras is the stage-1 model")
     runs.write_text_atomic(run_dir / runs.SUMMARY_FILE, "\n".join(session.summaries))
     return TrainResult(run_dir, metrics, config)
 
@@ -129,9 +137,10 @@ class _Session:
         self.history = StageCSVLogger(str(run_dir / runs.HISTORY_FILE))
         self.summaries: list[str] = []
         self.verbose = 0 if config.quiet else "auto"
+        self.fine_tuned = False
 
     def callbacks(self, stage: str) -> list[keras.callbacks.Callback]:
-        self.history.stage = stage
+        self.history.stage = self.checkpoint.stage = stage
         patience = self.config.patience
         return [
             self.checkpoint,
@@ -203,6 +212,7 @@ class _Session:
 
     def fine_tune(self, unfreeze: int) -> None:
         """Stage 2: unfreeze the top of the base, recompile at a low rate, train a few epochs."""
+        self.fine_tuned = True
         unfreeze_top(self.base, unfreeze, self.config.bn)
         self.summaries.append("# stage 2: fine-tuning\n" + summary_text(self.model))
         trainer = trainer_for(self.model, self.backbone)
@@ -228,11 +238,14 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         super().__init__()
         self.full_model, self.path, self.monitor = full_model, path, monitor
         self.best = np.inf
+        self.stage = "head"
+        self.best_stage, self.best_epoch = "", -1  # where the saved model comes from
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
         if value is not None and value < self.best:
             self.best = float(value)
+            self.best_stage, self.best_epoch = self.stage, epoch
             runs.save_model_atomic(self.full_model, self.path)
 
 
