@@ -206,3 +206,16 @@ def test_cli_train_then_predict(tiny_folder, tmp_path, capsys):
     assert main(["predict", str(run), str(tiny_folder / "cat" / "*"), "--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "path,rank,label,probability,error" and len(lines) == 21
+
+
+def test_evaluate_on_new_images_of_one_class(scratch_run, image_folder_factory, tmp_path):
+    """New photos of a single known class are a fine evaluation set; unknown classes are not."""
+    dogs = image_folder_factory(tmp_path / "dogs", classes=("cat", "dog"), per_class=6)
+    for path in (dogs / "cat").iterdir():
+        path.unlink()
+    (dogs / "cat").rmdir()
+    metrics = evaluate(scratch_run.run_dir, str(dogs))
+    assert metrics["n_test"] == 6 and metrics["per_class"]["dog"]["support"] == 6
+    wolves = image_folder_factory(tmp_path / "wolves", classes=("dog", "wolf"), per_class=3)
+    with pytest.raises(UsageError, match="wolf"):
+        evaluate(scratch_run.run_dir, str(wolves))

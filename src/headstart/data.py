@@ -362,8 +362,11 @@ def load_image_folder(
     seed: int = 0,
     check_size: int = 64,
     workers: int | None = None,
+    min_classes: int = 2,
 ) -> ImageFolder:
     """Scan, check every image (skipped files recorded, never fatal), split.
+
+    `min_classes` is 2 for training; scoring a run on new images of one class needs only 1.
 
     In the train/val/test layout the user's split wins: `test_split` is ignored, and
     `val_split` is only used to carve a missing val folder out of train.
@@ -384,9 +387,11 @@ def load_image_folder(
         for split, classes in found.items()
     }
     if layout == _CLASS_FOLDERS:
-        class_names, parts = _split_class_folders(root, found["all"], val_split, test_split, seed)
+        class_names, parts = _split_class_folders(
+            root, found["all"], val_split, test_split, seed, min_classes
+        )
     else:
-        class_names, parts = _split_split_folders(root, found, val_split, seed)
+        class_names, parts = _split_split_folders(root, found, val_split, seed, min_classes)
     folder = ImageFolder(
         root=root,
         class_names=class_names,
@@ -397,7 +402,7 @@ def load_image_folder(
         layout=layout,
     )
     logger.info(
-        "%s: %d classes, %d train / %d val / %d test images, %d skipped",
+        "%s: %d classes, %d train / %d val / %d test images, %d unreadable files skipped",
         root,
         len(class_names),
         len(folder.train),
@@ -417,13 +422,13 @@ def _existing_folder(root: str) -> str:
     return path
 
 
-def _require_classes(root: str, names: Iterable[str]) -> tuple[str, ...]:
+def _require_classes(root: str, names: Iterable[str], minimum: int) -> tuple[str, ...]:
     class_names = tuple(sorted(names))
-    if len(class_names) < 2:
+    if len(class_names) < max(1, minimum):
         found = ", ".join(class_names) or "none"
         raise UsageError(
             f"{root}: found {len(class_names)} class folder(s) with readable images ({found}); "
-            f"need at least 2: put each class's images in its own subfolder"
+            f"need at least {max(1, minimum)}: put each class's images in its own subfolder"
         )
     return class_names
 
@@ -432,9 +437,14 @@ _Parts = tuple[dict[str, list[str]], dict[str, list[str]], dict[str, list[str]]]
 
 
 def _split_class_folders(
-    root: str, classes: dict[str, list[str]], val_split: float, test_split: float, seed: int
+    root: str,
+    classes: dict[str, list[str]],
+    val_split: float,
+    test_split: float,
+    seed: int,
+    min_classes: int,
 ) -> tuple[tuple[str, ...], _Parts]:
-    class_names = _require_classes(root, classes)
+    class_names = _require_classes(root, classes, min_classes)
     parts: _Parts = ({}, {}, {})
     for name in class_names:
         for part, files in zip(
@@ -445,10 +455,14 @@ def _split_class_folders(
 
 
 def _split_split_folders(
-    root: str, found: dict[str, dict[str, list[str]]], val_split: float, seed: int
+    root: str,
+    found: dict[str, dict[str, list[str]]],
+    val_split: float,
+    seed: int,
+    min_classes: int,
 ) -> tuple[tuple[str, ...], _Parts]:
     train = found["train"]
-    class_names = _require_classes(os.path.join(root, "train"), train)
+    class_names = _require_classes(os.path.join(root, "train"), train, min_classes)
     for split in ("val", "test"):
         extra = sorted(set(found.get(split, {})) - set(train))
         if extra:

@@ -171,7 +171,7 @@ def evaluate(run: str | Path, data: str | Path, *, batch_size: int = 32) -> dict
         )
         split = folder.test
     else:
-        folder = load_image_folder(str(data), val_split=0.0, test_split=0.0)
+        folder = load_image_folder(str(data), val_split=0.0, test_split=0.0, min_classes=1)
         split = folder.test if len(folder.test) else _all_images(folder)
     split = _relabel(split, folder.class_names, class_names, data)
     model = keras.saving.load_model(run_dir / runs.MODEL_FILE)

@@ -21,7 +21,7 @@ from headstart.augment import build_augmenter, parse_augment
 from headstart.backbones import Backbone, build_backbone, check_image_size, get_backbone
 from headstart.backbones import resolve_weights as resolve_backbone_weights
 from headstart.config import Config
-from headstart.data import ImageFolder, load_image_folder, make_dataset, write_skipped
+from headstart.data import load_image_folder, make_dataset, write_skipped
 from headstart.errors import UsageError
 from headstart.evaluate import metrics_for_split
 from headstart.freeze import freeze, resolve_unfreeze, unfreeze_top
@@ -56,7 +56,6 @@ def train(config: Config) -> TrainResult:
     )
     if len(folder.val) == 0:
         raise UsageError("no validation images: give DATA/val or a positive --val-split")
-    log.info(_data_line(folder))
 
     run_dir = runs.new_run_dir(config.out)
     keras.utils.set_random_seed(config.seed)
@@ -103,15 +102,6 @@ def train(config: Config) -> TrainResult:
         log.info("fine-tuning did not lower validation loss: model.keras is the stage-1 model")
     runs.write_text_atomic(run_dir / runs.SUMMARY_FILE, "\n".join(session.summaries))
     return TrainResult(run_dir, metrics, config)
-
-
-def _data_line(folder: ImageFolder) -> str:
-    skipped = len(folder.skipped)
-    note = f"; {skipped} unreadable files skipped (listed in skipped.txt)" if skipped else ""
-    return (
-        f"{len(folder.train)} train / {len(folder.val)} val / {len(folder.test)} test images "
-        f"in {len(folder.class_names)} classes{note}"
-    )
 
 
 def compile_for(model: keras.Model, n_classes: int, learning_rate: float) -> None:
