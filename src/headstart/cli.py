@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import sys
@@ -56,30 +57,41 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="headstart", description="Folder of labelled images -> fine-tuned Keras classifier."
+    # --quiet works before or after the verb (`headstart --quiet train`, `headstart train --quiet`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress bars or info lines",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser = argparse.ArgumentParser(
+        prog="headstart",
+        description="Folder of labelled images -> fine-tuned Keras classifier.",
+        parents=[common],
+    )
+    parser.set_defaults(quiet=False)
     verbs = parser.add_subparsers(dest="verb", required=True)
+    add_verb = functools.partial(verbs.add_parser, parents=[common])
 
-    train = verbs.add_parser("train", help="train, evaluate and save a classifier")
+    train = add_verb("train", help="train, evaluate and save a classifier")
     train.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
     _train_arguments(train)
 
-    evaluate = verbs.add_parser("evaluate", help="score a run on a folder of labelled images")
+    evaluate = add_verb("evaluate", help="score a run on a folder of labelled images")
     evaluate.add_argument("run")
     evaluate.add_argument("data")
     evaluate.add_argument("--batch-size", type=int, default=32)
 
-    predict = verbs.add_parser("predict", help="classify image files, folders or globs")
+    predict = add_verb("predict", help="classify image files, folders or globs")
     predict.add_argument("run")
     predict.add_argument("paths", nargs="+")
     predict.add_argument("--top-k", type=int, default=1)
     predict.add_argument("--format", choices=("table", "csv", "json"), default="table")
 
-    verbs.add_parser("backbones", help="list the available backbones")
+    add_verb("backbones", help="list the available backbones")
 
-    summary = verbs.add_parser("summary", help="print a model summary and parameter counts")
+    summary = add_verb("summary", help="print a model summary and parameter counts")
     summary.add_argument("--backbone", default=Config(data="").backbone)
     summary.add_argument("--image-size", type=int)
     summary.add_argument("--head", choices=("gap", "flatten", "none"), default="gap")
@@ -90,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--bn", choices=("frozen", "inference"), default="frozen")
     summary.add_argument("--weights", default="none")
 
-    demo = verbs.add_parser("demo", help="train on the bundled Fashion-MNIST sample")
+    demo = add_verb("demo", help="train on the bundled Fashion-MNIST sample")
     demo.add_argument("--out")
     return parser
 
