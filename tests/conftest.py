@@ -187,3 +187,37 @@ def image_folder_factory(tmp_path_factory: pytest.TempPathFactory) -> ImageFolde
 def tiny_folder(image_folder_factory: ImageFolderFactory) -> Path:
     """Read-only, shared: DATA/{cat,dog}/ with 20 learnable 40x48 images each (PNG/JPEG)."""
     return image_folder_factory(classes=("cat", "dog"), per_class=20)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Read-only, shared: a finished 2-epoch scratch_cnn run (32 px) on `tiny_folder`; copy it
+    before changing anything in it."""
+    from headstart import Config, train
+
+    config = Config(
+        data=str(tiny_folder),
+        out=str(tmp_path_factory.mktemp("runs") / "tiny_run"),
+        backbone="scratch_cnn",
+        image_size=32,
+        head="flatten",
+        epochs=2,
+        batch_size=8,
+        augment="none",
+        quiet=True,
+    )
+    return train(config).run_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_feature_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Tests never read or fill the user's feature cache (~/.cache/headstart)."""
+    import os
+
+    previous = os.environ.get("HEADSTART_CACHE")
+    os.environ["HEADSTART_CACHE"] = str(tmp_path_factory.mktemp("feature_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("HEADSTART_CACHE", None)
+    else:
+        os.environ["HEADSTART_CACHE"] = previous

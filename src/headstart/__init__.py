@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TensorFlow's C++ start-up chatter
 
+from headstart._version import __version__
 from headstart.backbones import list_backbones
 from headstart.config import Config
 from headstart.demo import demo
@@ -13,10 +14,9 @@ from headstart.model import summary
 from headstart.predict import predict
 from headstart.train import train
 
-__version__ = "0.1.0"
-
 __all__ = [
     "Config",
+    "__version__",
     "UsageError",
     "demo",
     "evaluate",

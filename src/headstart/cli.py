@@ -8,12 +8,14 @@ import csv
 import functools
 import json
 import logging
+import os
 import sys
 
 from headstart.config import DEFAULT_AUGMENT, Config
 from headstart.errors import UsageError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what shells report after a Ctrl-C
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +49,27 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--fine-tune-lr", type=float, default=defaults.fine_tune_lr)
     add("--batch-size", type=int, default=defaults.batch_size)
     add("--augment", default=DEFAULT_AUGMENT, help="e.g. flip,rotate=0.1,zoom=0.2 or none")
+    add(
+        "--views",
+        type=int,
+        default=defaults.views,
+        help="extract mode: cached augmented views per training image",
+    )
+    add(
+        "--cache-dir", help="feature cache folder (default: $HEADSTART_CACHE or ~/.cache/headstart)"
+    )
+    add(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="keep backbone outputs in memory only, not in the on-disk cache",
+    )
+    add(
+        "--no-trunk-cache",
+        dest="cache_trunk",
+        action="store_false",
+        help="fine-tune the full model on images instead of cached trunk activations",
+    )
     add("--head", choices=("gap", "flatten"), default=defaults.head)
     add("--hidden", type=int, default=defaults.hidden, help="hidden Dense width (0: none)")
     add("--dropout", type=float, default=defaults.dropout)
@@ -54,6 +77,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--test-split", type=float, default=defaults.test_split)
     add("--patience", type=int, default=defaults.patience, help="early stopping patience")
     add("--seed", type=int, default=defaults.seed)
+    add("--tensorboard", action="store_true", help="write TensorBoard logs to RUN/tensorboard/")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,11 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="no progress bars or info lines",
     )
     parser = argparse.ArgumentParser(
-        prog="headstart",
-        description="Folder of labelled images -> fine-tuned Keras classifier.",
-        parents=[common],
+        prog="headstart", description="Folder of labelled images -> fine-tuned Keras classifier."
     )
-    parser.set_defaults(quiet=False)
+    # its own action: set_defaults on a shared parent action would reach the verbs' copies too
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or info lines")
     verbs = parser.add_subparsers(dest="verb", required=True)
     add_verb = functools.partial(verbs.add_parser, parents=[common])
 
@@ -91,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_verb("backbones", help="list the available backbones")
 
+    cache = add_verb("cache", help="list or clear the feature cache")
+    cache.add_argument("action", choices=("ls", "clear"))
+    cache.add_argument("--cache-dir", help="default: $HEADSTART_CACHE or ~/.cache/headstart")
+
     summary = add_verb("summary", help="print a model summary and parameter counts")
     summary.add_argument("--backbone", default=Config(data="").backbone)
     summary.add_argument("--image-size", type=int)
@@ -101,9 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--unfreeze", help="N, all or none (default: none; all for scratch)")
     summary.add_argument("--bn", choices=("frozen", "inference"), default="frozen")
     summary.add_argument("--weights", default="none")
+    summary.add_argument("--plot", metavar="PNG", help="also draw the model graph (needs pydot)")
 
     demo = add_verb("demo", help="train on the bundled Fashion-MNIST sample")
     demo.add_argument("--out")
+
+    explain = add_verb("explain", help="Grad-CAM heatmaps: where the model looked")
+    explain.add_argument("run")
+    explain.add_argument("paths", nargs="+", metavar="image")
+    explain.add_argument("--out", help="folder for the PNGs (default: RUN/explain)")
+    explain.add_argument(
+        "--class", dest="target", metavar="NAME", help="explain this class, not the predicted one"
+    )
+
+    report = add_verb("report", help="draw the run's figures and write RUN/report.html")
+    report.add_argument("run")
+
+    compare = add_verb("compare", help="compare runs: table and validation curves")
+    compare.add_argument("runs", nargs="+", metavar="run")
+    compare.add_argument("--out", help="folder for compare.md and compare.png (./comparison)")
     return parser
 
 
@@ -118,31 +161,91 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"headstart: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        if sys.stdout.isatty():
+            print()  # end the progress bar's line
+        print(_interrupted(args), file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """One line after Ctrl-C: what the run folder holds and what can be done with it.
+
+    Every file in a run is written atomically, so whatever is there is complete: model.keras is
+    the best model on validation so far (the checkpoint saves it at each improvement).
+    """
+    from headstart import runs
+
+    run = getattr(args, "out", None) if args.verb in ("train", "demo") else None
+    kept = [
+        name
+        for name in (
+            runs.MODEL_FILE,
+            runs.CONFIG_FILE,
+            runs.LABELS_FILE,
+            runs.HISTORY_FILE,
+            runs.SKIPPED_FILE,
+        )
+        if run and os.path.isfile(os.path.join(run, name))
+    ]
+    again = (
+        "run train again with a new --out"
+        if getattr(args, "out_given", False)
+        else "run train again"
+    )
+    if runs.MODEL_FILE in kept:
+        return (
+            f"headstart: interrupted; {run} keeps {', '.join(kept)}: model.keras is the best "
+            f"model on validation so far, ready for `headstart predict {run}` and `headstart "
+            f"evaluate {run} DATA` (no test metrics yet); to train it fully, {again}"
+        )
+    if kept:
+        return (
+            f"headstart: interrupted before the first epoch ended; {run} keeps "
+            f"{', '.join(kept)} but no model: to start again, {again}"
+        )
+    return "headstart: interrupted before anything was saved"
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.verb == "train":
         from headstart.train import train
 
-        options = {k: v for k, v in vars(args).items() if k not in ("verb",)}
+        _resolve_out(args)
+        options = {k: v for k, v in vars(args).items() if k not in ("verb", "out_given")}
         result = train(Config(**options))
         _print_result(result)
     elif args.verb == "demo":
         from headstart.demo import demo
 
+        _resolve_out(args)
         _print_result(demo(args.out, quiet=args.quiet))
     elif args.verb == "evaluate":
         from headstart.evaluate import evaluate, format_metrics
 
         print(format_metrics(evaluate(args.run, args.data, batch_size=args.batch_size)))
     elif args.verb == "predict":
-        from headstart.predict import predict
+        from headstart.predict import iter_predictions
 
-        _print_predictions(predict(args.run, args.paths, top_k=args.top_k), args.format)
+        predictions = iter_predictions(args.run, args.paths, top_k=args.top_k)
+        total, unreadable = _print_predictions(predictions, args.format)
+        if unreadable:
+            print(
+                f"headstart: {unreadable} of {total} images could not be read "
+                f"(the reasons are in the output)",
+                file=sys.stderr,
+            )
     elif args.verb == "backbones":
         from headstart.backbones import list_backbones
 
         _print_backbones(list_backbones())
+    elif args.verb == "cache":
+        from headstart import cache
+
+        if args.action == "clear":
+            print(f"freed {cache.clear(args.cache_dir) / 1e6:.1f} MB")
+        else:
+            _print_cache_entries(cache.list_entries(args.cache_dir))
     elif args.verb == "summary":
         from headstart.model import summary
 
@@ -157,10 +260,35 @@ def _run(args: argparse.Namespace) -> int:
                 unfreeze=args.unfreeze,
                 bn=args.bn,
                 weights=args.weights,
+                plot=args.plot,
             ),
             end="",
         )
+    elif args.verb == "explain":
+        from headstart.explain import explain
+
+        for path in explain(args.run, args.paths, out=args.out, target=args.target):
+            print(path)
+    elif args.verb == "report":
+        from headstart.report import report
+
+        print(report(args.run))
+    elif args.verb == "compare":
+        from headstart.compare import compare
+
+        result = compare(args.runs, out=args.out)
+        print(result.table)
+        print(f"written: {result.markdown_path}, {result.figure_path}")
     return 0
+
+
+def _resolve_out(args: argparse.Namespace) -> None:
+    """Decide the run folder here, so that a Ctrl-C message can name it."""
+    from headstart import runs
+
+    args.out_given = bool(args.out)
+    if not args.out:
+        args.out = str(runs.default_run_dir())
 
 
 def _print_result(result) -> None:
@@ -181,29 +309,36 @@ def _print_result(result) -> None:
         )
 
 
-def _print_predictions(predictions, output_format: str) -> None:
-    rows = [
-        {
+def _print_predictions(predictions, output_format: str) -> tuple[int, int]:
+    """Print predictions as they come (table, csv: a folder of any size streams); json collects
+    them into one document. Returns (images, unreadable images)."""
+    if hasattr(sys.stdout, "reconfigure"):  # file names need not be valid UTF-8
+        sys.stdout.reconfigure(errors="backslashreplace")
+    writer = csv.writer(sys.stdout)
+    if output_format == "csv":
+        writer.writerow(["path", "rank", "label", "probability", "error"])
+    rows, total, unreadable = [], 0, 0
+    for p in predictions:
+        total += 1
+        unreadable += p.error is not None
+        row = {
             "path": p.path,
             "error": p.error or "",
             "top": [{"label": label, "probability": round(prob, 6)} for label, prob in p.top],
         }
-        for p in predictions
-    ]
-    if output_format == "json":
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
-    elif output_format == "csv":
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["path", "rank", "label", "probability", "error"])
-        for row in rows:
+        if output_format == "json":
+            rows.append(row)
+        elif output_format == "csv":
             for rank, item in enumerate(row["top"], 1):
                 writer.writerow([row["path"], rank, item["label"], item["probability"], ""])
             if row["error"]:
                 writer.writerow([row["path"], "", "", "", row["error"]])
-    else:
-        for row in rows:
+        else:
             text = "  ".join(f"{i['label']} {i['probability']:.3f}" for i in row["top"])
             print(f"{row['path']}\t{text or 'skipped: ' + row['error']}")
+    if output_format == "json":
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    return total, unreadable
 
 
 def _print_backbones(rows: list[dict]) -> None:
@@ -225,3 +360,14 @@ def _print_backbones(rows: list[dict]) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _print_cache_entries(entries: list[dict]) -> None:
+    if not entries:
+        print("feature cache is empty")
+    for entry in entries:
+        print(
+            f"{entry['key']}  {entry['backbone']:<20} {entry['image_size']:>4}px  "
+            f"{entry['output']:<28} {entry['view'][:30]:<30} {entry['images']:>7} images  "
+            f"{entry['bytes'] / 1e6:8.1f} MB  {entry['last_used']}"
+        )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from headstart._version import __version__
 from headstart.errors import UsageError
 
 Mode = Literal["extract", "frozen"]
@@ -41,6 +43,10 @@ class Config:
     fine_tune_lr: float = 1e-5
     batch_size: int = 32
     augment: str = DEFAULT_AUGMENT  # used wherever images run through the backbone in training
+    views: int = 4  # extract mode: cached augmented views per training image (0: clean only)
+    cache: bool = True  # keep backbone outputs in the on-disk feature cache, reused across runs
+    cache_dir: str | None = None  # None: $HEADSTART_CACHE or ~/.cache/headstart
+    cache_trunk: bool = True  # fine-tune on cached activations of the frozen trunk
     head: Head = "gap"
     hidden: int = 0  # width of an optional hidden Dense layer in the head; 0: none
     dropout: float = 0.2
@@ -48,7 +54,10 @@ class Config:
     val_split: float = 0.2
     test_split: float = 0.1
     patience: int = 3  # early stopping patience, in epochs, on validation loss
+    # The headstart that wrote config.json; `runs.open_run_dir` refuses other major versions.
+    headstart_version: str = __version__
     quiet: bool = False
+    tensorboard: bool = False  # write TensorBoard logs of both stages to RUN/tensorboard/<stage>
 
     def validate(self) -> None:
         """Reject impossible values with the option's name, before any work starts."""
@@ -63,7 +72,12 @@ class Config:
             (self.hidden >= 0, "--hidden must be 0 (no hidden layer) or a positive width"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.patience >= 1, "--patience must be at least 1"),
+            (self.views >= 0, "--views must be 0 or more"),
             (self.image_size is None or self.image_size >= 1, "--image-size must be positive"),
+            (
+                not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+                "--tensorboard needs the tensorboard package: pip install tensorboard",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -73,9 +87,11 @@ class Config:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     def save(self, path: str | Path) -> None:
+        """Write config.json, stamped with the headstart version that is writing it."""
         from headstart.runs import write_text_atomic
 
-        write_text_atomic(path, self.to_json() + "\n")
+        stamped = dataclasses.replace(self, headstart_version=__version__)
+        write_text_atomic(path, stamped.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Config:

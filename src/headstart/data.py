@@ -12,6 +12,7 @@ orientation is applied, and GIF/WebP animations use their first frame.
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from headstart import runs
 from headstart.errors import UsageError
 
 if TYPE_CHECKING:
@@ -33,6 +35,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
+# The PIL decoders for those formats (JPEG includes cameras' multi-picture MPO files), whatever
+# the file's extension says. Other contents are refused: PIL's other plugins would hand
+# PostScript to Ghostscript, and accept almost any bytes as TGA.
+_PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")
 
 _CLASS_FOLDERS = "class_folders"
 _SPLIT_FOLDERS = "split_folders"
@@ -90,7 +96,7 @@ def read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
     try:
         if os.path.getsize(path) == 0:
             raise UnreadableImage("empty file")
-        with Image.open(path) as img:
+        with Image.open(path, formats=_PIL_FORMATS) as img:
             _refuse_bombs(img)
             if size is not None:
                 # JPEG only: decode at 1/2, 1/4 or 1/8 scale, still >= size (square, so that an
@@ -151,8 +157,10 @@ def _reason(exc: Exception) -> str:
     text = str(exc)
     if isinstance(exc, Image.DecompressionBombError):
         return "too large (decompression bomb)"
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return "symlink loop"
     if isinstance(exc, FileNotFoundError):
-        return "missing file"
+        return "broken symlink" if exc.filename and os.path.islink(exc.filename) else "missing file"
     if isinstance(exc, PermissionError):
         return "permission denied"
     if isinstance(exc, IsADirectoryError):
@@ -198,19 +206,33 @@ def _walk_error(exc: OSError) -> None:
 
 
 def _subfolders(folder: str) -> list[tuple[str, str]]:
-    """(name, path) of visible subfolders, sorted by name."""
+    """(name, path) of visible subfolders, sorted by name, without symlinks that loop back."""
     try:
         with os.scandir(folder) as entries:
             found = [(e.name, e.path) for e in entries if not _is_hidden(e.name) and e.is_dir()]
     except OSError as exc:
         raise UsageError(f"cannot read data folder {folder}: {exc.strerror or exc}") from exc
-    return sorted(found)
+    return sorted((name, path) for name, path in found if not _loops_back(folder, path))
 
 
-def _scan_classes(folder: str) -> dict[str, list[str]]:
-    """class name -> image paths, for one folder of class subfolders."""
+def _loops_back(folder: str, path: str) -> bool:
+    """A symlinked subfolder pointing at `folder` or above it would be a class (or split) holding
+    every image of every class: warn and ignore it. Other symlinked folders are used."""
+    if not os.path.islink(path):
+        return False
+    target, here = os.path.realpath(path), os.path.realpath(folder)
+    if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+        logger.warning("ignoring %s: a symlink back to %s (a loop)", path, target)
+        return True
+    return False
+
+
+def _scan_classes(
+    folder: str, subfolders: list[tuple[str, str]] | None = None
+) -> dict[str, list[str]]:
+    """class name -> image paths, for one folder of class subfolders (listed here if not given)."""
     classes = {}
-    for name, path in _subfolders(folder):
+    for name, path in _subfolders(folder) if subfolders is None else subfolders:
         files = _walk_images(path)
         if files:
             classes[name] = files
@@ -223,7 +245,7 @@ def _detect_layout(root: str) -> tuple[str, dict[str, dict[str, list[str]]]]:
     """Layout name and {split: {class: paths}}; splits absent from the folder are absent here."""
     folders = _subfolders(root)
     if not any(name.lower() == "train" for name, _ in folders):
-        return _CLASS_FOLDERS, {"all": _scan_classes(root)}
+        return _CLASS_FOLDERS, {"all": _scan_classes(root, folders)}
     splits: dict[str, dict[str, list[str]]] = {}
     for name, path in folders:
         split = _SPLIT_NAMES.get(name.lower())
@@ -424,6 +446,15 @@ def _existing_folder(root: str) -> str:
 
 def _require_classes(root: str, names: Iterable[str], minimum: int) -> tuple[str, ...]:
     class_names = tuple(sorted(names))
+    for name in class_names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = name.encode("utf-8", "backslashreplace").decode("utf-8")
+            raise UsageError(
+                f"class folder name '{shown}' in {root} is not valid UTF-8 (class names go into "
+                f"labels.json): rename the folder"
+            ) from None
     if len(class_names) < max(1, minimum):
         found = ", ".join(class_names) or "none"
         raise UsageError(
@@ -614,12 +645,12 @@ def _expand(path: str) -> list[str]:
 
 
 def write_skipped(skipped: Iterable[tuple[str, str]], path: str) -> None:
-    """Write skipped.txt: one `path<TAB>reason` line per skipped file (an empty file when none)."""
+    """Write skipped.txt (atomically): one `path<TAB>reason` line per skipped file, an empty file
+    when none. File names that are not valid UTF-8 are written with backslash escapes."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8", errors="backslashreplace", newline="\n") as out:
-        for file, reason in skipped:
-            out.write(f"{_one_line(file)}\t{_one_line(reason)}\n")
+    text = "".join(f"{_one_line(file)}\t{_one_line(reason)}\n" for file, reason in skipped)
+    runs.write_text_atomic(path, text, errors="backslashreplace")
 
 
 def _one_line(text: str) -> str:

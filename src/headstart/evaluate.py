@@ -7,10 +7,11 @@ numbers, and it reports 0.0 instead of NaN (with no warnings) where a metric is 
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
-import keras
 import numpy as np
 
 from headstart import runs
@@ -143,16 +144,48 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+PREDICTIONS_FILE = "predictions.csv"
+
+
+def predict_split(model, split: Split, batch_size: int = 32) -> np.ndarray:
+    """Class probabilities (N, C) of ``model`` for every image of ``split``, in order."""
+    size = tuple(model.input_shape[1:3])
+    logits = model.predict(make_dataset(split, size, batch_size=batch_size), verbose=0)
+    return probabilities_from_logits(logits)
+
+
 def metrics_for_split(
-    model, split: Split, class_names: Sequence[str], batch_size: int = 32
+    model, split: Split, class_names: Sequence[str], batch_size: int = 32, probabilities=None
 ) -> dict:
-    """Run ``model`` over one split and score it; an empty split gives ``n_test: 0``."""
+    """Score ``model`` on one split (or its precomputed ``probabilities``); an empty split
+    gives ``n_test: 0``."""
     if len(split) == 0:
         return {"n_test": 0, "note": "no test images"}
-    size = tuple(model.input_shape[1:3])
-    dataset = make_dataset(split, size, batch_size=batch_size)
-    logits = model.predict(dataset, verbose=0)
-    return compute_metrics(np.asarray(split.labels), probabilities_from_logits(logits), class_names)
+    if probabilities is None:
+        probabilities = predict_split(model, split, batch_size)
+    return compute_metrics(np.asarray(split.labels), probabilities, class_names)
+
+
+def write_predictions(
+    path: str | Path, split: Split, class_names: Sequence[str], probabilities: np.ndarray
+) -> None:
+    """Per-image test predictions (path, true, predicted, confidence, one column per class),
+    so figures and error analysis never need to run the model again."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "true", "predicted", "confidence", *class_names])
+    for file, label, row in zip(split.paths, split.labels, probabilities, strict=True):
+        best = int(np.argmax(row))
+        writer.writerow(
+            [
+                file,
+                class_names[label],
+                class_names[best],
+                f"{row[best]:.6f}",
+                *(f"{p:.6f}" for p in row),
+            ]
+        )
+    runs.write_text_atomic(path, buffer.getvalue(), errors="backslashreplace")
 
 
 def evaluate(run: str | Path, data: str | Path, *, batch_size: int = 32) -> dict:
@@ -174,7 +207,7 @@ def evaluate(run: str | Path, data: str | Path, *, batch_size: int = 32) -> dict
         folder = load_image_folder(str(data), val_split=0.0, test_split=0.0, min_classes=1)
         split = folder.test if len(folder.test) else _all_images(folder)
     split = _relabel(split, folder.class_names, class_names, data)
-    model = keras.saving.load_model(run_dir / runs.MODEL_FILE)
+    model = runs.load_model(run_dir, len(class_names))
     metrics = metrics_for_split(model, split, class_names, batch_size)
     metrics["data"] = str(Path(data).resolve())
     metrics["skipped"] = len(folder.skipped)

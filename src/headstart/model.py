@@ -136,13 +136,14 @@ def summary(
     unfreeze: str | None = None,
     bn: str = "frozen",
     weights: str = "none",
+    plot: str | None = None,
 ) -> str:
     """The model headstart would build, with the trainable state of a given stage.
 
     ``unfreeze`` "none" (the default) is stage 1 with the base frozen, a number or "all" is
     stage 2; from-scratch backbones are always fully trainable.
     ``head="none"`` summarises the backbone alone. Weights default to none: counts don't
-    depend on them.
+    depend on them. ``plot``: also draw the model graph to that PNG (``keras.utils.plot_model``).
     """
     from headstart.backbones import build_backbone, get_backbone, resolve_weights
     from headstart.freeze import resolve_unfreeze, unfreeze_top
@@ -155,7 +156,12 @@ def summary(
     base = build_backbone(spec, image_size or spec.default_size, resolve_weights(spec, weights))
     if spec.pretrained:  # a from-scratch base always trains end to end, BatchNorm included
         unfreeze_top(base, resolve_unfreeze(unfreeze or "none", spec, base), bn)
-    if head == "none":
-        return summary_text(base)
-    model = build_model(spec, base, classes, head=head, hidden=hidden, dropout=dropout)
-    return summary_text(model)
+    model = base
+    if head != "none":
+        model = build_model(spec, base, classes, head=head, hidden=hidden, dropout=dropout)
+    text = summary_text(model)
+    if plot:  # the graph needs pydot + Graphviz; without them, one line says how to get them
+        from headstart.figures import model_graph
+
+        text += (model_graph(model, plot) or f"model graph written to {plot}") + "\n"
+    return text

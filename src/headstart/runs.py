@@ -1,13 +1,23 @@
-"""The run directory: where a run's files go, written atomically (never half a file)."""
+"""The run directory: where a run's files go, written atomically (never half a file).
+
+Every file headstart writes into a run goes through `write_text_atomic` or `save_model_atomic`:
+the new content goes to a hidden temporary file in the same folder, is flushed to disk, then
+renamed over the old file (``os.replace`` is atomic). A run killed at any moment leaves the
+previous complete file or the new one, never a mix; at worst a hidden
+``.<name>.<pid>-<random>.tmp`` file stays behind (`is_temp_file`).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import secrets
 import time
+import zipfile
 from pathlib import Path
 
+from headstart._version import __version__
 from headstart.errors import UsageError
 
 MODEL_FILE = "model.keras"
@@ -19,9 +29,18 @@ SUMMARY_FILE = "summary.txt"
 SKIPPED_FILE = "skipped.txt"
 
 
+TEMP_MARK = ".tmp"  # in the name of every temporary file, which also starts with "."
+_KERAS_ARCHIVE = {"config.json", "metadata.json"}  # members every .keras zip holds
+
+
+def default_run_dir() -> Path:
+    """``runs/<timestamp>``: where a run goes without ``--out``."""
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
 def new_run_dir(out: str | None) -> Path:
-    """``out`` or ``runs/<timestamp>``; a non-empty folder is refused, never overwritten."""
-    path = Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    """``out`` or `default_run_dir`; a non-empty folder is refused, never overwritten."""
+    path = Path(out) if out else default_run_dir()
     if path.exists() and any(path.iterdir()):
         raise UsageError(f"--out {path} already exists and is not empty: choose a new folder")
     path.mkdir(parents=True, exist_ok=True)
@@ -29,25 +48,152 @@ def new_run_dir(out: str | None) -> Path:
 
 
 def open_run_dir(run: str | Path) -> Path:
-    """An existing run directory, checked to hold a model and its labels."""
+    """An existing run directory from a compatible headstart, holding a Keras model file.
+
+    Checked up front, so that a wrong path, a damaged or foreign model file, or a run from an
+    incompatible version is one clear `UsageError` instead of a Keras traceback.
+    """
     path = Path(run)
-    for name in (MODEL_FILE, LABELS_FILE):
-        if not (path / name).is_file():
-            raise UsageError(f"{path} is not a headstart run: {name} is missing")
+    if path.is_file():
+        hint = f"({path.parent})" if path.suffix == ".keras" else "(the --out of headstart train)"
+        raise UsageError(f"{path} is a file: give the run folder that holds model.keras {hint}")
+    if not path.is_dir():
+        raise UsageError(f"run folder not found: {path} (give the --out of headstart train)")
+    missing = [n for n in (MODEL_FILE, LABELS_FILE, CONFIG_FILE) if not (path / n).is_file()]
+    if missing == [MODEL_FILE]:
+        raise UsageError(
+            f"{path} has no {MODEL_FILE}: its training stopped before the first epoch ended; "
+            f"train again"
+        )
+    if missing:
+        raise UsageError(f"{path} is not a headstart run: {missing[0]} is missing")
+    check_version(path)
+    check_model_file(path / MODEL_FILE)
     return path
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a temporary file beside ``path``, then rename: readers see old or new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def check_version(run: Path) -> str:
+    """The headstart version that made ``run`` (from config.json); UsageError when unknown or of
+    another major version, whose run folders this version cannot promise to read."""
+    config_file = Path(run) / CONFIG_FILE
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        values = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"{config_file} is not readable JSON ({_shorten(exc)}): the run folder is damaged; "
+            f"train again"
+        ) from exc
+    made_by = values.get("headstart_version") if isinstance(values, dict) else None
+    if not isinstance(made_by, str) or _major(made_by) is None:
+        raise UsageError(
+            f"{config_file} does not say which headstart version made it (no valid "
+            f"headstart_version): train the run again with headstart {__version__}"
+        )
+    major = _major(made_by)
+    if major != _major(__version__):
+        raise UsageError(
+            f"{run} was made by headstart {made_by}, this is headstart {__version__}: run folders "
+            f"of another major version are not compatible; use headstart {major}.x "
+            f"(pip install 'headstart=={major}.*') or train again"
+        )
+    return made_by
+
+
+def _major(version: str) -> int | None:
+    match = re.match(r"(\d+)\.\d+", version)
+    return int(match[1]) if match else None
+
+
+def check_model_file(path: Path) -> None:
+    """A ``.keras`` file is a zip archive holding config.json and metadata.json: refuse anything
+    else with the file's name, before Keras fails on it with a traceback."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise UsageError(
+            f"{path} is not a Keras model file (not a .keras zip archive): it is damaged or was "
+            f"replaced; train again or restore it from a copy"
+        ) from exc
+    if not _KERAS_ARCHIVE <= names:
+        raise UsageError(
+            f"{path} is a zip archive but not a Keras .keras model (no config.json and "
+            f"metadata.json inside): train again or restore it from a copy"
+        )
+
+
+def load_model(run: Path, n_classes: int):
+    """The run's model, checked to be a headstart classifier: RGB images in, one logit per class
+    (one in all for two classes) out. Anything else is a UsageError naming the file."""
+    import keras
+
+    path = Path(run) / MODEL_FILE
+    check_model_file(path)
+    try:
+        model = keras.saving.load_model(path)
+    except Exception as exc:  # unknown layers, unsafe lambdas, broken weights: all the same to us
+        raise UsageError(
+            f"{path} cannot be loaded by Keras {keras.__version__} ({type(exc).__name__}: "
+            f"{_shorten(exc)}): it is not a headstart model, or it is damaged"
+        ) from exc
+    units = 1 if n_classes == 2 else n_classes
+    try:
+        inputs, outputs = tuple(model.input_shape), tuple(model.output_shape)
+    except (AttributeError, TypeError, ValueError):
+        inputs = outputs = ()
+    if len(inputs) != 4 or inputs[-1] != 3 or outputs[1:] != (units,):
+        raise UsageError(
+            f"{path} is not a headstart classifier for the {n_classes} classes of "
+            f"{LABELS_FILE}: it takes {inputs or '?'} and gives {outputs or '?'}, expected "
+            f"(None, height, width, 3) images in and {units} logit(s) out"
+        )
+    return model
+
+
+def read_labels(run: Path) -> list[str]:
+    """labels.json: the class names in output order."""
+    path = Path(run) / LABELS_FILE
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"{path} is not readable JSON ({_shorten(exc)}): the run folder is damaged"
+        ) from exc
+    if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
+        raise UsageError(f"{path} must be a JSON list of class names: the run folder is damaged")
+    return labels
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def write_text_atomic(path: str | Path, text: str, *, errors: str = "strict") -> None:
+    """Write a temporary file beside ``path``, then rename: readers see old or new, never half.
+
+    UTF-8; ``errors`` is the encoding error handler (e.g. "backslashreplace" for file names that
+    are not valid UTF-8).
+    """
+    write_bytes_atomic(path, text.encode("utf-8", errors))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """`write_text_atomic` for bytes (e.g. a PNG rendered into memory)."""
+    path = Path(path)
+    tmp = _temp_beside(path)
+    try:
+        # os.open with 0o666 lets the umask decide the mode, like a plain open() would
+        # (tempfile.mkstemp would leave every run file readable by its owner only).
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+        fd = os.open(tmp, flags, 0o666)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
 
 
 def write_json(path: str | Path, value: object) -> None:
@@ -57,14 +203,45 @@ def write_json(path: str | Path, value: object) -> None:
 def save_model_atomic(model, path: str | Path) -> None:
     """``model.save`` to a temporary ``.keras`` file beside ``path``, then rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    tmp = _temp_beside(path, ".keras")  # Keras insists on the extension
     try:
         model.save(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
 
 
-def read_labels(run: Path) -> list[str]:
-    return json.loads((run / LABELS_FILE).read_text(encoding="utf-8"))
+def is_temp_file(name: str) -> bool:
+    """True for the hidden temporary files of the atomic writes (left only by a killed run)."""
+    return name.startswith(".") and TEMP_MARK in name
+
+
+def _temp_beside(path: Path, suffix: str = "") -> Path:
+    """A unique hidden name in the same folder, so that the rename never crosses file systems."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_MARK}{suffix}")
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); not possible, nor needed, everywhere."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _shorten(exc: BaseException, limit: int = 100) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,226 @@
+"""An on-disk cache of backbone outputs, reused across epochs and across runs.
+
+Running the frozen part of a backbone is the expensive step of transfer learning, and its
+output for an image never changes. Entries are keyed by everything that decides it (backbone,
+weights, image size, preprocessing, where the network is cut, which augmented view) and rows
+by the image file's *content*, so a renamed file still hits and an edited one misses. Arrays
+are float16 ``.npy`` shards read through memory maps: a dataset larger than memory streams.
+
+Layout: ``<cache_dir>/<entry key>/{meta.json, <shard>.keys.npy, <shard>.npy}`` plus
+``file_hashes.json`` (path, size, mtime -> content hash), so unchanged files are not re-read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from headstart.runs import write_json, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the meaning of a cached array changes
+STORAGE_DTYPE = np.float16
+_HASHES_FILE = "file_hashes.json"
+
+
+def default_cache_dir() -> Path:
+    """``$HEADSTART_CACHE``, else ``$XDG_CACHE_HOME/headstart``, else ``~/.cache/headstart``."""
+    if os.environ.get("HEADSTART_CACHE"):
+        return Path(os.environ["HEADSTART_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "headstart"
+
+
+@dataclass(frozen=True)
+class EntrySpec:
+    """Everything that decides the cached output for an image; its hash names the entry."""
+
+    backbone: str
+    weights: str  # "imagenet", "none:<seed>" or "file:<content hash>"
+    image_size: int
+    preprocessing: str
+    output: str  # "pooled:gap", "pooled:flatten" or "trunk:<first layer after the cut>"
+    view: str  # "clean" or "<augment spec>#<seed>#<view index>"
+
+    def key(self) -> str:
+        text = json.dumps({"format": CACHE_FORMAT, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class CachedRows:
+    """Rows of one entry for a list of images, in that order, read lazily from the shards."""
+
+    def __init__(self, shards: list[np.ndarray], shard_of: np.ndarray, row_of: np.ndarray):
+        self._shards, self._shard_of, self._row_of = shards, shard_of, row_of
+        self.shape = (len(row_of), *shards[0].shape[1:]) if shards else (0,)
+
+    def __len__(self) -> int:
+        return len(self._row_of)
+
+    def take(self, indices: Iterable[int]) -> np.ndarray:
+        """float32 rows for ``indices`` (a batch): only these rows are read from disk."""
+        indices = np.asarray(list(indices), dtype=np.int64)
+        out = np.empty((len(indices), *self.shape[1:]), dtype=np.float32)
+        for position, index in enumerate(indices):
+            out[position] = self._shards[self._shard_of[index]][self._row_of[index]]
+        return out
+
+    def __getitem__(self, indices) -> np.ndarray:
+        return self.take(np.atleast_1d(indices))
+
+    def to_numpy(self) -> np.ndarray:
+        return self.take(range(len(self)))
+
+
+class FeatureCache:
+    """Get-or-compute of backbone outputs for image files; see the module docstring."""
+
+    def __init__(self, directory: str | Path | None = None):
+        self.directory = Path(directory) if directory else default_cache_dir()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._hashes = self._load_hashes()
+
+    # ------------------------------------------------------------------ content hashes
+    def _load_hashes(self) -> dict[str, list]:
+        try:
+            return json.loads((self.directory / _HASHES_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def content_hashes(self, paths: list[str]) -> list[str]:
+        """sha1 of each file's bytes, memoised on (size, mtime) so unchanged files aren't read."""
+        result, changed = [], False
+        for path in paths:
+            stat = os.stat(path)
+            known = self._hashes.get(path)
+            if known and known[0] == stat.st_size and known[1] == stat.st_mtime_ns:
+                result.append(known[2])
+                continue
+            with open(path, "rb") as handle:
+                digest = hashlib.file_digest(handle, "sha1").hexdigest()
+            self._hashes[path] = [stat.st_size, stat.st_mtime_ns, digest]
+            result.append(digest)
+            changed = True
+        if changed:  # ASCII JSON: paths that are not valid UTF-8 survive as escapes
+            write_text_atomic(self.directory / _HASHES_FILE, json.dumps(self._hashes))
+        return result
+
+    # ------------------------------------------------------------------ entries
+    def rows(
+        self,
+        spec: EntrySpec,
+        paths: list[str],
+        compute: Callable[[list[str]], Iterator[np.ndarray]],
+    ) -> CachedRows:
+        """The entry's rows for ``paths``; images not cached yet go through ``compute``.
+
+        ``compute(missing_paths)`` yields batches of outputs in order; they are written to a
+        new shard as they come, so memory stays bounded by one batch.
+        """
+        entry = self.directory / spec.key()
+        entry.mkdir(exist_ok=True)
+        self._touch(entry, spec)  # meta first: `cache ls` and `clear` see even a partial entry
+        keys = self.content_hashes(paths)
+        index = self._index(entry)
+        missing = sorted({k: p for k, p in zip(keys, paths, strict=True) if k not in index}.items())
+        if missing:
+            log.info(
+                "computing %s for %d images (%d cached)",
+                spec.output,
+                len(missing),
+                len(set(keys)) - len(missing),
+            )
+            self._write_shard(entry, [k for k, _ in missing], compute([p for _, p in missing]))
+            index = self._index(entry)
+        self._touch(entry, spec)
+        shard_names = sorted({index[k][0] for k in keys})
+        shards = [np.load(entry / f"{name}.npy", mmap_mode="r") for name in shard_names]
+        position = {name: i for i, name in enumerate(shard_names)}
+        shard_of = np.array([position[index[k][0]] for k in keys], dtype=np.int64)
+        row_of = np.array([index[k][1] for k in keys], dtype=np.int64)
+        return CachedRows(shards, shard_of, row_of)
+
+    @staticmethod
+    def _index(entry: Path) -> dict[str, tuple[str, int]]:
+        index = {}
+        for keys_file in sorted(entry.glob("*.keys.npy")):
+            name = keys_file.name[: -len(".keys.npy")]
+            for row, key in enumerate(np.load(keys_file)):
+                index[key.decode()] = (name, row)
+        return index
+
+    @staticmethod
+    def _write_shard(entry: Path, keys: list[str], batches: Iterator[np.ndarray]) -> None:
+        """Fill a memory-mapped .npy batch by batch; publish it (keys last) only when complete."""
+        name = f"shard-{uuid.uuid4().hex[:12]}"
+        tmp = entry / f".{name}.npy.tmp"
+        array = None
+        filled = 0
+        try:
+            for batch in batches:
+                if array is None:
+                    shape = (len(keys), *batch.shape[1:])
+                    array = np.lib.format.open_memmap(
+                        tmp, mode="w+", dtype=STORAGE_DTYPE, shape=shape
+                    )
+                array[filled : filled + len(batch)] = batch
+                filled += len(batch)
+            if filled != len(keys):
+                raise RuntimeError(f"computed {filled} outputs for {len(keys)} images")
+            array.flush()
+            del array
+            os.replace(tmp, entry / f"{name}.npy")
+            keys_tmp = entry / f".{name}.keys.tmp.npy"
+            np.save(keys_tmp, np.array(keys, dtype="S40"))
+            os.replace(keys_tmp, entry / f"{name}.keys.npy")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _touch(entry: Path, spec: EntrySpec) -> None:
+        write_json(
+            entry / "meta.json",
+            {
+                **asdict(spec),
+                "format": CACHE_FORMAT,
+                "last_used": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+        )
+
+
+def list_entries(directory: str | Path | None = None) -> list[dict]:
+    """One dict per cache entry: its spec, number of images and bytes on disk."""
+    root = Path(directory) if directory else default_cache_dir()
+    entries = []
+    for meta_file in sorted(root.glob("*/meta.json")):
+        meta = json.loads(meta_file.read_text())
+        files = list(meta_file.parent.iterdir())
+        images = sum(len(np.load(f, mmap_mode="r")) for f in files if f.name.endswith(".keys.npy"))
+        meta.update(
+            key=meta_file.parent.name, images=images, bytes=sum(f.stat().st_size for f in files)
+        )
+        entries.append(meta)
+    return entries
+
+
+def clear(directory: str | Path | None = None) -> int:
+    """Delete every cache entry (and the content-hash memo); returns the bytes freed."""
+    root = Path(directory) if directory else default_cache_dir()
+    freed = 0
+    for meta_file in root.glob("*/meta.json"):
+        entry = meta_file.parent
+        freed += sum(f.stat().st_size for f in entry.iterdir())
+        shutil.rmtree(entry)
+    (root / _HASHES_FILE).unlink(missing_ok=True)
+    return freed

@@ -1,0 +1,178 @@
+"""Run the frozen part of a model once and train on what it produced.
+
+Three pieces make the transfer-learning loop cheap without giving up augmentation or
+fine-tuning: ``split_at_cut`` divides a backbone into a frozen trunk and a trainable top
+(valid only where every path of the graph crosses the cut); ``extract_batches`` runs a frozen
+part over image files (optionally through one augmented view) in bounded memory; and
+``ViewSampler`` feeds ``fit`` from cached outputs, drawing one view per image per epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+
+from headstart.data import Split, make_dataset
+from headstart.model import FEATURES_NAME, classifier_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrunkSplit:
+    """A backbone cut in two: ``trunk`` (frozen, cached) and ``top`` (fine-tuned).
+
+    Both share layers with the full model, so training ``top`` trains the full model: the
+    saved model is the reassembled whole without any copying.
+    """
+
+    cut_layer: str  # the first layer of the top; the trunk ends at its input
+    trunk: keras.Model  # image (raw RGB) -> activations at the cut, preprocessing included
+    top_block: keras.Model  # activations at the cut -> backbone output (the unfrozen layers)
+    top: keras.Model  # activations at the cut -> logits (top block, pooling, classifier)
+
+
+def split_at_cut(model: keras.Model, base: keras.Model, unfreeze: int) -> TrunkSplit | None:
+    """Cut ``base`` before its top ``unfreeze`` layers, or None where the graph forbids it.
+
+    The cut is the input of the first unfrozen layer. It is valid only if every later layer
+    reads from the top part or from that one tensor (true at block boundaries: VGG's
+    block4_pool, ResNet50's conv5_block2_out, MobileNetV2's block_15_add, Xception's last add
+    before block14, EfficientNet's last block6 output); otherwise Keras cannot build the top
+    as a model of the cut tensor alone, and training falls back to the full model.
+    """
+    if not 0 < unfreeze < len(base.layers):
+        return None
+    first = base.layers[len(base.layers) - unfreeze]
+    if len(first._inbound_nodes) != 1 or isinstance(first.input, (list, tuple)):
+        return None
+    try:
+        top_block = keras.Model(first.input, base.output, name=f"{base.name}_top")
+    except ValueError as error:  # "graph disconnected": a path skips the cut
+        log.info(
+            "cannot cut %s before %s (%s): fine-tuning the full model", base.name, first.name, error
+        )
+        return None
+    pool = model.get_layer(FEATURES_NAME)
+    cut_input = keras.Input(first.input.shape[1:], name="trunk_activations")
+    logits = classifier_of(model)(pool(top_block(cut_input)))
+    top = keras.Model(cut_input, logits, name="top_and_head")
+    trunk = keras.Model(model.input, _preprocessed_base_call(model, base, first))
+    return TrunkSplit(first.name, trunk, top_block, top)
+
+
+def _preprocessed_base_call(model: keras.Model, base: keras.Model, first) -> object:
+    """The cut tensor as seen from the full model's input (preprocessing + trunk)."""
+    inner = keras.Model(base.input, first.input)
+    x = model.input
+    for layer in model.layers[1:]:
+        if layer is base:
+            return inner(x)
+        x = layer(x)
+    raise ValueError("backbone not found in model")
+
+
+class InferenceModeTop(keras.Model):
+    """Training view of the top: the top block runs in inference mode (BatchNormalization
+    keeps its statistics, as in the full model), the head follows ``fit``."""
+
+    def __init__(self, split: TrunkSplit, model: keras.Model):
+        super().__init__(name="top_trainer")
+        pool = model.get_layer(FEATURES_NAME)
+        self.body = keras.Model(split.top.input, pool(split.top_block(split.top.input)))
+        self.head = classifier_of(model)
+
+    def call(self, activations, training=None):
+        return self.head(self.body(activations, training=False), training=training)
+
+
+def extract_batches(
+    extractor: keras.Model,
+    paths: Sequence[str],
+    image_size: int,
+    *,
+    batch_size: int = 32,
+    augmenter: keras.Model | None = None,
+    verbose: bool = True,
+) -> Iterator[np.ndarray]:
+    """Outputs of ``extractor`` for image files, batch by batch (memory: one batch).
+
+    Decoding runs in tf.data's parallel map and is prefetched, so the model is not kept
+    waiting for the files.
+    """
+    import tensorflow as tf  # the input pipeline is tf.data on every backend
+
+    split = Split(tuple(paths), (0,) * len(paths))
+    dataset = make_dataset(split, (image_size, image_size), batch_size=batch_size, cache=False)
+    if augmenter is not None:
+        dataset = dataset.map(
+            lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
+        ).prefetch(tf.data.AUTOTUNE)
+    progress = keras.utils.Progbar(len(paths), unit_name="image") if verbose else None
+    for images, _ in dataset:
+        outputs = np.asarray(extractor.predict_on_batch(images))
+        if progress:
+            progress.add(len(outputs))
+        yield outputs
+
+
+def run_in_batches(model: keras.Model, rows, batch_size: int = 256) -> np.ndarray:
+    """``model`` over cached rows (anything with ``len`` and index-array access), in memory."""
+    outputs = [
+        np.asarray(model.predict_on_batch(rows[np.arange(i, min(i + batch_size, len(rows)))]))
+        for i in range(0, len(rows), batch_size)
+    ]
+    return np.concatenate(outputs) if outputs else np.zeros((0,))
+
+
+class ViewSampler(keras.utils.PyDataset):
+    """Batches from cached outputs of several views of the same images.
+
+    Every epoch reshuffles the images and draws, for each one, which view it is seen in: K
+    cached augmentations give the head (or the top block) augmented data at the cost of
+    reading a row. With one view and ``shuffle=False`` it is a plain batched reader.
+    """
+
+    def __init__(
+        self,
+        views: Sequence,
+        labels: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not views or any(len(view) != len(labels) for view in views):
+            raise ValueError("every view needs one row per label")
+        self.views, self.labels = list(views), np.asarray(labels)
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self._rng = np.random.default_rng(seed)
+        self.on_epoch_end()
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def on_epoch_end(self) -> None:
+        n = len(self.labels)
+        self.order = self._rng.permutation(n) if self.shuffle else np.arange(n)
+        self.view_of = (
+            self._rng.integers(0, len(self.views), n)
+            if self.shuffle
+            else np.zeros(n, dtype=np.int64)
+        )
+
+    def __getitem__(self, index: int):
+        chosen = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        views = self.view_of[chosen]
+        first = self.views[0][chosen[:1]]
+        batch = np.empty((len(chosen), *first.shape[1:]), dtype=np.float32)
+        for view in np.unique(views):
+            mask = views == view
+            batch[mask] = self.views[view][chosen[mask]]
+        return batch, self.labels[chosen]

@@ -1,0 +1,148 @@
+"""The feature cache: keyed by what decides an output, rows keyed by file content."""
+
+import importlib
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from headstart import Config, train
+from headstart.cache import EntrySpec, FeatureCache, clear, list_entries
+from headstart.cli import main
+
+SPEC = EntrySpec("efficientnet_lite0", "imagenet", 64, "lite", "pooled:gap", "clean")
+
+
+def _files(tmp_path, n=4):
+    paths = []
+    for i in range(n):
+        path = tmp_path / f"img{i}.png"
+        path.write_bytes(f"image-{i}".encode())
+        paths.append(str(path))
+    return paths
+
+
+class Counting:
+    """A fake backbone: output = a number derived from the file's bytes; counts what it ran."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, paths):
+        self.seen.extend(paths)
+        for start in range(0, len(paths), 3):
+            chunk = paths[start : start + 3]
+            yield np.array([[len(open(p, "rb").read()), i] for i, p in enumerate(chunk)], "f4")
+
+
+def test_second_lookup_computes_nothing_and_returns_the_same_rows(tmp_path):
+    cache, compute = FeatureCache(tmp_path / "cache"), Counting()
+    paths = _files(tmp_path)
+    first = cache.rows(SPEC, paths, compute).to_numpy()
+    assert len(compute.seen) == 4 and first.shape == (4, 2)
+    again = FeatureCache(tmp_path / "cache").rows(SPEC, paths, compute).to_numpy()
+    assert len(compute.seen) == 4
+    np.testing.assert_array_equal(first, again)
+
+
+def test_changed_image_misses_renamed_image_hits(tmp_path):
+    cache, compute = FeatureCache(tmp_path / "cache"), Counting()
+    paths = _files(tmp_path)
+    cache.rows(SPEC, paths, compute)
+    renamed = str(tmp_path / "renamed.png")
+    shutil.move(paths[0], renamed)
+    with open(paths[1], "wb") as handle:
+        handle.write(b"edited, and longer")
+    os.utime(paths[1], ns=(1, 1))  # mtime alone must not be trusted: content decides
+    compute.seen.clear()
+    rows = cache.rows(SPEC, [renamed, *paths[1:]], compute).to_numpy()
+    assert compute.seen == [paths[1]]
+    assert rows[1, 0] == len(b"edited, and longer")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"image_size": 96},
+        {"backbone": "efficientnet_lite1"},
+        {"weights": "none:0"},
+        {"output": "trunk:block7a_expand_conv"},
+        {"view": "flip#0#1"},
+        {"preprocessing": "tf"},
+    ],
+)
+def test_anything_that_changes_the_output_changes_the_entry(tmp_path, change):
+    cache, compute = FeatureCache(tmp_path / "cache"), Counting()
+    paths = _files(tmp_path)
+    cache.rows(SPEC, paths, compute)
+    other = EntrySpec(**{**SPEC.__dict__, **change})
+    assert other.key() != SPEC.key()
+    compute.seen.clear()
+    cache.rows(other, paths, compute)
+    assert len(compute.seen) == 4
+
+
+def test_rows_are_float16_on_disk_and_read_lazily(tmp_path):
+    cache = FeatureCache(tmp_path / "cache")
+    paths = _files(tmp_path, 6)
+    rows = cache.rows(SPEC, paths, Counting())
+    shard = next((tmp_path / "cache" / SPEC.key()).glob("shard-*[0-9a-f].npy"))
+    assert np.load(shard, mmap_mode="r").dtype == np.float16
+    assert rows[np.array([5, 0])].shape == (2, 2) and rows[np.array([5, 0])].dtype == np.float32
+
+
+def test_interrupted_computation_leaves_no_partial_shard(tmp_path):
+    cache = FeatureCache(tmp_path / "cache")
+
+    def broken(paths):
+        yield np.zeros((1, 2), "f4")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.rows(SPEC, _files(tmp_path), broken)
+    entry = tmp_path / "cache" / SPEC.key()
+    assert not list(entry.glob("*.npy")) and not list(entry.glob(".*"))
+    assert len(cache.rows(SPEC, _files(tmp_path), Counting())) == 4
+
+
+def test_ls_and_clear(tmp_path, capsys):
+    cache = FeatureCache(tmp_path / "cache")
+    cache.rows(SPEC, _files(tmp_path), Counting())
+    entries = list_entries(tmp_path / "cache")
+    assert len(entries) == 1 and entries[0]["images"] == 4 and entries[0]["image_size"] == 64
+    assert main(["cache", "ls", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "efficientnet_lite0" in capsys.readouterr().out
+    assert clear(tmp_path / "cache") > 0 and list_entries(tmp_path / "cache") == []
+
+
+@pytest.mark.integration
+def test_a_second_run_on_the_same_images_runs_the_backbone_zero_times(
+    tiny_folder, tmp_path, monkeypatch
+):
+    train_module = importlib.import_module("headstart.train")  # not the `train` function
+    calls = []
+    real = train_module.extract_batches
+    monkeypatch.setattr(
+        train_module,
+        "extract_batches",
+        lambda extractor, paths, *a, **k: (
+            calls.append(len(paths)) or real(extractor, paths, *a, **k)
+        ),
+    )
+    config = dict(
+        data=str(tiny_folder),
+        image_size=64,
+        epochs=2,
+        fine_tune_epochs=1,
+        views=2,
+        batch_size=8,
+        quiet=True,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    first = train(Config(out=str(tmp_path / "one"), **config))
+    assert sum(calls) == 28 * 3 + 8  # train: clean + 2 views; val: clean
+    calls.clear()
+    second = train(Config(out=str(tmp_path / "two"), **config))
+    assert calls == []
+    assert second.metrics["accuracy"] == first.metrics["accuracy"]

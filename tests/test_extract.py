@@ -1,0 +1,94 @@
+"""Cutting a backbone into a cached trunk and a trained top, and sampling cached views."""
+
+import keras
+import numpy as np
+import pytest
+
+from headstart.backbones import build_backbone, get_backbone
+from headstart.extract import InferenceModeTop, ViewSampler, split_at_cut
+from headstart.freeze import freeze, resolve_unfreeze, unfreeze_top
+from headstart.model import build_model
+from headstart.train import compile_for
+
+# Where each backbone is cut by default (the input of its top block), checked below.
+CUTS = {
+    "efficientnet_lite0": ("block7a_expand_conv", "block6d_add"),
+    "vgg16": ("block5_conv1", "block4_pool"),
+    "resnet50": ("conv5_block3_1_conv", "conv5_block2_out"),
+    "mobilenet_v2": ("block_16_expand", "block_15_add"),
+    "xception": ("block14_sepconv1", None),  # the last residual add (auto-named add_N)
+}
+
+
+def _model(name, size, classes=3):
+    keras.utils.set_random_seed(0)
+    spec = get_backbone(name)
+    base = build_backbone(spec, size, "none")
+    return spec, base, build_model(spec, base, classes, hidden=8)
+
+
+@pytest.mark.parametrize("name", sorted(CUTS))
+def test_reassembled_model_equals_top_on_cached_trunk(name):
+    """After training the top on trunk activations, the one saved model (preprocessing +
+    backbone + head) predicts what top(trunk(x)) predicts: float32 to 1e-4, and from the
+    float16 cache to 1e-3 relative + 2e-2 absolute on logits (its storage precision)."""
+    size = 75 if name == "xception" else 48
+    spec, base, model = _model(name, size)
+    count = resolve_unfreeze("default", spec, base)
+    split = split_at_cut(model, base, count)
+    assert split is not None and split.cut_layer == CUTS[name][0]
+    cut_source = base.get_layer(split.cut_layer)._inbound_nodes[0].parent_nodes[0].operation
+    if CUTS[name][1]:
+        assert cut_source.name == CUTS[name][1]
+    else:
+        assert isinstance(cut_source, keras.layers.Add)
+    freeze(base)
+    unfreeze_top(base, count, "inference")
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (6, size, size, 3)).astype("float32")
+    trunk = split.trunk.predict(images, verbose=0)
+    trainer = InferenceModeTop(split, model)
+    compile_for(trainer, 3, 1e-2)
+    trainer.fit(trunk, np.array([0, 1, 2, 0, 1, 2]), epochs=1, verbose=0)
+    full = model.predict(images, verbose=0)
+    np.testing.assert_allclose(full, split.top.predict(trunk, verbose=0), rtol=1e-4, atol=1e-4)
+    from_cache = split.top.predict(trunk.astype(np.float16).astype(np.float32), verbose=0)
+    np.testing.assert_allclose(full, from_cache, rtol=1e-3, atol=2e-2)
+
+
+def test_cut_inside_a_residual_block_is_refused():
+    spec, base, model = _model("resnet50", 48)
+    names = [layer.name for layer in base.layers]
+    inside = len(names) - names.index("conv5_block3_2_conv")  # skips the block's shortcut
+    assert split_at_cut(model, base, inside) is None
+    assert split_at_cut(model, base, 0) is None
+
+
+def test_view_sampler_draws_one_view_per_image_per_epoch():
+    n, k = 40, 3
+    views = [
+        np.full((n, 2), view, dtype=np.float32) + np.arange(n)[:, None] * 10 for view in range(k)
+    ]
+    labels = np.arange(n)
+    sampler = ViewSampler(views, labels, batch_size=8, seed=1)
+    seen_views = []
+    for _ in range(30):  # epochs
+        batches = [sampler[i] for i in range(len(sampler))]
+        x = np.concatenate([b[0] for b in batches])
+        y = np.concatenate([b[1] for b in batches])
+        assert sorted(y) == list(labels)  # every image exactly once per epoch
+        view = x[:, 0] - y * 10
+        assert np.all(np.isin(view, range(k))) and np.all(x[:, 0] == x[:, 1])
+        seen_views.append(view)
+        sampler.on_epoch_end()
+    counts = np.bincount(np.concatenate(seen_views).astype(int), minlength=k)
+    assert counts.min() > 0.28 * counts.sum()  # about a third each over 30 epochs
+    again = ViewSampler(views, labels, batch_size=8, seed=1)
+    np.testing.assert_array_equal(again[0][0], ViewSampler(views, labels, 8, seed=1)[0][0])
+
+
+def test_validation_reader_is_in_order_and_clean():
+    views = [np.arange(10, dtype=np.float32)[:, None], np.full((10, 1), -1, np.float32)]
+    sampler = ViewSampler(views, np.arange(10), batch_size=4, shuffle=False)
+    x = np.concatenate([sampler[i][0] for i in range(len(sampler))])
+    np.testing.assert_array_equal(x[:, 0], np.arange(10))
