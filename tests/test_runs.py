@@ -178,7 +178,7 @@ def test_ctrl_c_during_train_keeps_the_run_and_exits_130(tiny_folder, tmp_path):
             time.sleep(0.05)
         time.sleep(0.3)  # a few epochs more: the signal lands mid-epoch or mid-save
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
+        out, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()

@@ -1,5 +1,3 @@
-import sys
+from headstart.cli import entry_point
 
-from headstart.cli import main
-
-sys.exit(main())
+entry_point()
