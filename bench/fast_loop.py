@@ -19,10 +19,10 @@ them as ratios. Usage: ``python bench/fast_loop.py [--sizes 224 96] [--out bench
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,27 +30,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-CLASSES = [
-    "t-shirt_top",
-    "trouser",
-    "pullover",
-    "dress",
-    "coat",
-    "sandal",
-    "shirt",
-    "sneaker",
-    "bag",
-    "ankle_boot",
-]
+sys.path.insert(0, str(Path(__file__).parent))
+from make_demo_data import (  # noqa: E402  (the demo exporter's IDX reader and class names)
+    CLASS_NAMES,
+    DEFAULT_SOURCE,
+    IDX_UBYTE_1D,
+    IDX_UBYTE_3D,
+    read_idx,
+)
 
 
 def _idx(name: str) -> np.ndarray:
-    with gzip.open(FASHION / name) as handle:
-        data = handle.read()
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
+    magic = IDX_UBYTE_3D if "images" in name else IDX_UBYTE_1D
+    return read_idx(DEFAULT_SOURCE / name, magic)
 
 
 def write_dataset(root: Path) -> Path:
@@ -67,9 +59,9 @@ def write_dataset(root: Path) -> Path:
         parts["val"] += list(order[100:150])
     for split, indices in parts.items():
         for i in indices:
-            _save(root / split / CLASSES[y[i]] / f"{i:05d}.png", x[i])
+            _save(root / split / CLASS_NAMES[y[i]] / f"{i:05d}.png", x[i])
     for i in range(len(tx)):
-        _save(root / "test" / CLASSES[ty[i]] / f"{i:05d}.png", tx[i])
+        _save(root / "test" / CLASS_NAMES[ty[i]] / f"{i:05d}.png", tx[i])
     (root / "done").touch()
     return root
 

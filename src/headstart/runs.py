@@ -76,13 +76,7 @@ def check_version(run: Path) -> str:
     """The headstart version that made ``run`` (from config.json); UsageError when unknown or of
     another major version, whose run folders this version cannot promise to read."""
     config_file = Path(run) / CONFIG_FILE
-    try:
-        values = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(
-            f"{config_file} is not readable JSON ({_shorten(exc)}): the run folder is damaged; "
-            f"train again"
-        ) from exc
+    values = _read_run_json(config_file)
     made_by = values.get("headstart_version") if isinstance(values, dict) else None
     if not isinstance(made_by, str) or _major(made_by) is None:
         raise UsageError(
@@ -150,15 +144,20 @@ def load_model(run: Path, n_classes: int):
     return model
 
 
+def _read_run_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"{path} is not readable JSON ({_shorten(exc)}): the run folder is damaged; "
+            "train again"
+        ) from exc
+
+
 def read_labels(run: Path) -> list[str]:
     """labels.json: the class names in output order."""
     path = Path(run) / LABELS_FILE
-    try:
-        labels = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(
-            f"{path} is not readable JSON ({_shorten(exc)}): the run folder is damaged"
-        ) from exc
+    labels = _read_run_json(path)
     if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
         raise UsageError(f"{path} must be a JSON list of class names: the run folder is damaged")
     return labels
