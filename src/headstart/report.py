@@ -180,7 +180,7 @@ def _load_folder(config: Config, notes: _Notes):
     else:
         data_log = logging.getLogger("headstart.data")
         level = data_log.level
-        data_log.setLevel(max(level, logging.WARNING))  # its summary lines: train gave them
+        data_log.setLevel(max(level, logging.ERROR))  # its summary and skip lines: train gave them
         try:
             folder = load_image_folder(
                 config.data,

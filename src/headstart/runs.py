@@ -149,8 +149,7 @@ def _read_run_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UsageError(
-            f"{path} is not readable JSON ({_shorten(exc)}): the run folder is damaged; "
-            "train again"
+            f"{path} is not readable JSON ({_shorten(exc)}): the run folder is damaged; train again"
         ) from exc
 
 

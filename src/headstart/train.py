@@ -107,9 +107,16 @@ def train(config: Config) -> TrainResult:
         session.fine_tune(unfreeze)
     train_seconds = time.monotonic() - started
     model = keras.saving.load_model(run_dir / runs.MODEL_FILE)  # the best on validation
-    probabilities = predict_split(model, folder.test, config.batch_size)
-    metrics = metrics_for_split(model, folder.test, folder.class_names, probabilities=probabilities)
-    write_predictions(run_dir / PREDICTIONS_FILE, folder.test, folder.class_names, probabilities)
+    if len(folder.test):
+        probabilities = predict_split(model, folder.test, config.batch_size)
+        metrics = metrics_for_split(
+            model, folder.test, folder.class_names, probabilities=probabilities
+        )
+        write_predictions(
+            run_dir / PREDICTIONS_FILE, folder.test, folder.class_names, probabilities
+        )
+    else:
+        metrics = metrics_for_split(model, folder.test, folder.class_names)  # {"n_test": 0, ...}
     metrics["train_seconds"] = round(train_seconds, 1)  # both stages, test evaluation excluded
     metrics["skipped"] = len(folder.skipped)
     checkpoint = session.checkpoint
