@@ -169,6 +169,9 @@ def test_ctrl_c_during_train_keeps_the_run_and_exits_130(tiny_folder, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        # a shell's background job (CI runners, `cmd &`) ignores SIGINT, and children inherit
+        # that: give the child the default disposition, as a terminal would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 120
