@@ -1,3 +1,5 @@
-from headstart.cli import entry_point
+import sys
 
-entry_point()
+from headstart.cli import main
+
+sys.exit(main())

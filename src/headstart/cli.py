@@ -358,19 +358,8 @@ def _print_backbones(rows: list[dict]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1])
 
 
-def entry_point() -> None:
-    """The ``headstart`` command. After Ctrl-C it leaves at once: every run file is already
-    complete on disk, and a normal interpreter shutdown can wait on TensorFlow's input threads."""
-    code = main()
-    if code == EXIT_INTERRUPTED:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
-
-
 if __name__ == "__main__":
-    entry_point()
+    sys.exit(main())
 
 
 def _print_cache_entries(entries: list[dict]) -> None:
