@@ -82,7 +82,7 @@ def test_train_writes_every_figure_and_the_report(run):
 def test_a_failing_report_never_costs_the_trained_run(tiny_folder, tmp_path, monkeypatch, caplog):
     import headstart.report
 
-    def broken(run):
+    def broken(run, **options):
         raise RuntimeError("no fonts today")
 
     monkeypatch.setattr(headstart.report, "report", broken)

@@ -100,7 +100,7 @@ class _Notes:
     gradcam_layer: str | None = None
 
 
-def write_figures(run_dir: Path) -> _Notes:
+def write_figures(run_dir: Path, folder=None) -> _Notes:
     """Draw every figure the run's files allow; a figure that fails is noted, never fatal."""
     notes = _Notes()
     config = Config.load(run_dir / runs.CONFIG_FILE)
@@ -137,7 +137,7 @@ def write_figures(run_dir: Path) -> _Notes:
         for name in ("confusion.png", "per_class.png", "errors.png", "gradcam.png"):
             notes.missing[name] = "the run has no test images"
 
-    folder = _load_folder(config, notes)
+    folder = _load_folder(config, notes, folder)
     if folder is not None:
         attempt("samples.png", lambda: _samples(folder, config, run_dir))
         attempt("augmentations.png", lambda: _augmentations(folder, config, run_dir))
@@ -171,13 +171,14 @@ def _saved_epoch(history: list[dict], saved_from: dict) -> int | None:
     return position if position <= len(history) else None
 
 
-def _load_folder(config: Config, notes: _Notes):
+def _load_folder(config: Config, notes: _Notes, folder=None):
+    """The run's data split: ``folder`` when the caller (train) already has it, else re-read."""
     from headstart.data import load_image_folder
 
     reason = None
-    if not Path(config.data).is_dir():
+    if folder is None and not Path(config.data).is_dir():
         reason = f"the data folder {config.data} is not there any more"
-    else:
+    elif folder is None:
         data_log = logging.getLogger("headstart.data")
         level = data_log.level
         data_log.setLevel(max(level, logging.ERROR))  # its summary and skip lines: train gave them
@@ -386,10 +387,13 @@ def _graph(load_model, run_dir: Path, notes: _Notes) -> str | None:
 # ----------------------------------------------------------------------------- HTML
 
 
-def report(run: str | Path) -> Path:
-    """Draw the run's figures and write ``RUN/report.html``; returns the report's path."""
+def report(run: str | Path, *, folder=None) -> Path:
+    """Draw the run's figures and write ``RUN/report.html``; returns the report's path.
+
+    ``folder`` is the run's ImageFolder when the caller has it (train does): the data folder is
+    then not scanned and checked a second time."""
     run_dir = runs.open_run_dir(run)
-    notes = write_figures(run_dir)
+    notes = write_figures(run_dir, folder)
     page = _html(run_dir, notes)
     path = run_dir / REPORT_FILE
     runs.write_text_atomic(path, page)

@@ -132,7 +132,7 @@ def train(config: Config) -> TrainResult:
     try:  # figures + report.html; a failure to draw must never lose the trained run
         from headstart.report import report
 
-        report(run_dir)
+        report(run_dir, folder=folder)
     except Exception as error:
         debug = log.isEnabledFor(logging.DEBUG)
         log.warning("report not written (the run itself is complete): %s", error, exc_info=debug)
