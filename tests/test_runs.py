@@ -192,7 +192,8 @@ def test_ctrl_c_during_train_keeps_the_run_and_exits_130(tiny_folder, tmp_path):
         f"headstart: interrupted; {run} keeps model.keras, config.json, labels.json, "
         f"history.csv, skipped.txt: model.keras is the best model on validation so far"
     )
-    assert "run train again with a new --out" in message and out == ""
+    assert message.endswith(f"to train it fully, continue with `headstart train --resume {run}`")
+    assert out == ""
     # what was kept is complete and usable
     assert _temp_files(run) == [] and not (run / "metrics.json").exists()
     rows = list(csv.DictReader((run / "history.csv").open()))

@@ -98,8 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_verb = functools.partial(verbs.add_parser, parents=[common])
 
     train = add_verb("train", help="train, evaluate and save a classifier")
-    train.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
+    train.add_argument("data", nargs="?", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
     _train_arguments(train)
+    train.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue an interrupted run from its last epoch (its config.json decides the rest)",
+    )
 
     evaluate = add_verb("evaluate", help="score a run on a folder of labelled images")
     evaluate.add_argument("run")
@@ -175,6 +180,7 @@ def _interrupted(args: argparse.Namespace) -> str:
     the best model on validation so far (the checkpoint saves it at each improvement).
     """
     from headstart import runs
+    from headstart.resume import RESUME_FILE
 
     run = getattr(args, "out", None) if args.verb in ("train", "demo") else None
     kept = [
@@ -193,6 +199,8 @@ def _interrupted(args: argparse.Namespace) -> str:
         if getattr(args, "out_given", False)
         else "run train again"
     )
+    if run and os.path.isfile(os.path.join(run, RESUME_FILE)):
+        again = f"continue with `headstart train --resume {run}`"
     if runs.MODEL_FILE in kept:
         return (
             f"headstart: interrupted; {run} keeps {', '.join(kept)}: model.keras is the best "
@@ -208,11 +216,19 @@ def _interrupted(args: argparse.Namespace) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.verb == "train":
+    if args.verb == "train" and args.resume:
+        from headstart.train import resume
+
+        _check_resume_arguments(args)
+        args.out = args.resume
+        _print_result(resume(args.resume))
+    elif args.verb == "train":
         from headstart.train import train
 
+        if not args.data:
+            raise UsageError("train needs DATA (a folder of class folders), or --resume RUN")
         _resolve_out(args)
-        options = {k: v for k, v in vars(args).items() if k not in ("verb", "out_given")}
+        options = {k: v for k, v in vars(args).items() if k not in ("verb", "out_given", "resume")}
         result = train(Config(**options))
         _print_result(result)
     elif args.verb == "demo":
@@ -280,6 +296,24 @@ def _run(args: argparse.Namespace) -> int:
         print(result.table)
         print(f"written: {result.markdown_path}, {result.figure_path}")
     return 0
+
+
+def _check_resume_arguments(args: argparse.Namespace) -> None:
+    """--resume takes every setting from the run's config.json: refuse others, rather than
+    silently ignoring them."""
+    defaults = vars(build_parser().parse_args(["train", "--resume", args.resume]))
+    given = [
+        "--" + key.replace("_", "-")
+        for key, value in vars(args).items()
+        if key not in ("quiet", "data") and value != defaults.get(key)
+    ]
+    if args.data:
+        given.insert(0, "DATA")
+    if given:
+        raise UsageError(
+            f"--resume {args.resume} continues the run with the settings in its config.json: "
+            f"drop {', '.join(given)}"
+        )
 
 
 def _resolve_out(args: argparse.Namespace) -> None:
@@ -358,10 +392,6 @@ def _print_backbones(rows: list[dict]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1])
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _print_cache_entries(entries: list[dict]) -> None:
     if not entries:
         print("feature cache is empty")
@@ -371,3 +401,7 @@ def _print_cache_entries(entries: list[dict]) -> None:
             f"{entry['output']:<28} {entry['view'][:30]:<30} {entry['images']:>7} images  "
             f"{entry['bytes'] / 1e6:8.1f} MB  {entry['last_used']}"
         )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -656,3 +656,25 @@ def write_skipped(skipped: Iterable[tuple[str, str]], path: str) -> None:
 def _one_line(text: str) -> str:
     """Keep the TAB/newline format parseable even for odd file names."""
     return text.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+# ----------------------------------------------------------------------------- split manifest
+
+
+def split_manifest(folder: ImageFolder) -> dict:
+    """The exact split as JSON (paths relative to the data folder): what ``split.json`` holds,
+    so that a run records which images it trained, validated and tested on."""
+
+    def files(split: Split) -> list[list]:
+        return [
+            [os.path.relpath(path, folder.root), folder.class_names[label]]
+            for path, label in zip(split.paths, split.labels, strict=True)
+        ]
+
+    return {
+        "root": folder.root,
+        "class_names": list(folder.class_names),
+        "train": files(folder.train),
+        "val": files(folder.val),
+        "test": files(folder.test),
+    }

@@ -151,21 +151,27 @@ class ViewSampler(keras.utils.PyDataset):
         if not views or any(len(view) != len(labels) for view in views):
             raise ValueError("every view needs one row per label")
         self.views, self.labels = list(views), np.asarray(labels)
-        self.batch_size, self.shuffle = batch_size, shuffle
-        self._rng = np.random.default_rng(seed)
-        self.on_epoch_end()
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.set_epoch(0)
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
 
-    def on_epoch_end(self) -> None:
+    def set_epoch(self, epoch: int) -> None:
+        """Draw ``epoch``'s order and views from (seed, epoch) alone: a run resumed at epoch
+        k sees the batches an uninterrupted run would. ``fit`` callers set it at each epoch's
+        start; without that, epochs simply advance one by one."""
+        self.epoch = epoch
         n = len(self.labels)
-        self.order = self._rng.permutation(n) if self.shuffle else np.arange(n)
-        self.view_of = (
-            self._rng.integers(0, len(self.views), n)
-            if self.shuffle
-            else np.zeros(n, dtype=np.int64)
-        )
+        if not self.shuffle:
+            self.order, self.view_of = np.arange(n), np.zeros(n, dtype=np.int64)
+            return
+        rng = np.random.default_rng([self.seed, epoch])
+        self.order = rng.permutation(n)
+        self.view_of = rng.integers(0, len(self.views), n)
+
+    def on_epoch_end(self) -> None:
+        self.set_epoch(self.epoch + 1)
 
     def __getitem__(self, index: int):
         chosen = self.order[index * self.batch_size : (index + 1) * self.batch_size]

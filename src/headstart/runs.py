@@ -27,6 +27,7 @@ HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.txt"
 SKIPPED_FILE = "skipped.txt"
+SPLIT_FILE = "split.json"  # the exact train/val/test file lists of the run
 
 
 TEMP_MARK = ".tmp"  # in the name of every temporary file, which also starts with "."
@@ -76,7 +77,7 @@ def check_version(run: Path) -> str:
     """The headstart version that made ``run`` (from config.json); UsageError when unknown or of
     another major version, whose run folders this version cannot promise to read."""
     config_file = Path(run) / CONFIG_FILE
-    values = _read_run_json(config_file)
+    values = read_json(config_file)
     made_by = values.get("headstart_version") if isinstance(values, dict) else None
     if not isinstance(made_by, str) or _major(made_by) is None:
         raise UsageError(
@@ -144,7 +145,7 @@ def load_model(run: Path, n_classes: int):
     return model
 
 
-def _read_run_json(path: Path):
+def read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -156,7 +157,7 @@ def _read_run_json(path: Path):
 def read_labels(run: Path) -> list[str]:
     """labels.json: the class names in output order."""
     path = Path(run) / LABELS_FILE
-    labels = _read_run_json(path)
+    labels = read_json(path)
     if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
         raise UsageError(f"{path} must be a JSON list of class names: the run folder is damaged")
     return labels

@@ -21,8 +21,9 @@ from headstart.augment import build_augmenter, parse_augment
 from headstart.backbones import Backbone, build_backbone, check_image_size, get_backbone
 from headstart.backbones import resolve_weights as resolve_backbone_weights
 from headstart.cache import EntrySpec, FeatureCache
+from headstart.callbacks import BestModelCheckpoint, EpochTimer, StageCSVLogger
 from headstart.config import Config
-from headstart.data import load_image_folder, make_dataset, write_skipped
+from headstart.data import load_image_folder, make_dataset, split_manifest, write_skipped
 from headstart.errors import UsageError
 from headstart.evaluate import (
     PREDICTIONS_FILE,
@@ -46,6 +47,15 @@ from headstart.model import (
     summary_text,
     trainer_for,
 )
+from headstart.resume import (
+    ResumeCheckpoint,
+    TrainingState,
+    callback_state,
+    read_state,
+    remove_state,
+    trained_indices,
+    write_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,47 +75,94 @@ def train(config: Config) -> TrainResult:
     check_image_size(backbone, image_size)
     weights = resolve_backbone_weights(backbone, config.weights)
     augments = parse_augment(config.augment)  # fail on a bad spec before any slow work
-    folder = load_image_folder(
-        config.data, val_split=config.val_split, test_split=config.test_split, seed=config.seed
-    )
-    if len(folder.val) == 0:
-        raise UsageError("no validation images: give DATA/val or a positive --val-split")
-
+    folder = _load_folder(config)
     run_dir = runs.new_run_dir(config.out)
-    keras.utils.set_random_seed(config.seed)
-    base = build_backbone(backbone, image_size, weights)
-    model = build_model(
-        backbone,
-        base,
-        len(folder.class_names),
-        head=config.head,
-        hidden=config.hidden,
-        dropout=config.dropout,
-    )
-    unfreeze = resolve_unfreeze(config.unfreeze, backbone, base) if backbone.pretrained else 0
     config = dataclasses.replace(
         config,
         data=str(Path(config.data).resolve()),
         out=str(run_dir),
         image_size=image_size,
         weights=weights,
-        unfreeze=str(unfreeze),
         mode=config.mode if backbone.pretrained else "frozen",
         views=config.views if augments and backbone.pretrained and config.mode == "extract" else 0,
     )
+    model, base = _build(config, backbone, len(folder.class_names))
+    unfreeze = resolve_unfreeze(config.unfreeze, backbone, base) if backbone.pretrained else 0
+    config = dataclasses.replace(config, unfreeze=str(unfreeze))
     config.save(run_dir / runs.CONFIG_FILE)
     runs.write_json(run_dir / runs.LABELS_FILE, list(folder.class_names))
+    runs.write_json(run_dir / runs.SPLIT_FILE, split_manifest(folder))
     write_skipped(folder.skipped, str(run_dir / runs.SKIPPED_FILE))
+    return _run(config, backbone, folder, model, base, run_dir, state=None)
 
-    session = _Session(config, backbone, folder, model, base, run_dir)
-    started = time.monotonic()
-    will_fine_tune = backbone.pretrained and config.fine_tune and config.fine_tune_epochs
-    if will_fine_tune and unfreeze:
+
+def resume(run: str | Path) -> TrainResult:
+    """Continue an interrupted run from its last saved epoch (see `headstart.resume`)."""
+    run_dir = Path(run)
+    if not (run_dir / runs.CONFIG_FILE).is_file():
+        raise UsageError(f"--resume {run_dir}: not a headstart run folder (no config.json)")
+    runs.check_version(run_dir)
+    state = read_state(run_dir)
+    if state is None:
+        if (run_dir / runs.METRICS_FILE).is_file():
+            raise UsageError(f"--resume {run_dir}: the run is complete, there is nothing to resume")
+        raise UsageError(
+            f"--resume {run_dir}: the run stopped before its first epoch ended, so there is "
+            f"nothing to resume; train again"
+        )
+    config = Config.load(run_dir / runs.CONFIG_FILE)
+    config.validate()
+    backbone = get_backbone(config.backbone)
+    folder = _load_folder(config)
+    recorded = runs.read_json(run_dir / runs.SPLIT_FILE)
+    if split_manifest(folder) != recorded:
+        raise UsageError(
+            f"--resume {run_dir}: the images in {config.data} are not those the run started "
+            f"with (its split.json differs): train again with a new --out"
+        )
+    model, base = _build(config, backbone, len(folder.class_names))
+    log.info("resuming %s at stage %s, epoch %d", run_dir, state.stage, state.next_epoch + 1)
+    return _run(config, backbone, folder, model, base, run_dir, state=state)
+
+
+def _load_folder(config: Config):
+    folder = load_image_folder(
+        config.data, val_split=config.val_split, test_split=config.test_split, seed=config.seed
+    )
+    if len(folder.val) == 0:
+        raise UsageError("no validation images: give DATA/val or a positive --val-split")
+    return folder
+
+
+def _build(config: Config, backbone: Backbone, n_classes: int):
+    """The full model, initialised from the seed: the same on every call with one config."""
+    keras.utils.set_random_seed(config.seed)
+    base = build_backbone(backbone, config.image_size, config.weights)
+    model = build_model(
+        backbone, base, n_classes, head=config.head, hidden=config.hidden, dropout=config.dropout
+    )
+    return model, base
+
+
+def _run(config, backbone, folder, model, base, run_dir: Path, state) -> TrainResult:
+    """Both stages from ``state`` (None: from the start), then the test metrics and report."""
+    session = _Session(config, backbone, folder, model, base, run_dir, state)
+    unfreeze = int(config.unfreeze)
+    fine_tune = bool(backbone.pretrained and config.fine_tune and config.fine_tune_epochs)
+    fine_tune = fine_tune and unfreeze > 0
+    if fine_tune:
         session.plan_fine_tuning(unfreeze)
-    session.train_head()
-    if will_fine_tune and unfreeze:
+    stage = state.stage if state else "head"
+    if stage == "head":
+        session.train_head()
+        session.end_stage("fine_tune" if fine_tune else "done")
+    elif stage == "fine_tune":
+        session.freeze_for_head()
+        state.apply(model)  # the head as stage 1 left it
+    if fine_tune and stage != "done":
         session.fine_tune(unfreeze)
-    train_seconds = time.monotonic() - started
+        session.end_stage("done")
+    train_seconds = session.elapsed()
     model = keras.saving.load_model(run_dir / runs.MODEL_FILE)  # the best on validation
     if len(folder.test):
         probabilities = predict_split(model, folder.test, config.batch_size)
@@ -126,9 +183,10 @@ def train(config: Config) -> TrainResult:
         "val_loss": checkpoint.best,
     }
     runs.write_json(run_dir / runs.METRICS_FILE, metrics)
-    if session.fine_tuned and checkpoint.best_stage == "head":
+    if fine_tune and checkpoint.best_stage == "head":
         log.info("fine-tuning did not lower validation loss: model.keras is the stage-1 model")
-    runs.write_text_atomic(run_dir / runs.SUMMARY_FILE, "\n".join(session.summaries))
+    if session.summaries:  # a resumed run keeps the summaries written when it started
+        runs.write_text_atomic(run_dir / runs.SUMMARY_FILE, "\n".join(session.summaries))
     try:  # figures + report.html; a failure to draw must never lose the trained run
         from headstart.report import report
 
@@ -136,6 +194,7 @@ def train(config: Config) -> TrainResult:
     except Exception as error:
         debug = log.isEnabledFor(logging.DEBUG)
         log.warning("report not written (the run itself is complete): %s", error, exc_info=debug)
+    remove_state(run_dir)
     return TrainResult(run_dir, metrics, config)
 
 
@@ -161,42 +220,102 @@ def compile_for(model: keras.Model, n_classes: int, learning_rate: float) -> Non
 
 
 class _Session:
-    """State shared by the two stages: datasets, callbacks and the best-so-far checkpoint."""
+    """State shared by the two stages: datasets, callbacks and the best-so-far checkpoint.
 
-    def __init__(self, config, backbone: Backbone, folder, model, base, run_dir: Path):
+    ``state`` is where a resumed run stopped (`headstart.resume`); None for a new run.
+    """
+
+    def __init__(self, config, backbone: Backbone, folder, model, base, run_dir: Path, state):
         self.config, self.backbone, self.folder = config, backbone, folder
         self.model, self.base, self.run_dir = model, base, run_dir
+        self.state = state
         self.n_classes = len(folder.class_names)
         self.size = (config.image_size, config.image_size)
         self.checkpoint = BestModelCheckpoint(model, run_dir / runs.MODEL_FILE)
         self.history = StageCSVLogger(str(run_dir / runs.HISTORY_FILE))
+        if state is not None:
+            self.checkpoint.set_state(state.callbacks["checkpoint"])
+            self.history.rows = list(state.callbacks["history"])
         self.summaries: list[str] = []
         self.verbose = 0 if config.quiet else "auto"
-        self.fine_tuned = False
         self.cache = FeatureCache(config.cache_dir) if config.cache else None
         self.weights_id = _weights_id(config, self.cache)
         self.trunk = None  # set by plan_fine_tuning when the backbone can be cut
         self._trunk_rows: dict[str, list] = {}
+        self._started = time.monotonic()
+        self._stage_variables: list[int] = []  # what the stage in progress trains
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, including those before an interruption."""
+        before = self.state.train_seconds if self.state is not None else 0.0
+        return before + time.monotonic() - self._started
 
     def plan_fine_tuning(self, unfreeze: int) -> None:
         """Cut the backbone where fine-tuning starts, so its frozen trunk runs only once."""
         if self.config.mode == "extract" and self.config.cache_trunk:
             self.trunk = split_at_cut(self.model, self.base, unfreeze)
 
-    def callbacks(self, stage: str) -> list[keras.callbacks.Callback]:
+    def _fit(self, trainer, stage: str, train_data, val_data, epochs: int) -> None:
+        """``trainer.fit`` for one stage, from where a resumed run stopped; the training state
+        is saved after every epoch."""
         self.history.stage = self.checkpoint.stage = stage
-        patience = self.config.patience
-        callbacks = [
-            EpochTimer(),
-            self.checkpoint,
-            keras.callbacks.EarlyStopping(patience=patience, restore_best_weights=True),
-            keras.callbacks.ReduceLROnPlateau(factor=0.2, patience=max(1, patience - 1)),
-            self.history,
-        ]
+        self._stage_variables = trained_indices(self.model, trainer)
+        self.checkpoint.tracked = trained_indices(self.model, trainer, seeds=False)
+        state = self.state if self.state is not None and self.state.stage == stage else None
+        start = state.next_epoch if state is not None else 0
+        if state is not None:
+            state.apply(self.model)
+            self.checkpoint.best_values = state.best_values
+        if start >= epochs:
+            return  # the run was stopped after its last epoch of this stage
+        early_stopping = keras.callbacks.EarlyStopping(patience=self.config.patience)
+        plateau = keras.callbacks.ReduceLROnPlateau(
+            factor=0.2, patience=max(1, self.config.patience - 1)
+        )
+        callbacks = [EpochTimer(), self.checkpoint, early_stopping, plateau, self.history]
+        if isinstance(train_data, ViewSampler):  # each epoch's draw depends on its number only
+            set_epoch = keras.callbacks.LambdaCallback(
+                on_epoch_begin=lambda epoch, _: train_data.set_epoch(epoch)
+            )
+            callbacks.insert(0, set_epoch)
         if self.config.tensorboard:
             log_dir = self.run_dir / "tensorboard" / stage
             callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir)))
-        return callbacks
+        callbacks.append(
+            ResumeCheckpoint(
+                self.run_dir,
+                self.model,
+                stage,
+                epochs,
+                (self.checkpoint, self.history, early_stopping, plateau),
+                self.elapsed,
+                resume_from=state if start > 0 else None,
+            )
+        )
+        trainer.fit(
+            train_data,
+            validation_data=val_data,
+            epochs=epochs,
+            initial_epoch=start,
+            callbacks=callbacks,
+            verbose=self.verbose,
+            shuffle=False,
+        )
+
+    def end_stage(self, next_stage: str) -> None:
+        """Save the state between stages; stage 2 starts from stage 1's best weights."""
+        if next_stage == "done":
+            state = TrainingState("done", train_seconds=self.elapsed())
+        else:
+            self.checkpoint.restore_best()
+            variables = self.model.variables
+            state = TrainingState(
+                next_stage,
+                variables={i: np.array(variables[i].numpy()) for i in self._stage_variables},
+                train_seconds=self.elapsed(),
+            )
+        state.callbacks = callback_state(self.checkpoint, self.history)
+        write_state(self.run_dir, state)
 
     def images(self, split: str, *, training: bool):
         """A split as a tf.data pipeline; training order is shuffled (by tf.data, so ``fit``
@@ -218,23 +337,25 @@ class _Session:
             lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
         )
 
-    def train_head(self) -> None:
-        config = self.config
+    def freeze_for_head(self) -> None:
+        """Stage 1's model: the backbone frozen (its summary is recorded for summary.txt)."""
         if self.backbone.pretrained:
             freeze(self.base)
         self.summaries.append("# stage 1: head training\n" + summary_text(self.model))
-        if config.mode == "extract":
+
+    def train_head(self) -> None:
+        self.freeze_for_head()
+        if self.config.mode == "extract":
             self._train_head_on_features()
             return
         trainer = trainer_for(self.model, self.backbone)
-        compile_for(trainer, self.n_classes, config.lr)
-        trainer.fit(
+        compile_for(trainer, self.n_classes, self.config.lr)
+        self._fit(
+            trainer,
+            "head",
             self.images("train", training=True),
-            epochs=config.epochs,
-            validation_data=self.images("val", training=False),
-            callbacks=self.callbacks("head"),
-            verbose=self.verbose,
-            shuffle=False,
+            self.images("val", training=False),
+            self.config.epochs,
         )
 
     def _train_head_on_features(self) -> None:
@@ -258,12 +379,12 @@ class _Session:
             val_view = self._cached_views(extractor, output, "val")[0]
         classifier = classifier_of(self.model)
         compile_for(classifier, self.n_classes, self.config.lr)
-        classifier.fit(
+        self._fit(
+            classifier,
+            "head",
             self._sampler(train_views, "train"),
-            validation_data=self._sampler([val_view], "val"),
-            epochs=self.config.epochs,
-            callbacks=self.callbacks("head"),
-            verbose=self.verbose,
+            self._sampler([val_view], "val"),
+            self.config.epochs,
         )
 
     def _sampler(self, views, split: str) -> ViewSampler:
@@ -320,7 +441,6 @@ class _Session:
         With a cached trunk only the top block and head run, on cached activations of the
         clean and augmented views; otherwise the full model runs on augmented images.
         """
-        self.fine_tuned = True
         unfreeze_top(self.base, unfreeze, self.config.bn)
         self.summaries.append("# stage 2: fine-tuning\n" + summary_text(self.model))
         if self.trunk is not None:
@@ -332,88 +452,4 @@ class _Session:
             train_data = self.images("train", training=True)
             val_data = self.images("val", training=False)
         compile_for(trainer, self.n_classes, self.config.fine_tune_lr)
-        trainer.fit(
-            train_data,
-            epochs=self.config.fine_tune_epochs,
-            validation_data=val_data,
-            callbacks=self.callbacks("fine_tune"),
-            verbose=self.verbose,
-            shuffle=False,
-        )
-
-
-class EpochTimer(keras.callbacks.Callback):
-    """Adds ``epoch_seconds`` to the logs (and so to history.csv): the cost of each epoch."""
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._started = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["epoch_seconds"] = round(time.perf_counter() - self._started, 3)
-
-
-class BestModelCheckpoint(keras.callbacks.Callback):
-    """Save the *full* model whenever validation loss improves, across both stages.
-
-    Unlike ``ModelCheckpoint`` it saves a fixed model, because in workflow 2 ``fit`` runs on
-    the head alone while the file must hold the whole classifier.
-    """
-
-    def __init__(self, full_model: keras.Model, path: Path, monitor: str = "val_loss"):
-        super().__init__()
-        self.full_model, self.path, self.monitor = full_model, path, monitor
-        self.best = np.inf
-        self.stage = "head"
-        self.best_stage, self.best_epoch = "", -1  # where the saved model comes from
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is not None and value < self.best:
-            self.best = float(value)
-            self.best_stage, self.best_epoch = self.stage, epoch
-            runs.save_model_atomic(self.full_model, self.path)
-
-
-class StageCSVLogger(keras.callbacks.Callback):
-    """history.csv over both stages in one file, with a ``stage`` column and running epochs.
-
-    The columns are those of ``keras.callbacks.CSVLogger`` (``epoch``, then the log keys
-    sorted), but the whole file is rewritten atomically at every epoch end instead of appended
-    to: a run killed at any moment leaves a complete CSV, never half a row. ``rows`` holds what
-    is written (a few hundred rows at most).
-    """
-
-    def __init__(self, filename: str):
-        super().__init__()
-        self.filename = filename
-        self.stage = "head"
-        self.epochs_done = 0
-        self.rows: list[dict] = []
-
-    def on_epoch_end(self, epoch, logs=None):
-        row = {"epoch": self.epochs_done, "stage": self.stage}
-        for key, value in (logs or {}).items():
-            row[key] = value if isinstance(value, str) else _csv_number(value)
-        self.rows.append(row)
-        self.epochs_done += 1
-        self.write()
-
-    def write(self) -> None:
-        import csv
-        import io
-
-        columns = ["epoch", *sorted({key for row in self.rows for key in row} - {"epoch"})]
-        text = io.StringIO()
-        writer = csv.DictWriter(text, columns, restval="", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        runs.write_text_atomic(self.filename, text.getvalue())
-
-
-def _csv_number(value):
-    """Plain Python numbers (str(np.float32) would drop digits); arrays as CSVLogger does."""
-    array = np.asarray(value)
-    if array.ndim == 0:
-        return array.item()
-    return f"[{', '.join(str(v) for v in array.ravel().tolist())}]"
+        self._fit(trainer, "fine_tune", train_data, val_data, self.config.fine_tune_epochs)

@@ -1,0 +1,180 @@
+"""`headstart train --resume RUN`: a run killed at any moment continues to the same result."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from headstart import Config, UsageError, train
+from headstart.cli import main
+from headstart.resume import RESUME_FILE, TrainingState, read_state, write_state
+from headstart.train import resume
+
+# Both stages long enough that a kill lands inside the stage it aims at (an epoch here takes
+# ~0.1 s); patience never ends a stage early, so both runs do every epoch.
+EPOCHS = 12
+OPTIONS = (
+    *("--backbone", "efficientnet_lite0", "--weights", "none", "--image-size", "32"),
+    *("--epochs", str(EPOCHS), "--fine-tune-epochs", str(EPOCHS), "--patience", "100"),
+    *("--batch-size", "8", "--views", "2"),
+)
+# Resumed and uninterrupted runs do the same float32 arithmetic in the same order; the
+# tolerance only allows for a different thread interleaving in TensorFlow's CPU kernels.
+TOLERANCE = 1e-5
+
+
+def _history(run: Path) -> list[dict]:
+    return list(csv.DictReader((run / "history.csv").open()))
+
+
+def _probabilities(run: Path) -> np.ndarray:
+    rows = list(csv.DictReader((run / "predictions.csv").open()))
+    columns = list(rows[0])[4:]  # path, true, predicted, confidence, then one per class
+    return np.array([[float(row[c]) for c in columns] for row in rows])
+
+
+def _start(data: Path, run: Path | None, resume_run: Path | None = None) -> subprocess.Popen:
+    where = ["--resume", str(resume_run)] if resume_run else [str(data), "--out", str(run)]
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "headstart",
+            "--quiet",
+            "train",
+            *where,
+            *(OPTIONS if resume_run is None else ()),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+
+
+def _kill_during(process: subprocess.Popen, run: Path, stage: str, after_rows: int) -> None:
+    """SIGKILL (no clean-up possible) once history.csv shows ``after_rows`` epochs of ``stage``."""
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            assert process.poll() is None, process.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, f"{stage} did not reach epoch {after_rows}"
+            try:
+                rows = [r for r in _history(run) if r["stage"] == stage]
+            except (OSError, KeyError):
+                rows = []
+            if len(rows) >= after_rows:
+                break
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def test_killed_in_stage_1_and_in_stage_2_resumes_to_the_uninterrupted_result(
+    tiny_folder, tmp_path
+):
+    reference = tmp_path / "reference"
+    assert main(["--quiet", "train", str(tiny_folder), "--out", str(reference), *OPTIONS]) == 0
+
+    run = tmp_path / "run"
+    _kill_during(_start(tiny_folder, run), run, "head", after_rows=3)
+    state = read_state(run)
+    assert state.stage == "head" and 2 <= state.next_epoch < EPOCHS  # killed mid-epoch 3 or 4
+    assert not (run / "metrics.json").exists()
+
+    _kill_during(_start(tiny_folder, None, resume_run=run), run, "fine_tune", after_rows=3)
+    state = read_state(run)
+    assert state.stage == "fine_tune" and 2 <= state.next_epoch < EPOCHS
+    assert state.optimizer, "the optimizer's moments are saved mid-stage"
+
+    result = resume(run)
+    assert not (run / RESUME_FILE).exists()  # a finished run does not keep it
+
+    expected, got = _history(reference), _history(run)
+    assert [r["stage"] for r in got] == [r["stage"] for r in expected]
+    assert [r["epoch"] for r in got] == [str(i) for i in range(2 * EPOCHS)]
+    for column in ("loss", "val_loss", "accuracy", "val_accuracy", "learning_rate"):
+        np.testing.assert_allclose(
+            [float(r[column]) for r in got],
+            [float(r[column]) for r in expected],
+            rtol=TOLERANCE,
+            atol=TOLERANCE,
+            err_msg=column,
+        )
+    np.testing.assert_allclose(
+        _probabilities(run), _probabilities(reference), rtol=0, atol=TOLERANCE
+    )
+    assert result.metrics["saved_from"]["stage"] == "fine_tune"
+    assert result.metrics["train_seconds"] > 0
+
+
+def test_resume_refuses_what_it_cannot_continue(tiny_run, tmp_path, capsys):
+    with pytest.raises(UsageError, match="the run is complete, there is nothing to resume"):
+        resume(tiny_run)
+    with pytest.raises(UsageError, match="not a headstart run folder"):
+        resume(tmp_path)
+    assert main(["train", "--resume", str(tiny_run), "--epochs", "3"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"headstart: error: --resume {tiny_run} continues the run with the settings in its "
+        f"config.json: drop --epochs"
+    )
+    assert main(["train"]) == 2
+    assert "train needs DATA" in capsys.readouterr().err
+
+
+def test_resume_of_a_run_whose_images_changed_is_refused(image_folder_factory, tmp_path):
+    data = image_folder_factory(tmp_path / "data", per_class=10)
+    run = tmp_path / "run"
+    config = Config(
+        data=str(data),
+        out=str(run),
+        backbone="scratch_cnn",
+        image_size=32,
+        epochs=1,
+        batch_size=8,
+        augment="none",
+        quiet=True,
+        head="flatten",
+    )
+    train(config)
+    write_state(run, TrainingState("head", next_epoch=0))  # as if killed after the set-up
+    next(data.glob("cat/*.png")).unlink()
+    with pytest.raises(UsageError, match="are not those the run started with"):
+        resume(run)
+
+
+def test_damaged_state_file_is_a_clear_error(tmp_path):
+    (tmp_path / RESUME_FILE).write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(UsageError, match=f"{RESUME_FILE} is damaged"):
+        read_state(tmp_path)
+
+
+def test_state_round_trip(tmp_path):
+    state = TrainingState(
+        "fine_tune",
+        next_epoch=4,
+        variables={3: np.arange(6, dtype="float32").reshape(2, 3), 7: np.array([1, 2], "uint32")},
+        optimizer=[np.array(5, "int64"), np.ones(3, "float32")],
+        best_values={3: np.zeros((2, 3), "float32")},
+        callbacks={"checkpoint": {"best": 0.5, "stage": "head", "epoch": 2}, "history": []},
+        train_seconds=12.5,
+    )
+    write_state(tmp_path, state)
+    again = read_state(tmp_path)
+    assert (again.stage, again.next_epoch, again.train_seconds) == ("fine_tune", 4, 12.5)
+    assert again.callbacks == state.callbacks
+    assert sorted(again.variables) == [3, 7] and again.variables[7].dtype == np.uint32
+    np.testing.assert_array_equal(again.variables[3], state.variables[3])
+    assert [a.tolist() for a in again.optimizer] == [5, [1.0, 1.0, 1.0]]
