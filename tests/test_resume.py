@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -33,6 +34,10 @@ TOLERANCE = 1e-5
 
 def _history(run: Path) -> list[dict]:
     return list(csv.DictReader((run / "history.csv").open()))
+
+
+def _metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
 
 
 def _probabilities(run: Path) -> np.ndarray:
@@ -116,7 +121,9 @@ def test_killed_in_stage_1_and_in_stage_2_resumes_to_the_uninterrupted_result(
     np.testing.assert_allclose(
         _probabilities(run), _probabilities(reference), rtol=0, atol=TOLERANCE
     )
-    assert result.metrics["saved_from"]["stage"] == "fine_tune"
+    saved, expected_saved = result.metrics["saved_from"], _metrics(reference)["saved_from"]
+    assert (saved["stage"], saved["epoch"]) == (expected_saved["stage"], expected_saved["epoch"])
+    assert saved["val_loss"] == pytest.approx(expected_saved["val_loss"], abs=TOLERANCE)
     assert result.metrics["train_seconds"] > 0
 
 

@@ -9,6 +9,18 @@ from headstart.errors import UsageError
 
 _FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical")
 
+AUTO = "auto"  # --augment auto: the policy is chosen on validation among AUTO_CANDIDATES
+SEEDS_POLICY = "flip,rotate=0.1,zoom=0.2"  # the seeds' RandomFlip, RandomRotation, RandomZoom
+# Simplest first: on an exact tie of validation accuracy and loss the earlier one wins. Every
+# augmented candidate flips, so for data where left and right differ only "none" is safe.
+AUTO_CANDIDATES = (
+    "none",
+    "flip",
+    "flip,translate=0.1",
+    SEEDS_POLICY,
+    "flip,rotate=0.15,zoom=0.3,translate=0.15,contrast=0.3",
+)
+
 
 def parse_augment(spec: str) -> dict[str, float | str]:
     """Validate a spec into {name: value}; "none" or "" gives {} (no augmentation)."""

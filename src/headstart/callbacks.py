@@ -36,24 +36,51 @@ class BestModelCheckpoint(keras.callbacks.Callback):
     the head alone while the file must hold the whole classifier. It also keeps the best values
     of the variables trained in the current stage (``tracked``), so the best weights of a stage
     can be put back without reading the file (`restore_best`), and saved for a resume.
+
+    Fine-tuning has to earn its place: with ``accuracy_floor`` set (stage 1's validation
+    accuracy, by `start_fine_tuning`) an epoch replaces the saved model only if its validation
+    accuracy beats the floor, and then the lowest validation loss among such epochs wins.
     """
 
-    def __init__(self, full_model: keras.Model, path: Path, monitor: str = "val_loss"):
+    def __init__(self, full_model: keras.Model, path: Path | None, monitor: str = "val_loss"):
         super().__init__()
         self.full_model, self.path, self.monitor = full_model, path, monitor
-        self.best = np.inf
+        self.best = np.inf  # lowest validation loss of the stage (among epochs that count)
+        self.accuracy_floor: float | None = None
         self.stage = "head"
-        self.best_stage, self.best_epoch = "", -1  # where the saved model comes from
+        self.saved = {"stage": "", "epoch": -1, "val_loss": None, "val_accuracy": None}
         self.tracked: list[int] = []  # indices into full_model.variables trained in this stage
         self.best_values: dict[int, np.ndarray] = {}
 
+    @property
+    def best_accuracy(self) -> float | None:
+        """Validation accuracy of the saved model."""
+        return self.saved["val_accuracy"]
+
+    def start_fine_tuning(self) -> None:
+        """From now on only epochs more accurate on validation than the saved model count."""
+        floor = self.best_accuracy
+        self.accuracy_floor = floor if floor is not None else -1.0
+        self.best = np.inf
+
     def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is not None and value < self.best:
-            self.best = float(value)
-            self.best_stage, self.best_epoch = self.stage, epoch
-            variables = self.full_model.variables
-            self.best_values = {i: np.array(variables[i].numpy()) for i in self.tracked}
+        logs = logs or {}
+        value, accuracy = logs.get(self.monitor), logs.get("val_accuracy")
+        if value is None or value >= self.best:
+            return
+        floor = self.accuracy_floor
+        if floor is not None and (accuracy is None or accuracy <= floor):
+            return
+        self.best = float(value)
+        self.saved = {
+            "stage": self.stage,
+            "epoch": epoch,
+            "val_loss": self.best,
+            "val_accuracy": None if accuracy is None else float(accuracy),
+        }
+        variables = self.full_model.variables
+        self.best_values = {i: np.array(variables[i].numpy()) for i in self.tracked}
+        if self.path is not None:  # None: only keep score and values (choosing a recipe)
             runs.save_model_atomic(self.full_model, self.path)
 
     def restore_best(self) -> None:
@@ -63,11 +90,11 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             variables[index].assign(value)
 
     def state(self) -> dict:
-        return {"best": self.best, "stage": self.best_stage, "epoch": self.best_epoch}
+        return {"best": self.best, "floor": self.accuracy_floor, "saved": self.saved}
 
     def set_state(self, state: dict) -> None:
-        self.best = float(state["best"])
-        self.best_stage, self.best_epoch = state["stage"], int(state["epoch"])
+        self.best, self.accuracy_floor = float(state["best"]), state["floor"]
+        self.saved = dict(state["saved"])
 
 
 class StageCSVLogger(keras.callbacks.Callback):

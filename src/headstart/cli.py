@@ -48,7 +48,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lr", type=float, default=defaults.lr)
     add("--fine-tune-lr", type=float, default=defaults.fine_tune_lr)
     add("--batch-size", type=int, default=defaults.batch_size)
-    add("--augment", default=DEFAULT_AUGMENT, help="e.g. flip,rotate=0.1,zoom=0.2 or none")
+    add(
+        "--augment",
+        default=DEFAULT_AUGMENT,
+        help="auto (chosen on validation), none, or a policy, e.g. flip,rotate=0.1,zoom=0.2",
+    )
     add(
         "--views",
         type=int,

@@ -16,7 +16,7 @@ Mode = Literal["extract", "frozen"]
 Head = Literal["gap", "flatten"]
 BatchNormPolicy = Literal["frozen", "inference"]
 
-DEFAULT_AUGMENT = "flip,rotate=0.1,zoom=0.2"
+DEFAULT_AUGMENT = "auto"  # chosen on validation (headstart.augment.AUTO_CANDIDATES)
 
 
 @dataclass
@@ -43,6 +43,9 @@ class Config:
     fine_tune_lr: float = 1e-5
     batch_size: int = 32
     augment: str = DEFAULT_AUGMENT  # used wherever images run through the backbone in training
+    # --augment auto: each candidate policy's validation accuracy and loss (the winner is then
+    # written to `augment`); empty when a policy was given
+    augment_scores: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     views: int = 4  # extract mode: cached augmented views per training image (0: clean only)
     cache: bool = True  # keep backbone outputs in the on-disk feature cache, reused across runs
     cache_dir: str | None = None  # None: $HEADSTART_CACHE or ~/.cache/headstart

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from headstart import runs
-from headstart.augment import build_augmenter, parse_augment
+from headstart.augment import AUTO, AUTO_CANDIDATES, SEEDS_POLICY, build_augmenter, parse_augment
 from headstart.backbones import Backbone, build_backbone, check_image_size, get_backbone
 from headstart.backbones import resolve_weights as resolve_backbone_weights
 from headstart.cache import EntrySpec, FeatureCache
@@ -74,7 +74,12 @@ def train(config: Config) -> TrainResult:
     image_size = config.image_size or backbone.default_size
     check_image_size(backbone, image_size)
     weights = resolve_backbone_weights(backbone, config.weights)
-    augments = parse_augment(config.augment)  # fail on a bad spec before any slow work
+    mode = config.mode if backbone.pretrained else "frozen"
+    augment = config.augment
+    if augment == AUTO and mode == "frozen":  # choosing needs cached features
+        log.info("--augment auto chooses on cached features (--mode extract): using the seeds'")
+        augment = SEEDS_POLICY
+    augments = augment == AUTO or parse_augment(augment)  # a bad spec fails before slow work
     folder = _load_folder(config)
     run_dir = runs.new_run_dir(config.out)
     config = dataclasses.replace(
@@ -83,8 +88,10 @@ def train(config: Config) -> TrainResult:
         out=str(run_dir),
         image_size=image_size,
         weights=weights,
-        mode=config.mode if backbone.pretrained else "frozen",
-        views=config.views if augments and backbone.pretrained and config.mode == "extract" else 0,
+        mode=mode,
+        augment=augment,
+        augment_scores={},
+        views=config.views if augments and mode == "extract" else 0,
     )
     model, base = _build(config, backbone, len(folder.class_names))
     unfreeze = resolve_unfreeze(config.unfreeze, backbone, base) if backbone.pretrained else 0
@@ -177,14 +184,19 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state) -> TrainRe
     metrics["train_seconds"] = round(train_seconds, 1)  # both stages, test evaluation excluded
     metrics["skipped"] = len(folder.skipped)
     checkpoint = session.checkpoint
-    metrics["saved_from"] = {
-        "stage": checkpoint.best_stage,
-        "epoch": checkpoint.best_epoch + 1,
-        "val_loss": checkpoint.best,
-    }
+    metrics["saved_from"] = {**checkpoint.saved, "epoch": checkpoint.saved["epoch"] + 1}
+    if fine_tune:
+        metrics["fine_tune_kept"] = checkpoint.saved["stage"] == "fine_tune"
+    metrics["augment"] = session.config.augment
+    if session.config.augment_scores:  # --augment auto: what each candidate scored
+        metrics["augment_scores"] = session.config.augment_scores
     runs.write_json(run_dir / runs.METRICS_FILE, metrics)
-    if fine_tune and checkpoint.best_stage == "head":
-        log.info("fine-tuning did not lower validation loss: model.keras is the stage-1 model")
+    if fine_tune and not metrics["fine_tune_kept"]:
+        log.info(
+            "fine-tuning did not beat stage 1's validation accuracy (%.4f): model.keras is the "
+            "stage-1 model",
+            checkpoint.accuracy_floor,
+        )
     if session.summaries:  # a resumed run keeps the summaries written when it started
         runs.write_text_atomic(run_dir / runs.SUMMARY_FILE, "\n".join(session.summaries))
     try:  # figures + report.html; a failure to draw must never lose the trained run
@@ -195,7 +207,7 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state) -> TrainRe
         debug = log.isEnabledFor(logging.DEBUG)
         log.warning("report not written (the run itself is complete): %s", error, exc_info=debug)
     remove_state(run_dir)
-    return TrainResult(run_dir, metrics, config)
+    return TrainResult(run_dir, metrics, session.config)
 
 
 def _weights_id(config: Config, cache: FeatureCache | None) -> str:
@@ -241,7 +253,7 @@ class _Session:
         self.cache = FeatureCache(config.cache_dir) if config.cache else None
         self.weights_id = _weights_id(config, self.cache)
         self.trunk = None  # set by plan_fine_tuning when the backbone can be cut
-        self._trunk_rows: dict[str, list] = {}
+        self._memo: dict[tuple, object] = {}  # (kind, split, policy, view) -> rows
         self._started = time.monotonic()
         self._stage_variables: list[int] = []  # what the stage in progress trains
 
@@ -268,16 +280,9 @@ class _Session:
             self.checkpoint.best_values = state.best_values
         if start >= epochs:
             return  # the run was stopped after its last epoch of this stage
-        early_stopping = keras.callbacks.EarlyStopping(patience=self.config.patience)
-        plateau = keras.callbacks.ReduceLROnPlateau(
-            factor=0.2, patience=max(1, self.config.patience - 1)
-        )
-        callbacks = [EpochTimer(), self.checkpoint, early_stopping, plateau, self.history]
-        if isinstance(train_data, ViewSampler):  # each epoch's draw depends on its number only
-            set_epoch = keras.callbacks.LambdaCallback(
-                on_epoch_begin=lambda epoch, _: train_data.set_epoch(epoch)
-            )
-            callbacks.insert(0, set_epoch)
+        *schedule, early_stopping, plateau = self._training_callbacks(train_data)
+        callbacks = [*schedule, EpochTimer(), self.checkpoint, early_stopping, plateau]
+        callbacks.append(self.history)
         if self.config.tensorboard:
             log_dir = self.run_dir / "tensorboard" / stage
             callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir)))
@@ -302,12 +307,29 @@ class _Session:
             shuffle=False,
         )
 
+    def _training_callbacks(self, train_data) -> list[keras.callbacks.Callback]:
+        """What decides the course of training (and nothing that writes files): each epoch's
+        draw of cached views, early stopping and the learning-rate schedule."""
+        callbacks = []
+        if isinstance(train_data, ViewSampler):  # each epoch's draw depends on its number only
+            callbacks.append(
+                keras.callbacks.LambdaCallback(
+                    on_epoch_begin=lambda epoch, _: train_data.set_epoch(epoch)
+                )
+            )
+        early_stopping = keras.callbacks.EarlyStopping(patience=self.config.patience)
+        plateau = keras.callbacks.ReduceLROnPlateau(
+            factor=0.2, patience=max(1, self.config.patience - 1)
+        )
+        return [*callbacks, early_stopping, plateau]
+
     def end_stage(self, next_stage: str) -> None:
         """Save the state between stages; stage 2 starts from stage 1's best weights."""
         if next_stage == "done":
             state = TrainingState("done", train_seconds=self.elapsed())
         else:
             self.checkpoint.restore_best()
+            self.checkpoint.start_fine_tuning()
             variables = self.model.variables
             state = TrainingState(
                 next_stage,
@@ -365,26 +387,61 @@ class _Session:
         With a cached trunk (fine-tuning planned), pooled features are derived from the trunk
         activations by the still-frozen top block: the backbone runs once for both stages.
         """
-        if self.trunk is not None:
-            pooled = keras.Model(
-                self.trunk.top.input,
-                self.model.get_layer(FEATURES_NAME)(self.trunk.top_block(self.trunk.top.input)),
-            )
-            train_views = [run_in_batches(pooled, rows) for rows in self._trunk_views("train")]
-            val_view = run_in_batches(pooled, self._trunk_views("val")[0])
-        else:
-            extractor = feature_extractor(self.model)
-            output = f"pooled:{self.config.head}"
-            train_views = self._cached_views(extractor, output, "train")
-            val_view = self._cached_views(extractor, output, "val")[0]
+        if self.config.augment == AUTO:
+            self._choose_augmentation()
         classifier = classifier_of(self.model)
         compile_for(classifier, self.n_classes, self.config.lr)
         self._fit(
             classifier,
             "head",
-            self._sampler(train_views, "train"),
-            self._sampler([val_view], "val"),
+            self._sampler(self._views("pooled", "train"), "train"),
+            self._sampler(self._views("pooled", "val"), "val"),
             self.config.epochs,
+        )
+
+    def _choose_augmentation(self) -> None:
+        """``--augment auto``: train the head once per candidate policy, by stage 1's own
+        procedure on as many cached views, and keep the policy most accurate on validation.
+
+        "none" is a candidate, so the choice is never worse on validation than plain cached
+        features; the run then retrains the winner from the same start, to the same weights.
+        """
+        classifier = classifier_of(self.model)
+        start = [np.array(v.numpy()) for v in classifier.variables]
+        val_data = self._sampler(self._views("pooled", "val"), "val")
+        scores = {}
+        for policy in AUTO_CANDIDATES:
+            for variable, value in zip(classifier.variables, start, strict=True):
+                variable.assign(value)
+            compile_for(classifier, self.n_classes, self.config.lr)
+            n_views = self.config.views if policy != "none" else 0
+            train_data = self._sampler(self._views("pooled", "train", policy, n_views), "train")
+            best = BestModelCheckpoint(self.model, path=None)
+            best.tracked = []  # only the score is needed
+            classifier.fit(
+                train_data,
+                validation_data=val_data,
+                epochs=self.config.epochs,
+                callbacks=[*self._training_callbacks(train_data), best],
+                verbose=0,
+                shuffle=False,
+            )
+            scores[policy] = {"val_accuracy": best.best_accuracy, "val_loss": best.best}
+        for variable, value in zip(classifier.variables, start, strict=True):
+            variable.assign(value)
+        chosen = max(scores, key=lambda p: (scores[p]["val_accuracy"], -scores[p]["val_loss"]))
+        self._memo = {key: rows for key, rows in self._memo.items() if key[2] in ("", chosen)}
+        self.config = dataclasses.replace(
+            self.config,
+            augment=chosen,
+            augment_scores=scores,
+            views=self.config.views if chosen != "none" else 0,
+        )
+        self.config.save(self.run_dir / runs.CONFIG_FILE)
+        log.info(
+            "augmentation chosen on validation: %s (%s)",
+            chosen,
+            ", ".join(f"{p}: {v['val_accuracy']:.4f}" for p, v in scores.items()),
         )
 
     def _sampler(self, views, split: str) -> ViewSampler:
@@ -394,46 +451,63 @@ class _Session:
             views, labels, self.config.batch_size, shuffle=training, seed=self.config.seed
         )
 
-    def _trunk_views(self, split: str) -> list:
-        if split not in self._trunk_rows:
-            output = f"trunk:{self.trunk.cut_layer}"
-            self._trunk_rows[split] = self._cached_views(self.trunk.trunk, output, split)
-        return self._trunk_rows[split]
+    def _views(self, kind: str, split: str, policy: str | None = None, n_views: int | None = None):
+        """Backbone outputs of a split: view 0 of the clean images, then (training split)
+        ``n_views`` augmented by ``policy`` (default: the run's). ``kind`` "trunk" is the
+        activations at the fine-tuning cut, "pooled" the pooled features (derived from the
+        trunk's when that is cached). Each view is computed once per run, and once ever with
+        the feature cache."""
+        if split != "train":
+            policy, n_views = "", 0
+        policy = self.config.augment if policy is None else policy
+        n_views = self.config.views if n_views is None else n_views
+        return [self._view(kind, split, policy, view) for view in range(1 + n_views)]
 
-    def _cached_views(self, extractor: keras.Model, output: str, split: str) -> list:
-        """Outputs of ``extractor`` for a split: view 0 is the clean images; the training
-        split adds ``--views`` augmented views. From the feature cache when enabled."""
-        paths = list(getattr(self.folder, split).paths)
-        n_views = 1 + (self.config.views if split == "train" else 0)
-        views = []
-        for view in range(n_views):
-            augmenter = build_augmenter(self.config.augment, self.config.seed + 1000 * view)
-            augmenter = augmenter if view else None
-            view_id = "clean" if view == 0 else f"{self.config.augment}#{self.config.seed}#{view}"
-
-            def compute(missing, augmenter=augmenter):
-                return extract_batches(
-                    extractor,
-                    missing,
-                    self.config.image_size,
-                    batch_size=self.config.batch_size,
-                    augmenter=augmenter,
-                    verbose=not self.config.quiet,
+    def _view(self, kind: str, split: str, policy: str, view: int):
+        key = (kind, split, policy if view else "", view)
+        if key not in self._memo:
+            if kind == "pooled" and self.trunk is not None:
+                top = self.trunk.top
+                pooled = keras.Model(
+                    top.input, self.model.get_layer(FEATURES_NAME)(self.trunk.top_block(top.input))
                 )
+                rows = self._view("trunk", split, policy, view)
+                self._memo[key] = run_in_batches(pooled, rows)
+            else:
+                self._memo[key] = self._extract(kind, split, policy, view)
+        return self._memo[key]
 
-            if self.cache is None:
-                views.append(np.concatenate(list(compute(paths))))
-                continue
-            spec = EntrySpec(
-                self.backbone.name,
-                self.weights_id,
+    def _extract(self, kind: str, split: str, policy: str, view: int):
+        """Run the frozen part over a split's files (through one augmentation of ``policy``
+        unless view 0), from and into the feature cache when it is on."""
+        if kind == "trunk":
+            extractor, output = self.trunk.trunk, f"trunk:{self.trunk.cut_layer}"
+        else:
+            extractor, output = feature_extractor(self.model), f"pooled:{self.config.head}"
+        paths = list(getattr(self.folder, split).paths)
+        augmenter = build_augmenter(policy, self.config.seed + 1000 * view) if view else None
+
+        def compute(missing):
+            return extract_batches(
+                extractor,
+                missing,
                 self.config.image_size,
-                self.backbone.preprocessing,
-                output,
-                view_id,
+                batch_size=self.config.batch_size,
+                augmenter=augmenter,
+                verbose=not self.config.quiet,
             )
-            views.append(self.cache.rows(spec, paths, compute))
-        return views
+
+        if self.cache is None:
+            return np.concatenate(list(compute(paths)))
+        spec = EntrySpec(
+            self.backbone.name,
+            self.weights_id,
+            self.config.image_size,
+            self.backbone.preprocessing,
+            output,
+            "clean" if view == 0 else f"{policy}#{self.config.seed}#{view}",
+        )
+        return self.cache.rows(spec, paths, compute)
 
     def fine_tune(self, unfreeze: int) -> None:
         """Stage 2: unfreeze the top of the base, recompile at a low rate, train a few epochs.
@@ -445,8 +519,8 @@ class _Session:
         self.summaries.append("# stage 2: fine-tuning\n" + summary_text(self.model))
         if self.trunk is not None:
             trainer = InferenceModeTop(self.trunk, self.model)
-            train_data = self._sampler(self._trunk_views("train"), "train")
-            val_data = self._sampler(self._trunk_views("val"), "val")
+            train_data = self._sampler(self._views("trunk", "train"), "train")
+            val_data = self._sampler(self._views("trunk", "val"), "val")
         else:
             trainer = trainer_for(self.model, self.backbone)
             train_data = self.images("train", training=True)

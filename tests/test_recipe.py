@@ -1,0 +1,81 @@
+"""The default recipe earns each step on validation: augmentation is chosen, fine-tuning kept
+only when it beats stage 1, and the result is never below plain cached features."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from headstart import Config, train
+from headstart.augment import AUTO_CANDIDATES
+
+
+@pytest.fixture(scope="module")
+def mirrored_classes(tmp_path_factory):
+    """Two classes that are mirror images of each other (a ramp rising to the right or to the
+    left, with noise): every flipping policy turns one class into the other."""
+    root = tmp_path_factory.mktemp("mirrored") / "data"
+    rng = np.random.default_rng(7)
+    ramp = np.linspace(30, 220, 64)[None, :, None] * np.ones((64, 1, 3))
+    for name, pixels in (("rising", ramp), ("falling", ramp[:, ::-1])):
+        (root / name).mkdir(parents=True)
+        for i in range(24):
+            noisy = np.clip(pixels + rng.normal(0, 25, pixels.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(root / name / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def auto_run(mirrored_classes, tmp_path_factory):
+    config = Config(
+        data=str(mirrored_classes),
+        out=str(tmp_path_factory.mktemp("runs") / "auto"),
+        backbone="efficientnet_lite0",
+        weights="none",
+        image_size=64,
+        head="flatten",  # keeps where things are: a pooled feature could not tell left from right
+        epochs=8,
+        batch_size=8,
+        views=2,
+        val_split=0.3,
+        fine_tune_lr=1e-12,  # stage 2 cannot change anything, so it cannot beat stage 1
+        fine_tune_epochs=2,
+        quiet=True,
+    )
+    return train(config)
+
+
+def test_augmentation_is_chosen_on_validation_and_flips_lose_on_mirrored_classes(auto_run):
+    scores = auto_run.config.augment_scores
+    assert list(scores) == list(AUTO_CANDIDATES)
+    assert auto_run.config.augment == "none" and auto_run.config.views == 0
+
+    def rank(policy):  # the choice: validation accuracy first, then validation loss
+        return scores[policy]["val_accuracy"], -scores[policy]["val_loss"]
+
+    assert all(rank(p) < rank("none") for p in AUTO_CANDIDATES if "flip" in p)
+    # mirrored training views with the wrong label: flipping costs validation loss
+    assert all(
+        scores[p]["val_loss"] > 2 * scores["none"]["val_loss"] for p in scores if p != "none"
+    )
+    saved = json.loads((auto_run.run_dir / "config.json").read_text())
+    assert saved["augment"] == "none" and saved["augment_scores"] == scores
+    metrics = json.loads((auto_run.run_dir / "metrics.json").read_text())
+    assert metrics["augment"] == "none" and metrics["augment_scores"] == scores
+
+
+def test_the_result_is_never_below_plain_cached_features_on_validation(auto_run):
+    floor = auto_run.config.augment_scores["none"]["val_accuracy"]
+    assert auto_run.metrics["saved_from"]["val_accuracy"] >= floor
+
+
+def test_fine_tuning_that_does_not_beat_stage_1_is_not_kept(auto_run):
+    metrics = auto_run.metrics
+    assert metrics["fine_tune_kept"] is False
+    assert metrics["saved_from"]["stage"] == "head"
+    rows = list(csv.DictReader((auto_run.run_dir / "history.csv").open()))
+    assert [r["stage"] for r in rows].count("fine_tune") == 2  # it ran, and was judged
