@@ -10,10 +10,12 @@ Runs, at the default backbone's default size and at a smaller one:
   (b) workflow 2: cached features, no augmentation, no fine-tuning
   (c) headstart's default recipe: cached augmented views + fine-tuning on the cached trunk
       (cold feature cache: extraction time included)
-  (d) the same fine-tuning without the cached trunk (full model on augmented images)
+  (d) the same top-block fine-tuning (fixed policy and rate) with the cached trunk (d1) and
+      without it (d2: the full model on augmented images)
 plus the throughput of feature extraction from files against ``predict`` on in-memory
 tensors, with and without XLA and bfloat16. Wall times are from one run on this machine: read
-them as ratios. Usage: ``python bench/fast_loop.py [--sizes 224 96] [--out bench/results]``.
+them as ratios. Usage: ``python bench/fast_loop.py [--sizes 96 160 224] [--short-sizes 160]``
+(short sizes run only (b) and (c): the figures of the "never loses to cached features" issue).
 """
 
 from __future__ import annotations
@@ -71,17 +73,25 @@ def _save(path: Path, pixels: np.ndarray) -> None:
     Image.fromarray(pixels).save(path)
 
 
-def recipe_runs(data: Path, size: int, work: Path) -> dict[str, dict]:
+def recipe_runs(data: Path, size: int, work: Path, only=()) -> dict[str, dict]:
     from headstart import Config, train
+    from headstart.augment import SEEDS_POLICY
 
     cache = work / f"cache-{size}"
     shutil.rmtree(cache, ignore_errors=True)
+    # (d) fine-tunes the same top block, from the same stage 1, with a fixed rate and policy
+    same_fine_tuning = dict(augment=SEEDS_POLICY, views=2, fine_tune_lr=1e-4, fine_tune_epochs=5)
     recipes = {
-        "a_workflow1": dict(mode="frozen", cache=False),
-        "b_workflow2": dict(views=0, fine_tune=False, cache=False),
+        "a_workflow1": dict(
+            mode="frozen", augment=SEEDS_POLICY, fine_tune_lr=1e-5, fine_tune_epochs=5, cache=False
+        ),
+        "b_workflow2": dict(augment="none", views=0, fine_tune=False, cache=False),
         "c_default": dict(cache_dir=str(cache)),
-        "d_no_trunk_cache": dict(cache_dir=str(cache), cache_trunk=False),
+        "d1_trunk_cache": dict(cache_dir=str(cache), **same_fine_tuning),
+        "d2_no_trunk_cache": dict(cache_dir=str(cache), cache_trunk=False, **same_fine_tuning),
     }
+    if only:
+        recipes = {name: options for name, options in recipes.items() if name in only}
     results = {}
     for name, options in recipes.items():
         out = work / f"run-{size}-{name}"
@@ -97,6 +107,8 @@ def recipe_runs(data: Path, size: int, work: Path) -> dict[str, dict]:
             "test_accuracy": result.metrics["accuracy"],
             "n_test": result.metrics["n_test"],
             "saved_from": result.metrics["saved_from"]["stage"],
+            "augment": result.metrics.get("augment"),
+            "fine_tune_lr": result.metrics.get("fine_tune_lr"),
             "fine_tune_epoch_seconds": round(float(np.mean(fine[1:] or fine)), 2) if fine else None,
             "epochs": {s: sum(r["stage"] == s for r in history) for s in ("head", "fine_tune")},
         }
@@ -171,15 +183,16 @@ def markdown(results: dict) -> str:
         f"Machine: {results['machine']}; {results['date']}",
         "",
         "| size | recipe | train s | test accuracy | fine-tune s/epoch | epochs (head, ft) |"
-        " saved from |",
-        "|---|---|---|---|---|---|---|",
+        " saved from | augment | fine-tune lr |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for size, runs in results["recipes"].items():
         for name, r in runs.items():
             lines.append(
                 f"| {size} | {name} | {r['train_seconds']} | {r['test_accuracy']:.4f} | "
                 f"{r['fine_tune_epoch_seconds'] or '-'} | {r['epochs']['head']}, "
-                f"{r['epochs']['fine_tune']} | {r['saved_from']} |"
+                f"{r['epochs']['fine_tune']} | {r['saved_from']} | {r['augment']} | "
+                f"{r['fine_tune_lr'] if r['fine_tune_lr'] is not None else '-'} |"
             )
     lines += [
         "",
@@ -198,7 +211,14 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 96])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[96, 160, 224])
+    parser.add_argument(
+        "--short-sizes",
+        type=int,
+        nargs="*",
+        default=[160],
+        help="sizes where only (b) and (c) run, without the throughput figures",
+    )
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "headstart-bench"))
     args = parser.parse_args()
@@ -211,14 +231,18 @@ def main() -> None:
         "recipes": {},
         "throughput": {},
     }
-    for size in args.sizes:
-        results["throughput"][size] = throughput(data, size)
-        print("throughput", size, results["throughput"][size], flush=True)
-        results["recipes"][size] = recipe_runs(data, size, work)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fast_loop.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "fast_loop.md").write_text(markdown(results))
+    for size in args.sizes:
+        short = size in args.short_sizes
+        if not short:
+            results["throughput"][size] = throughput(data, size)
+            print("throughput", size, results["throughput"][size], flush=True)
+        only = ("b_workflow2", "c_default") if short else ()
+        results["recipes"][size] = recipe_runs(data, size, work, only)
+        # after every size, so that a long run's finished figures are never lost
+        (out / "fast_loop.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "fast_loop.md").write_text(markdown(results))
     print(markdown(results))
 
 

@@ -154,6 +154,7 @@ def test_transfer_recipe_with_real_offline_weights(tiny_folder, tmp_path, mode):
         image_size=64,
         epochs=6,
         fine_tune_epochs=2,
+        fine_tune_lr=1e-4,  # a fixed rate: "auto" skips stage 2 when it cannot beat stage 1
         batch_size=8,
         mode=mode,
         quiet=True,
@@ -163,6 +164,9 @@ def test_transfer_recipe_with_real_offline_weights(tiny_folder, tmp_path, mode):
     assert result.config.weights == "imagenet" and int(result.config.unfreeze) > 0
     stages = [row["stage"] for row in csv.DictReader((result.run_dir / "history.csv").open())]
     assert stages[0] == "head" and stages[-1] == "fine_tune"
+    # stage 1 already has every validation image right: fine-tuning ran, and is not kept
+    assert result.metrics["fine_tune_kept"] is False
+    assert result.metrics["saved_from"]["stage"] == "head"
     model = keras.saving.load_model(result.run_dir / "model.keras")
     images = np.stack([read_image(p, (64, 64)) for p in find_images([str(tiny_folder)])[:8]])
     images = images.astype("float32")

@@ -46,7 +46,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="BatchNormalization when fine-tuning: frozen, or gamma/beta train (inference)",
     )
     add("--lr", type=float, default=defaults.lr)
-    add("--fine-tune-lr", type=float, default=defaults.fine_tune_lr)
+    add(
+        "--fine-tune-lr",
+        type=_rate_or_auto,
+        default=defaults.fine_tune_lr,
+        help="auto (chosen on validation, with the cached trunk) or a rate, e.g. 1e-5",
+    )
     add("--batch-size", type=int, default=defaults.batch_size)
     add(
         "--augment",
@@ -82,6 +87,21 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--patience", type=int, default=defaults.patience, help="early stopping patience")
     add("--seed", type=int, default=defaults.seed)
     add("--tensorboard", action="store_true", help="write TensorBoard logs to RUN/tensorboard/")
+
+
+_TTA_HELP = (
+    "test-time augmentation: average N views (1 = off; 2 adds a horizontal flip, more add 90%% "
+    "crops). A flip is wrong for classes told apart by left and right (text, digits, arrows)"
+)
+
+
+def _rate_or_auto(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither auto nor a number") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,9 +232,10 @@ def _interrupted(args: argparse.Namespace) -> str:
             f"evaluate {run} DATA` (no test metrics yet); to train it fully, {again}"
         )
     if kept:
+        what = "to go on" if "--resume" in again else "to start again"
         return (
             f"headstart: interrupted before the first epoch ended; {run} keeps "
-            f"{', '.join(kept)} but no model: to start again, {again}"
+            f"{', '.join(kept)} but no model: {what}, {again}"
         )
     return "headstart: interrupted before anything was saved"
 

@@ -16,6 +16,8 @@ Mode = Literal["extract", "frozen"]
 Head = Literal["gap", "flatten"]
 BatchNormPolicy = Literal["frozen", "inference"]
 
+GUIDE_FINE_TUNE_LR = 1e-5  # the Keras transfer-learning guide's fine-tuning rate
+FINE_TUNE_LR_CANDIDATES = (1e-5, 1e-4, 1e-3)
 DEFAULT_AUGMENT = "auto"  # chosen on validation (headstart.augment.AUTO_CANDIDATES)
 
 
@@ -36,17 +38,20 @@ class Config:
     mode: Mode = "extract"  # extract: cache backbone features (workflow 2); frozen: workflow 1
     epochs: int = 20  # stage 1 (head) epochs; early stopping ends it sooner
     fine_tune: bool = True
-    fine_tune_epochs: int = 5
+    fine_tune_epochs: int = 10  # early stopping ends it sooner
     unfreeze: str = "default"  # top N backbone layers, "all", or "default" (the top block)
     bn: BatchNormPolicy = "frozen"
     lr: float = 1e-3
-    fine_tune_lr: float = 1e-5
+    # "auto": chosen on validation among FINE_TUNE_LR_CANDIDATES when the trunk is cached (the
+    # Keras guide's 1e-5 otherwise); then the rate used, or None if none beat stage 1
+    fine_tune_lr: float | str | None = "auto"
+    fine_tune_lr_scores: dict[str, dict] = dataclasses.field(default_factory=dict)
     batch_size: int = 32
     augment: str = DEFAULT_AUGMENT  # used wherever images run through the backbone in training
     # --augment auto: each candidate policy's validation accuracy and loss (the winner is then
     # written to `augment`); empty when a policy was given
     augment_scores: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
-    views: int = 4  # extract mode: cached augmented views per training image (0: clean only)
+    views: int = 2  # extract mode: cached augmented views per training image (0: clean only)
     cache: bool = True  # keep backbone outputs in the on-disk feature cache, reused across runs
     cache_dir: str | None = None  # None: $HEADSTART_CACHE or ~/.cache/headstart
     cache_trunk: bool = True  # fine-tune on cached activations of the frozen trunk
@@ -70,7 +75,12 @@ class Config:
             (self.bn in ("frozen", "inference"), "--bn must be 'frozen' or 'inference'"),
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.fine_tune_epochs >= 0, "--fine-tune-epochs must be 0 or more"),
-            (self.lr > 0 and self.fine_tune_lr > 0, "--lr and --fine-tune-lr must be positive"),
+            (self.lr > 0, "--lr must be positive"),
+            (
+                self.fine_tune_lr in ("auto", None)
+                or (isinstance(self.fine_tune_lr, float | int) and self.fine_tune_lr > 0),
+                "--fine-tune-lr must be auto or a positive number",
+            ),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.hidden >= 0, "--hidden must be 0 (no hidden layer) or a positive width"),
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),

@@ -22,7 +22,7 @@ from headstart.backbones import Backbone, build_backbone, check_image_size, get_
 from headstart.backbones import resolve_weights as resolve_backbone_weights
 from headstart.cache import EntrySpec, FeatureCache
 from headstart.callbacks import BestModelCheckpoint, EpochTimer, StageCSVLogger
-from headstart.config import Config
+from headstart.config import FINE_TUNE_LR_CANDIDATES, GUIDE_FINE_TUNE_LR, Config
 from headstart.data import load_image_folder, make_dataset, split_manifest, write_skipped
 from headstart.errors import UsageError
 from headstart.evaluate import (
@@ -114,7 +114,7 @@ def resume(run: str | Path) -> TrainResult:
         if (run_dir / runs.METRICS_FILE).is_file():
             raise UsageError(f"--resume {run_dir}: the run is complete, there is nothing to resume")
         raise UsageError(
-            f"--resume {run_dir}: the run stopped before its first epoch ended, so there is "
+            f"--resume {run_dir}: the run stopped while it was being set up, so there is "
             f"nothing to resume; train again"
         )
     config = Config.load(run_dir / runs.CONFIG_FILE)
@@ -154,6 +154,11 @@ def _build(config: Config, backbone: Backbone, n_classes: int):
 def _run(config, backbone, folder, model, base, run_dir: Path, state) -> TrainResult:
     """Both stages from ``state`` (None: from the start), then the test metrics and report."""
     session = _Session(config, backbone, folder, model, base, run_dir, state)
+    if state is None:  # resumable from here on: a kill during extraction restarts stage 1
+        write_state(
+            run_dir,
+            TrainingState("head", callbacks=callback_state(session.checkpoint, session.history)),
+        )
     unfreeze = int(config.unfreeze)
     fine_tune = bool(backbone.pretrained and config.fine_tune and config.fine_tune_epochs)
     fine_tune = fine_tune and unfreeze > 0
@@ -190,6 +195,10 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state) -> TrainRe
     metrics["augment"] = session.config.augment
     if session.config.augment_scores:  # --augment auto: what each candidate scored
         metrics["augment_scores"] = session.config.augment_scores
+    if fine_tune:
+        metrics["fine_tune_lr"] = session.config.fine_tune_lr
+        if session.config.fine_tune_lr_scores:
+            metrics["fine_tune_lr_scores"] = session.config.fine_tune_lr_scores
     runs.write_json(run_dir / runs.METRICS_FILE, metrics)
     if fine_tune and not metrics["fine_tune_kept"]:
         log.info(
@@ -431,13 +440,11 @@ class _Session:
             variable.assign(value)
         chosen = max(scores, key=lambda p: (scores[p]["val_accuracy"], -scores[p]["val_loss"]))
         self._memo = {key: rows for key, rows in self._memo.items() if key[2] in ("", chosen)}
-        self.config = dataclasses.replace(
-            self.config,
+        self._record_choice(
             augment=chosen,
             augment_scores=scores,
             views=self.config.views if chosen != "none" else 0,
         )
-        self.config.save(self.run_dir / runs.CONFIG_FILE)
         log.info(
             "augmentation chosen on validation: %s (%s)",
             chosen,
@@ -525,5 +532,62 @@ class _Session:
             trainer = trainer_for(self.model, self.backbone)
             train_data = self.images("train", training=True)
             val_data = self.images("val", training=False)
+        if self.config.fine_tune_lr == AUTO:
+            self._choose_fine_tune_lr(trainer, train_data, val_data)
+        if self.config.fine_tune_lr is None:
+            log.info("fine-tuning skipped: no learning rate beat stage 1 on validation")
+            return
         compile_for(trainer, self.n_classes, self.config.fine_tune_lr)
         self._fit(trainer, "fine_tune", train_data, val_data, self.config.fine_tune_epochs)
+
+    def _choose_fine_tune_lr(self, trainer, train_data, val_data) -> None:
+        """``--fine-tune-lr auto``: stage 2 once per candidate rate, from the same start, by
+        stage 2's own procedure; the most accurate on validation among those that beat stage 1
+        wins (None: none did, and stage 2 is skipped). Only on a cached trunk, where a
+        fine-tuning epoch is cheap; otherwise the Keras guide's 1e-5."""
+        if self.trunk is None:
+            self._record_choice(fine_tune_lr=GUIDE_FINE_TUNE_LR)
+            return
+        indices = trained_indices(self.model, trainer)
+        variables = self.model.variables
+        start = {i: np.array(variables[i].numpy()) for i in indices}
+        scores = {}
+        for rate in FINE_TUNE_LR_CANDIDATES:
+            for i, value in start.items():
+                variables[i].assign(value)
+            compile_for(trainer, self.n_classes, rate)
+            best = BestModelCheckpoint(self.model, path=None)
+            best.accuracy_floor = self.checkpoint.accuracy_floor
+            trainer.fit(
+                train_data,
+                validation_data=val_data,
+                epochs=self.config.fine_tune_epochs,
+                callbacks=[*self._training_callbacks(train_data), best],
+                verbose=0,
+                shuffle=False,
+            )
+            scores[str(rate)] = {
+                "val_accuracy": best.best_accuracy,
+                "val_loss": best.saved["val_loss"],
+            }
+        for i, value in start.items():
+            variables[i].assign(value)
+        better = [r for r in scores if scores[r]["val_accuracy"] is not None]
+        chosen = max(
+            better, key=lambda r: (scores[r]["val_accuracy"], -scores[r]["val_loss"]), default=None
+        )
+        self._record_choice(
+            fine_tune_lr=None if chosen is None else float(chosen), fine_tune_lr_scores=scores
+        )
+        log.info(
+            "fine-tuning rate chosen on validation: %s (%s)",
+            chosen,
+            ", ".join(
+                f"{r}: {v['val_accuracy'] or 'not better than stage 1'}" for r, v in scores.items()
+            ),
+        )
+
+    def _record_choice(self, **choices) -> None:
+        """A choice made during the run goes to config.json (a resumed run keeps it)."""
+        self.config = dataclasses.replace(self.config, **choices)
+        self.config.save(self.run_dir / runs.CONFIG_FILE)
