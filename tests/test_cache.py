@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from headstart import Config, train
+from headstart.augment import AUTO_CANDIDATES
 from headstart.cache import EntrySpec, FeatureCache, clear, list_entries
 from headstart.cli import main
 
@@ -141,7 +142,8 @@ def test_a_second_run_on_the_same_images_runs_the_backbone_zero_times(
         cache_dir=str(tmp_path / "cache"),
     )
     first = train(Config(out=str(tmp_path / "one"), **config))
-    assert sum(calls) == 28 * 3 + 8  # train: clean + 2 views; val: clean
+    # train: clean + 2 views of each augmenting --augment auto candidate; val: clean
+    assert sum(calls) == 28 * (1 + 2 * (len(AUTO_CANDIDATES) - 1)) + 8
     calls.clear()
     second = train(Config(out=str(tmp_path / "two"), **config))
     assert calls == []

@@ -26,6 +26,7 @@ OPTIONS = (
     *("--backbone", "efficientnet_lite0", "--weights", "none", "--image-size", "32"),
     *("--epochs", str(EPOCHS), "--fine-tune-epochs", str(EPOCHS), "--patience", "100"),
     *("--batch-size", "8", "--views", "2"),
+    *("--fine-tune-lr", "1e-4"),  # fixed: "auto" would skip a stage 2 that cannot beat 100%
 )
 # Resumed and uninterrupted runs do the same float32 arithmetic in the same order; the
 # tolerance only allows for a different thread interleaving in TensorFlow's CPU kernels.

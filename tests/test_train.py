@@ -223,3 +223,26 @@ def test_evaluate_on_new_images_of_one_class(scratch_run, image_folder_factory, 
     wolves = image_folder_factory(tmp_path / "wolves", classes=("dog", "wolf"), per_class=3)
     with pytest.raises(UsageError, match="wolf"):
         evaluate(scratch_run.run_dir, str(wolves))
+
+
+def test_split_from_reuses_a_runs_exact_split_and_train_checks_the_data(tiny_run, tmp_path):
+    config = Config(
+        data=str(json.loads((tiny_run / "config.json").read_text())["data"]),
+        out=str(tmp_path / "same_split"),
+        backbone="scratch_cnn",
+        image_size=32,
+        head="flatten",
+        epochs=1,
+        batch_size=8,
+        augment="none",
+        seed=5,  # another seed would split differently; the manifest wins
+        split_from=str(tiny_run),
+        quiet=True,
+    )
+    run = train(config).run_dir
+    assert json.loads((run / "split.json").read_text()) == json.loads(
+        (tiny_run / "split.json").read_text()
+    )
+    check = json.loads((run / "check.json").read_text())
+    assert check["counts"]["total"] == {"cat": 20, "dog": 20}
+    assert check["counts"]["test"] == {"cat": 2, "dog": 2}

@@ -59,6 +59,8 @@ class Config:
     hidden: int = 0  # width of an optional hidden Dense layer in the head; 0: none
     dropout: float = 0.2
     seed: int = 0
+    check: bool = True  # `headstart check` of the data at the start (check.json, one line)
+    split_from: str | None = None  # a run folder (its split.json) or a split manifest
     val_split: float = 0.2
     test_split: float = 0.1
     patience: int = 3  # early stopping patience, in epochs, on validation loss

@@ -8,8 +8,10 @@ Both end in the same full model, saved as one ``.keras`` file in the run directo
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,8 +100,17 @@ def train(config: Config) -> TrainResult:
     config = dataclasses.replace(config, unfreeze=str(unfreeze))
     config.save(run_dir / runs.CONFIG_FILE)
     runs.write_json(run_dir / runs.LABELS_FILE, list(folder.class_names))
-    runs.write_json(run_dir / runs.SPLIT_FILE, split_manifest(folder))
+    # ASCII escapes: file names that are not valid UTF-8 survive the round trip
+    runs.write_text_atomic(
+        run_dir / runs.SPLIT_FILE, json.dumps(split_manifest(folder), indent=1) + "\n"
+    )
     write_skipped(folder.skipped, str(run_dir / runs.SKIPPED_FILE))
+    if config.check:
+        from headstart.check import CHECK_FILE, check_folder, summary_line
+
+        report = check_folder(folder)  # counts, imbalance, duplicates and leakage across splits
+        log.info(summary_line(report))
+        runs.write_json(run_dir / CHECK_FILE, report)
     return _run(config, backbone, folder, model, base, run_dir, state=None)
 
 
@@ -133,9 +144,23 @@ def resume(run: str | Path) -> TrainResult:
 
 
 def _load_folder(config: Config):
-    folder = load_image_folder(
-        config.data, val_split=config.val_split, test_split=config.test_split, seed=config.seed
-    )
+    """The data, split by the seed, or exactly as a manifest says (``--split-from``)."""
+    if config.split_from:
+        from headstart.check import load_split_manifest
+
+        manifest = Path(config.split_from)
+        if manifest.is_dir():
+            manifest = manifest / runs.SPLIT_FILE
+        if not manifest.is_file():
+            raise UsageError(
+                f"--split-from {config.split_from}: give a run folder (with {runs.SPLIT_FILE}) or "
+                f"a split manifest written by `headstart check --fix-split`"
+            )
+        folder = load_split_manifest(manifest, data=config.data)
+    else:
+        folder = load_image_folder(
+            config.data, val_split=config.val_split, test_split=config.test_split, seed=config.seed
+        )
     if len(folder.val) == 0:
         raise UsageError("no validation images: give DATA/val or a positive --val-split")
     return folder
@@ -416,29 +441,18 @@ class _Session:
         features; the run then retrains the winner from the same start, to the same weights.
         """
         classifier = classifier_of(self.model)
-        start = [np.array(v.numpy()) for v in classifier.variables]
         val_data = self._sampler(self._views("pooled", "val"), "val")
+        reset = _snapshot(classifier.variables)
         scores = {}
         for policy in AUTO_CANDIDATES:
-            for variable, value in zip(classifier.variables, start, strict=True):
-                variable.assign(value)
-            compile_for(classifier, self.n_classes, self.config.lr)
+            reset()
             n_views = self.config.views if policy != "none" else 0
             train_data = self._sampler(self._views("pooled", "train", policy, n_views), "train")
-            best = BestModelCheckpoint(self.model, path=None)
-            best.tracked = []  # only the score is needed
-            classifier.fit(
-                train_data,
-                validation_data=val_data,
-                epochs=self.config.epochs,
-                callbacks=[*self._training_callbacks(train_data), best],
-                verbose=0,
-                shuffle=False,
+            scores[policy] = self._trial(
+                classifier, train_data, val_data, self.config.epochs, self.config.lr
             )
-            scores[policy] = {"val_accuracy": best.best_accuracy, "val_loss": best.best}
-        for variable, value in zip(classifier.variables, start, strict=True):
-            variable.assign(value)
-        chosen = max(scores, key=lambda p: (scores[p]["val_accuracy"], -scores[p]["val_loss"]))
+        reset()
+        chosen = _best_of(scores)
         self._memo = {key: rows for key, rows in self._memo.items() if key[2] in ("", chosen)}
         self._record_choice(
             augment=chosen,
@@ -548,34 +562,21 @@ class _Session:
         if self.trunk is None:
             self._record_choice(fine_tune_lr=GUIDE_FINE_TUNE_LR)
             return
-        indices = trained_indices(self.model, trainer)
         variables = self.model.variables
-        start = {i: np.array(variables[i].numpy()) for i in indices}
+        reset = _snapshot([variables[i] for i in trained_indices(self.model, trainer)])
         scores = {}
         for rate in FINE_TUNE_LR_CANDIDATES:
-            for i, value in start.items():
-                variables[i].assign(value)
-            compile_for(trainer, self.n_classes, rate)
-            best = BestModelCheckpoint(self.model, path=None)
-            best.accuracy_floor = self.checkpoint.accuracy_floor
-            trainer.fit(
+            reset()
+            scores[str(rate)] = self._trial(
+                trainer,
                 train_data,
-                validation_data=val_data,
-                epochs=self.config.fine_tune_epochs,
-                callbacks=[*self._training_callbacks(train_data), best],
-                verbose=0,
-                shuffle=False,
+                val_data,
+                self.config.fine_tune_epochs,
+                rate,
+                floor=self.checkpoint.accuracy_floor,
             )
-            scores[str(rate)] = {
-                "val_accuracy": best.best_accuracy,
-                "val_loss": best.saved["val_loss"],
-            }
-        for i, value in start.items():
-            variables[i].assign(value)
-        better = [r for r in scores if scores[r]["val_accuracy"] is not None]
-        chosen = max(
-            better, key=lambda r: (scores[r]["val_accuracy"], -scores[r]["val_loss"]), default=None
-        )
+        reset()
+        chosen = _best_of(scores)
         self._record_choice(
             fine_tune_lr=None if chosen is None else float(chosen), fine_tune_lr_scores=scores
         )
@@ -587,7 +588,45 @@ class _Session:
             ),
         )
 
+    def _trial(self, trainer, train_data, val_data, epochs, learning_rate, floor=None) -> dict:
+        """Train one candidate by the stage's own procedure, writing nothing, and score it on
+        validation (accuracy None: no epoch beat ``floor``)."""
+        compile_for(trainer, self.n_classes, learning_rate)
+        best = BestModelCheckpoint(self.model, path=None)
+        best.accuracy_floor = floor
+        trainer.fit(
+            train_data,
+            validation_data=val_data,
+            epochs=epochs,
+            callbacks=[*self._training_callbacks(train_data), best],
+            verbose=0,
+            shuffle=False,
+        )
+        return {"val_accuracy": best.best_accuracy, "val_loss": best.saved["val_loss"]}
+
     def _record_choice(self, **choices) -> None:
         """A choice made during the run goes to config.json (a resumed run keeps it)."""
         self.config = dataclasses.replace(self.config, **choices)
         self.config.save(self.run_dir / runs.CONFIG_FILE)
+
+
+def _snapshot(variables) -> Callable[[], None]:
+    """A function that puts ``variables`` back to their values now (every candidate of a
+    choice starts from the same weights and random-seed states)."""
+    values = [np.array(v.numpy()) for v in variables]
+
+    def reset() -> None:
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)
+
+    return reset
+
+
+def _best_of(scores: dict[str, dict]) -> str | None:
+    """The candidate with the best validation accuracy, then loss; None if none has a score."""
+    scored = [name for name, score in scores.items() if score["val_accuracy"] is not None]
+    return max(
+        scored,
+        key=lambda name: (scores[name]["val_accuracy"], -scores[name]["val_loss"]),
+        default=None,
+    )
