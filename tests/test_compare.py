@@ -76,3 +76,77 @@ def test_same_folder_names_are_told_apart(two_runs, tmp_path):
         shutil.copytree(two_runs[0], copies[-1])
     result = compare(copies, out=tmp_path / "cmp")
     assert [row["run"] for row in result.rows] == ["monday/run", "tuesday/run"]
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+def _fake_run(root, name: str, right: list[bool], *, paths=None, interval=None):
+    """A run folder with just what the noise verdict reads: predictions.csv and metrics.json."""
+    run = root / name
+    run.mkdir()
+    paths = paths or [f"/data/img_{i:04d}.png" for i in range(len(right))]
+    with (run / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "true", "predicted", "confidence", "a", "b"])
+        for path, ok in zip(paths, right, strict=True):
+            writer.writerow([path, "a", "a" if ok else "b", "0.9", "0.9", "0.1"])
+    metrics = {"accuracy": float(np.mean(right))}
+    if interval:
+        metrics["accuracy_ci95"] = interval
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def test_paired_bootstrap_on_shared_test_images(tmp_path):
+    from headstart.compare import accuracy_difference
+
+    rng = np.random.default_rng(0)
+    a = rng.random(300) < 0.85
+    b = a.copy()
+    b[np.flatnonzero(a)[:3]] = False  # one point worse on the same images
+    c = a.copy()
+    c[np.flatnonzero(a)[:60]] = False  # twenty points worse
+    runs = [_fake_run(tmp_path, name, list(x)) for name, x in (("a", a), ("b", b), ("c", c))]
+    close = accuracy_difference(runs[0], runs[1])
+    assert close["method"] == "paired bootstrap" and close["n"] == 300
+    assert close["difference"] == pytest.approx(0.01)
+    assert close["within_noise"]  # 3 images of 300 could go either way on another test set
+    far = accuracy_difference(runs[0], runs[2])
+    assert not far["within_noise"] and far["ci95"][0] > 0.1
+    rng2 = np.random.default_rng(1)
+    d = np.where(rng2.random(300) < 0.5, a, rng2.random(300) < 0.84)  # a different model
+    assert accuracy_difference(runs[0], _fake_run(tmp_path, "d", list(d)))["within_noise"]
+
+
+def test_without_shared_images_intervals_are_compared(tmp_path):
+    from headstart.compare import accuracy_difference
+
+    other = [f"/elsewhere/{i}.png" for i in range(50)]
+    a = _fake_run(tmp_path, "a", [True] * 45 + [False] * 5, interval=[0.8, 0.96])
+    b = _fake_run(tmp_path, "b", [True] * 40 + [False] * 10, paths=other, interval=[0.68, 0.9])
+    c = _fake_run(tmp_path, "c", [True] * 20 + [False] * 30, paths=other, interval=[0.26, 0.54])
+    assert accuracy_difference(a, b)["method"] == "interval overlap"
+    assert accuracy_difference(a, b)["within_noise"]
+    assert not accuracy_difference(a, c)["within_noise"]
+    (b / "metrics.json").write_text('{"accuracy": 0.8}')  # a run from before intervals
+    assert accuracy_difference(a, b) == {"method": None}
+
+
+def test_compare_says_when_a_difference_is_noise(tiny_run, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    copies = []
+    for name in ("first", "second"):
+        copies.append(tmp_path / name)
+        shutil.copytree(tiny_run, copies[-1])
+    result = compare(copies, out=tmp_path / "cmp")
+    (line,) = result.noise
+    assert line.startswith("second vs first: +0.0000 accuracy on ") and "within noise" in line
+    assert line in result.markdown_path.read_text()
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    low, high = metrics["accuracy_ci95"]
+    assert result.rows[0]["95% CI"] == f"{low:.2f}-{high:.2f}"
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", *map(str, copies)]) == 0
+    assert "within noise" in capsys.readouterr().out

@@ -239,3 +239,122 @@ def test_format_metrics_accepts_compute_metrics_output(three_class):
     text = format_metrics(three_class)
     assert text.splitlines()[0] == "accuracy 0.6667 (n=6)  loss 0.8770  macro-F1 0.6556"
     assert len(text.splitlines()) == 1 + 1 + 3
+
+
+# ----------------------------------------------------------------------------- honesty metrics
+
+
+def _answers(n: int, accuracy: float, n_classes: int = 3, seed: int = 0):
+    """Labels and predictions with exactly round(n * accuracy) right answers."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_classes, n)
+    predictions = labels.copy()
+    wrong = rng.permutation(n)[: n - round(n * accuracy)]
+    predictions[wrong] = (labels[wrong] + 1) % n_classes
+    return labels, predictions
+
+
+def test_imbalanced_hand_example_balanced_accuracy_and_macro_f1():
+    # 9 "a" and 1 "b", everything predicted "a": accuracy 0.9 hides a useless classifier.
+    labels = np.array([0] * 9 + [1])
+    metrics = compute_metrics(labels, one_hot_ish([0] * 10, 2), ["a", "b"])
+    assert metrics["accuracy"] == pytest.approx(0.9)
+    assert metrics["balanced_accuracy"] == pytest.approx((1.0 + 0.0) / 2)
+    # a: P 9/10, R 1 -> F1 18/19; b: never predicted -> 0
+    assert metrics["macro_f1"] == pytest.approx((18 / 19 + 0.0) / 2)
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_images():
+    widths = []
+    for n in (50, 2000):
+        labels, predictions = _answers(n, 0.8)
+        probs = one_hot_ish(predictions.tolist(), 3)
+        metrics = compute_metrics(labels, probs, NAMES3)
+        for key in ("accuracy", "macro_f1"):
+            low, high = metrics[f"{key}_ci95"]
+            assert low <= metrics[key] <= high
+        widths.append(np.diff(metrics["accuracy_ci95"])[0])
+        # the normal approximation: 2 * 1.96 * sqrt(p (1 - p) / n)
+        assert widths[-1] == pytest.approx(2 * 1.96 * math.sqrt(0.8 * 0.2 / n), rel=0.25)
+    assert widths[1] < widths[0] / 4
+    assert "1000 resamples, seed 0" in metrics["ci_method"]
+
+
+def test_bootstrap_is_seeded_and_vectorised_rows_match_compute_metrics():
+    from headstart.evaluate import _macro_f1_rows, bootstrap_intervals
+
+    labels, predictions = _answers(300, 0.7, n_classes=4, seed=1)
+    assert bootstrap_intervals(labels, predictions, 4) == bootstrap_intervals(
+        labels, predictions, 4
+    )
+    assert bootstrap_intervals(labels, predictions, 4, seed=1) != bootstrap_intervals(
+        labels, predictions, 4, seed=2
+    )
+    rng = np.random.default_rng(0)
+    rows_labels = rng.integers(0, 4, (20, 30))
+    rows_predictions = rng.integers(0, 4, (20, 30))
+    expected = [
+        compute_metrics(y, one_hot_ish(p.tolist(), 4), ["a", "b", "c", "d"])["macro_f1"]
+        for y, p in zip(rows_labels, rows_predictions, strict=True)
+    ]
+    np.testing.assert_allclose(_macro_f1_rows(rows_labels, rows_predictions, 4), expected)
+
+
+def test_ece_is_zero_when_calibrated_and_large_when_over_confident():
+    from headstart.evaluate import calibration
+
+    rng = np.random.default_rng(0)
+    n = 20000
+    confidence = rng.uniform(0.5, 1.0, n)
+    right = rng.random(n) < confidence  # "p sure" is right with probability p
+    labels = np.where(right, 1, 0)  # class 1 is always the predicted one
+    probs = np.stack([1 - confidence, confidence], axis=1)
+    calibrated = calibration(labels, probs)
+    assert calibrated["ece"] < 0.02 and calibrated["bins"] == 15
+    assert sum(calibrated["count"]) == n and calibrated["count"][:7] == [0] * 7  # conf > 0.5
+    over = np.stack([np.full(n, 0.01), np.full(n, 0.99)], axis=1)  # 99% sure, right 75%
+    labels = (rng.random(n) < 0.75).astype(int)
+    assert calibration(labels, over)["ece"] == pytest.approx(0.99 - labels.mean(), abs=1e-9)
+
+
+def test_ece_hand_example():
+    from headstart.evaluate import calibration
+
+    # 15 bins: 0.9 (twice, one right) falls in bin 13 = (13/15, 14/15], 0.6 (right) in bin 8
+    # = (8/15, 9/15]
+    probs = np.array([[0.1, 0.9], [0.1, 0.9], [0.4, 0.6]])
+    labels = np.array([1, 0, 1])
+    result = calibration(labels, probs)
+    # bin of 0.9: accuracy 1/2, confidence 0.9 -> |0.5 - 0.9| * 2/3; bin of 0.6: |1 - 0.6| * 1/3
+    assert result["ece"] == pytest.approx(0.4 * 2 / 3 + 0.4 / 3)
+    assert result["count"][13] == 2 and result["count"][8] == 1
+    metrics = compute_metrics(labels, probs, ["a", "b"])
+    assert metrics["ece"] == pytest.approx(result["ece"])
+    assert metrics["reliability"] == result
+
+
+def test_paired_difference_tells_noise_from_a_real_gap():
+    from headstart.evaluate import paired_difference
+
+    rng = np.random.default_rng(0)
+    a = rng.random(200) < 0.8
+    same = paired_difference(a, a)
+    assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0] and same["within_noise"]
+    b = a.copy()
+    b[np.flatnonzero(a)[:12]] = False  # B loses 12 of 200 and wins none: 6 points
+    real = paired_difference(a, b)
+    assert real["difference"] == pytest.approx(0.06) and real["n"] == 200
+    assert real["ci95"][0] > 0 and not real["within_noise"]
+    c = rng.random(200) < 0.78  # independent answers, 2 points lower on average
+    assert paired_difference(a, c)["within_noise"]
+    with pytest.raises(ValueError, match="equal"):
+        paired_difference(a, a[:10])
+
+
+def test_format_uncertainty_line(three_class):
+    from headstart.evaluate import format_uncertainty
+
+    line = format_uncertainty(three_class)
+    assert line.startswith("95% bootstrap intervals: accuracy ")
+    assert "ECE" in line and "(15 bins)" in line
+    assert format_uncertainty({"accuracy": 0.5}) == ""

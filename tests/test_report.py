@@ -27,6 +27,7 @@ FIGURES = (
     "curves.png",
     "confusion.png",
     "per_class.png",
+    "reliability.png",
     "errors.png",
     "gradcam.png",
 )
@@ -152,7 +153,8 @@ def test_report_without_the_data_folder_still_shows_what_it_can(run, tmp_path):
     (copy / "config.json").write_text(json.dumps(config))
     page = report(copy).read_text()
     graph = 1 if figures.graph_tools_available() else 0
-    assert page.count("data:image/png;base64,") == 3 + graph  # curves, confusion, per-class
+    # curves, confusion, per-class, reliability
+    assert page.count("data:image/png;base64,") == 4 + graph
     assert page.count("is not there any more") == 4  # samples, augmentations, errors, Grad-CAM
     assert not (copy / "samples.png").exists()
 
@@ -333,6 +335,7 @@ def test_transfer_run_report_shows_both_stages(tiny_folder, tmp_path):
         image_size=64,
         epochs=2,
         fine_tune_epochs=1,
+        fine_tune_lr=1e-4,  # a fixed rate: stage 2 runs even when it cannot beat stage 1
         batch_size=8,
         tensorboard=True,
         quiet=True,

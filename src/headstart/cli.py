@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from headstart.check import NEAR_DISTANCE
 from headstart.config import DEFAULT_AUGMENT, Config
 from headstart.errors import UsageError
 
@@ -82,6 +83,17 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--head", choices=("gap", "flatten"), default=defaults.head)
     add("--hidden", type=int, default=defaults.hidden, help="hidden Dense width (0: none)")
     add("--dropout", type=float, default=defaults.dropout)
+    add(
+        "--split-from",
+        metavar="RUN",
+        help="reuse a run's exact train/val/test split (or a `check --fix-split` manifest)",
+    )
+    add(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        help="skip the data check (duplicates, leakage, imbalance) at the start",
+    )
     add("--val-split", type=float, default=defaults.val_split)
     add("--test-split", type=float, default=defaults.test_split)
     add("--patience", type=int, default=defaults.patience, help="early stopping patience")
@@ -134,12 +146,37 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run")
     evaluate.add_argument("data")
     evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--tta", type=int, default=1, metavar="N", help=_TTA_HELP)
 
     predict = add_verb("predict", help="classify image files, folders or globs")
     predict.add_argument("run")
     predict.add_argument("paths", nargs="+")
     predict.add_argument("--top-k", type=int, default=1)
     predict.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    predict.add_argument("--tta", type=int, default=1, metavar="N", help=_TTA_HELP)
+
+    check = add_verb("check", help="check a data folder: counts, bad files, duplicates, leakage")
+    check.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
+    check.add_argument("--out", help="report file (default: ./check-<DATA name>.json)")
+    check.add_argument(
+        "--fix-split",
+        metavar="PATH",
+        help="also write a leakage-free split manifest (JSON file lists; no file is moved)",
+    )
+    for option in ("val_split", "test_split", "seed"):  # the split train would make
+        check.add_argument(
+            "--" + option.replace("_", "-"),
+            type=int if option == "seed" else float,
+            default=getattr(Config(data=""), option),
+            help="as for train",
+        )
+    check.add_argument(
+        "--near-distance",
+        type=int,
+        default=NEAR_DISTANCE,
+        metavar="BITS",
+        help="perceptual-hash bits (of 256) within which images are near-duplicates",
+    )
 
     add_verb("backbones", help="list the available backbones")
 
@@ -176,6 +213,24 @@ def build_parser() -> argparse.ArgumentParser:
     compare = add_verb("compare", help="compare runs: table and validation curves")
     compare.add_argument("runs", nargs="+", metavar="run")
     compare.add_argument("--out", help="folder for compare.md and compare.png (./comparison)")
+
+    export = add_verb("export", help="export a run for another runtime, checked against it")
+    export.add_argument("run")
+    export.add_argument(
+        "--format", required=True, choices=("saved_model", "onnx", "litert", "openvino")
+    )
+    export.add_argument("--quantize", choices=("none", "dynamic", "int8"), default="none")
+    export.add_argument("--out", help="export folder (default: RUN/exports/FORMAT[-QUANTIZE])")
+
+    serve = add_verb("serve", help="serve a run over HTTP: JSON API and a web page")
+    serve.add_argument("run", help="a run folder or an exported model folder")
+    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=32, help="images per model call")
+    serve.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long an image waits for others"
+    )
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit")
     return parser
 
 
@@ -262,13 +317,17 @@ def _run(args: argparse.Namespace) -> int:
         _resolve_out(args)
         _print_result(demo(args.out, quiet=args.quiet))
     elif args.verb == "evaluate":
-        from headstart.evaluate import evaluate, format_metrics
+        from headstart.evaluate import evaluate, format_metrics, format_tta, format_uncertainty
 
-        print(format_metrics(evaluate(args.run, args.data, batch_size=args.batch_size)))
+        metrics = evaluate(args.run, args.data, batch_size=args.batch_size, tta=args.tta)
+        print(format_metrics(metrics))
+        for line in (format_uncertainty(metrics), format_tta(metrics)):
+            if line:
+                print(line)
     elif args.verb == "predict":
         from headstart.predict import iter_predictions
 
-        predictions = iter_predictions(args.run, args.paths, top_k=args.top_k)
+        predictions = iter_predictions(args.run, args.paths, top_k=args.top_k, tta=args.tta)
         total, unreadable = _print_predictions(predictions, args.format)
         if unreadable:
             print(
@@ -314,12 +373,63 @@ def _run(args: argparse.Namespace) -> int:
         from headstart.report import report
 
         print(report(args.run))
+    elif args.verb == "check":
+        from headstart.check import check, format_summary
+
+        report = check(
+            args.data,
+            val_split=args.val_split,
+            test_split=args.test_split,
+            seed=args.seed,
+            out=args.out,
+            fix_split=args.fix_split,
+            near_distance=args.near_distance,
+        )
+        if hasattr(sys.stdout, "reconfigure"):  # file names need not be valid UTF-8
+            sys.stdout.reconfigure(errors="backslashreplace")
+        print(format_summary(report))
+        written = [report["out"]] + ([args.fix_split] if args.fix_split else [])
+        print(f"written: {', '.join(written)}")
     elif args.verb == "compare":
         from headstart.compare import compare
 
         result = compare(args.runs, out=args.out)
         print(result.table)
+        for line in result.noise:
+            print(line)
         print(f"written: {result.markdown_path}, {result.figure_path}")
+    elif args.verb == "export":
+        return _export(args)
+    elif args.verb == "serve":
+        from headstart.serve import serve
+
+        serve(
+            args.run,
+            host=args.host,
+            port=args.port,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            max_upload_mb=args.max_upload_mb,
+        )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Exit 1 when the artifact does not answer like model.keras (nothing is kept then)."""
+    from headstart.export import ExportCheckFailed, export
+
+    try:
+        result = export(args.run, args.format, quantize=args.quantize, out=args.out)
+    except ExportCheckFailed as error:
+        print(f"headstart: error: {error}", file=sys.stderr)
+        return 1
+    check = result.record["check"]
+    print(
+        f"{result.path}: {result.record['size_bytes'] / 1e6:.1f} MB, "
+        f"{result.record['runtime']['name']} {result.record['runtime']['version']}; "
+        f"on {check['source']}: top-1 agreement {check['top1_agreement']:.2%}, "
+        f"max probability difference {check['max_abs_prob_diff']:.1e}"
+    )
     return 0
 
 
@@ -351,10 +461,12 @@ def _resolve_out(args: argparse.Namespace) -> None:
 
 
 def _print_result(result) -> None:
-    from headstart.evaluate import format_metrics
+    from headstart.evaluate import format_metrics, format_uncertainty
 
     if result.metrics.get("n_test"):
         print(format_metrics(result.metrics))
+        if format_uncertainty(result.metrics):
+            print(format_uncertainty(result.metrics))
     saved = result.metrics.get("saved_from", {})
     if saved.get("stage"):
         print(

@@ -189,6 +189,47 @@ def per_class(metrics: dict, path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def reliability(calibration: dict, path: str | Path) -> Path:
+    """Reliability diagram: accuracy per confidence bin against the diagonal of perfect
+    calibration (bars below it: over-confident), with the images per bin underneath.
+
+    ``calibration`` is `headstart.evaluate.calibration` output (metrics.json "reliability").
+    """
+    bins = int(calibration["bins"])
+    count = np.asarray(calibration["count"], dtype=np.float64)
+    accuracy = np.asarray(calibration["accuracy"], dtype=np.float64)
+    confidence = np.asarray(calibration["confidence"], dtype=np.float64)
+    edges = np.linspace(0, 1, bins + 1)
+    centres, width = (edges[:-1] + edges[1:]) / 2, 1 / bins
+    used = count > 0
+    fig = Figure(figsize=(5.5, 6), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    top.plot([0, 1], [0, 1], "--", color="#888888", lw=1, label="perfect calibration")
+    top.bar(centres[used], accuracy[used], width * 0.95, color="#4c72b0", label="accuracy")
+    top.bar(  # hatched from accuracy to mean confidence: above the bar = over-confident
+        centres[used],
+        np.abs(confidence[used] - accuracy[used]),
+        width * 0.95,
+        bottom=np.minimum(confidence[used], accuracy[used]),
+        facecolor="none",
+        edgecolor="#c44e52",
+        hatch="///",
+        linewidth=0.8,
+        label="gap to mean confidence",
+    )
+    top.set_ylim(0, 1.02)
+    top.set_ylabel("accuracy in the bin")
+    top.legend(loc="upper left", fontsize=9, frameon=False)
+    top.set_title(
+        f"Reliability on the test set (ECE {calibration['ece']:.3f}, {bins} bins)", fontsize=11
+    )
+    bottom.bar(centres, count, width * 0.95, color="#999999")
+    bottom.set_xlim(0, 1)
+    bottom.set_xlabel("confidence of the predicted class")
+    bottom.set_ylabel("images")
+    return _save(fig, path)
+
+
 def errors(
     images: Sequence[np.ndarray],
     true: Sequence[str],

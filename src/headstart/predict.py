@@ -1,4 +1,4 @@
-"""Class probabilities for image files, from a saved run."""
+"""Class probabilities for image files, from a saved run or an exported artifact."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import keras
 import numpy as np
 
-from headstart import runs
 from headstart.data import UnreadableImage, find_images, read_image
 from headstart.errors import UsageError
-from headstart.evaluate import probabilities_from_logits
+from headstart.predictor import Predictor, load_predictor
+from headstart.tta import check_views, tta_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -26,26 +25,22 @@ class Prediction:
     error: str | None = None  # set when the file could not be read
 
 
-def load_run_model(run: str | Path) -> tuple[keras.Model, list[str]]:
-    """A run's model and class names, both checked (`runs.open_run_dir`, `runs.load_model`)."""
-    run_dir = runs.open_run_dir(run)
-    class_names = runs.read_labels(run_dir)
-    return runs.load_model(run_dir, len(class_names)), class_names
-
-
 def predict(
-    run: str | Path, paths: list[str], *, top_k: int = 1, batch_size: int = 32
+    run: str | Path, paths: list[str], *, top_k: int = 1, batch_size: int = 32, tta: int = 1
 ) -> list[Prediction]:
     """Top-k classes for every image under ``paths`` (files, folders, globs), as one list.
 
+    ``run`` is a run directory or an exported artifact (`headstart.export`).
+
     Unreadable files get a Prediction with ``error`` set instead of stopping the batch. For
-    thousands of files, `iter_predictions` gives the same results as they are computed.
+    thousands of files, `iter_predictions` gives the same results as they are computed. With
+    ``tta`` > 1, probabilities are averaged over that many test-time views (`headstart.tta`).
     """
-    return list(iter_predictions(run, paths, top_k=top_k, batch_size=batch_size))
+    return list(iter_predictions(run, paths, top_k=top_k, batch_size=batch_size, tta=tta))
 
 
 def iter_predictions(
-    run: str | Path, paths: list[str], *, top_k: int = 1, batch_size: int = 32
+    run: str | Path, paths: list[str], *, top_k: int = 1, batch_size: int = 32, tta: int = 1
 ) -> Iterator[Prediction]:
     """`predict`, streamed: one Prediction per image, in `find_images` order, batch by batch.
 
@@ -57,13 +52,14 @@ def iter_predictions(
         raise UsageError(f"--top-k must be a positive integer, got {top_k!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer, got {batch_size!r}")
-    model, class_names = load_run_model(run)
+    check_views(tta)
+    predictor = load_predictor(run)
     files = find_images(paths)
-    size = tuple(model.input_shape[1:3])
-    return _stream(model, class_names, files, size, top_k, batch_size)
+    return _stream(predictor, files, top_k, batch_size, tta)
 
 
-def _stream(model, class_names, files, size, top_k, batch_size) -> Iterator[Prediction]:
+def _stream(predictor: Predictor, files, top_k, batch_size, tta=1) -> Iterator[Prediction]:
+    size = predictor.image_size
     starts = range(0, len(files), batch_size)
     with ThreadPoolExecutor(thread_name_prefix="headstart-predict") as pool:
 
@@ -76,7 +72,7 @@ def _stream(model, class_names, files, size, top_k, batch_size) -> Iterator[Pred
             chunk, futures = pending
             batch = [future.result() for future in futures]
             pending = submit(start + batch_size) if start + batch_size < len(files) else None
-            yield from _predict_batch(model, chunk, batch, class_names, top_k)
+            yield from _predict_batch(predictor, chunk, batch, top_k, tta)
             del batch
 
 
@@ -87,12 +83,12 @@ def _read(path: str, size: tuple[int, int]) -> np.ndarray | UnreadableImage:
         return error
 
 
-def _predict_batch(model, chunk, batch, class_names, top_k) -> Iterator[Prediction]:
+def _predict_batch(predictor: Predictor, chunk, batch, top_k, tta=1) -> Iterator[Prediction]:
+    class_names = predictor.class_names
     images = [image for image in batch if not isinstance(image, UnreadableImage)]
     rows = iter(())
     if images:
-        logits = model.predict_on_batch(np.stack(images).astype("float32"))
-        rows = iter(probabilities_from_logits(np.asarray(logits)))
+        rows = iter(tta_probabilities(predictor, np.stack(images).astype("float32"), tta))
     for path, image in zip(chunk, batch, strict=True):
         if isinstance(image, UnreadableImage):
             log.debug("cannot read %s: %s", path, image)

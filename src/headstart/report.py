@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from headstart import figures, runs
+from headstart.check import CHECK_FILE, summary_line
 from headstart.config import Config
 from headstart.evaluate import PREDICTIONS_FILE
 
@@ -33,12 +34,14 @@ FIGURES = {  # file -> title, in report order
     "curves.png": "Training curves",
     "confusion.png": "Confusion matrix",
     "per_class.png": "Per-class scores",
+    "reliability.png": "Reliability diagram",
     "errors.png": "Most confidently wrong test images",
     "gradcam.png": "Grad-CAM on test images",
     "samples.png": "Training images",
     "augmentations.png": "Augmentation",
     "model.png": "Model graph",
 }
+_TEST_FIGURES = ("confusion.png", "per_class.png", "reliability.png", "errors.png", "gradcam.png")
 _ERRORS_SHOWN = 12
 _GRADCAM_EACH = 4  # correct and wrong test images explained in the report
 _STAGE_NAMES = {"head": "stage 1 (head)", "fine_tune": "stage 2 (fine-tuning)"}
@@ -133,8 +136,15 @@ def write_figures(run_dir: Path, folder=None) -> _Notes:
             "confusion.png", lambda: figures.confusion(matrix, names, run_dir / "confusion.png")
         )
         attempt("per_class.png", lambda: figures.per_class(metrics, run_dir / "per_class.png"))
+        if metrics.get("reliability"):
+            attempt(
+                "reliability.png",
+                lambda: figures.reliability(metrics["reliability"], run_dir / "reliability.png"),
+            )
+        else:
+            notes.missing["reliability.png"] = "metrics.json has no calibration data (older run)"
     else:
-        for name in ("confusion.png", "per_class.png", "errors.png", "gradcam.png"):
+        for name in _TEST_FIGURES:
             notes.missing[name] = "the run has no test images"
 
     folder = _load_folder(config, notes, folder)
@@ -500,12 +510,15 @@ def _result_section(metrics: dict, notes: _Notes) -> str:
         return '<p class="note">No test images: the run has no test metrics.</p>'
     saved = metrics.get("saved_from", {})
     rows = [
-        ("test accuracy", f"{metrics['accuracy']:.4f}"),
+        ("test accuracy", f"{metrics['accuracy']:.4f}{_interval(metrics, 'accuracy_ci95')}"),
         ("balanced accuracy", f"{metrics['balanced_accuracy']:.4f}"),
-        ("macro-F1", f"{metrics['macro_f1']:.4f}"),
+        ("macro-F1", f"{metrics['macro_f1']:.4f}{_interval(metrics, 'macro_f1_ci95')}"),
         ("test loss", f"{metrics['loss']:.4f}"),
         ("test images", metrics["n_test"]),
     ]
+    if "ece" in metrics:
+        bins = metrics.get("reliability", {}).get("bins", "?")
+        rows.append(("expected calibration error", f"{metrics['ece']:.4f} ({bins} bins)"))
     if "train_seconds" in metrics:
         rows.append(("training time", f"{metrics['train_seconds']:.1f} s"))
     if saved.get("stage"):
@@ -518,7 +531,14 @@ def _result_section(metrics: dict, notes: _Notes) -> str:
         "held-out test images classified correctly.</p>"
     )
     mismatch = f'<p class="note">{_e(notes.split_mismatch)}</p>' if notes.split_mismatch else ""
-    return text + mismatch + _table(("", "value"), rows, numeric=(1,))
+    method = f"<p>Intervals: {_e(metrics['ci_method'])}.</p>" if "ci_method" in metrics else ""
+    return text + mismatch + _table(("", "value"), rows, numeric=(1,)) + method
+
+
+def _interval(metrics: dict, key: str) -> str:
+    """' (95% CI 0.81-0.88)' when metrics.json has the interval, else ''."""
+    low_high = metrics.get(key)
+    return f" (95% CI {low_high[0]:.4f}-{low_high[1]:.4f})" if low_high else ""
 
 
 def _test_section(run_dir: Path, metrics: dict, notes: _Notes) -> str:
@@ -536,6 +556,15 @@ def _test_section(run_dir: Path, metrics: dict, notes: _Notes) -> str:
         ]
         parts.append(_table(("class", "precision", "recall", "F1", "support"), rows, (1, 2, 3, 4)))
     parts.append(_figure(run_dir, "per_class.png", notes, "per_class.png"))
+    parts.append(
+        _figure(
+            run_dir,
+            "reliability.png",
+            notes,
+            "reliability.png: how often the model is right at each confidence; bars below the "
+            "diagonal are over-confident",
+        )
+    )
     parts.append(_figure(run_dir, "errors.png", notes, "errors.png"))
     return "".join(parts)
 
@@ -552,6 +581,10 @@ def _gradcam_section(run_dir: Path, notes: _Notes) -> str:
 
 def _data_section(run_dir: Path, config: dict, notes: _Notes) -> str:
     parts = [f"<p>Data folder: <code>{_e(config.get('data', '?'))}</code></p>"]
+    check = _read_json(run_dir / CHECK_FILE, None)
+    if isinstance(check, dict):
+        parts.append(f"<p>{_e(summary_line(check))}</p>")
+        parts.extend(f'<p class="note">{_e(warning)}</p>' for warning in check.get("warnings", []))
     if notes.data:
         data = notes.data
         rows = []
