@@ -196,7 +196,14 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 
 def write_json(path: str | Path, value: object) -> None:
-    write_text_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    """Readable UTF-8 JSON; ASCII escapes when a string (a file name that is not valid UTF-8,
+    read by Python as surrogates) cannot be UTF-8, so that it survives the round trip."""
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(value, indent=2)
+    write_text_atomic(path, text + "\n")
 
 
 def save_model_atomic(model, path: str | Path) -> None:

@@ -8,7 +8,6 @@ Both end in the same full model, saved as one ``.keras`` file in the run directo
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -100,10 +99,7 @@ def train(config: Config) -> TrainResult:
     config = dataclasses.replace(config, unfreeze=str(unfreeze))
     config.save(run_dir / runs.CONFIG_FILE)
     runs.write_json(run_dir / runs.LABELS_FILE, list(folder.class_names))
-    # ASCII escapes: file names that are not valid UTF-8 survive the round trip
-    runs.write_text_atomic(
-        run_dir / runs.SPLIT_FILE, json.dumps(split_manifest(folder), indent=1) + "\n"
-    )
+    runs.write_json(run_dir / runs.SPLIT_FILE, split_manifest(folder))
     write_skipped(folder.skipped, str(run_dir / runs.SKIPPED_FILE))
     if config.check:
         from headstart.check import CHECK_FILE, check_folder, summary_line
