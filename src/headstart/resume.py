@@ -122,16 +122,17 @@ class ResumeCheckpoint(keras.callbacks.Callback):
     restores after their ``on_train_begin`` has reset them.
     """
 
-    def __init__(self, run_dir, model, stage, stage_epochs, callbacks, elapsed, resume_from=None):
+    def __init__(
+        self, run_dir, model, indices, stage, stage_epochs, callbacks, elapsed, resume_from=None
+    ):
         super().__init__()
         self.run_dir, self.full_model, self.stage = Path(run_dir), model, stage
+        self.indices = indices  # `trained_indices` of the model for the stage's trainer
         self.stage_epochs, self.elapsed = stage_epochs, elapsed
         self.checkpoint, self.history, self.early_stopping, self.plateau = callbacks
         self.resume_from = resume_from
-        self.indices: list[int] = []
 
     def on_train_begin(self, logs=None):
-        self.indices = trained_indices(self.full_model, self.model)
         state = self.resume_from
         if state is None:
             return

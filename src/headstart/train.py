@@ -284,6 +284,7 @@ class _Session:
         self.weights_id = _weights_id(config, self.cache)
         self.trunk = None  # set by plan_fine_tuning when the backbone can be cut
         self._memo: dict[tuple, object] = {}  # (kind, split, policy, view) -> rows
+        self._frozen_parts: dict[str, keras.Model] = {}
         self._started = time.monotonic()
         self._stage_variables: list[int] = []  # what the stage in progress trains
 
@@ -320,6 +321,7 @@ class _Session:
             ResumeCheckpoint(
                 self.run_dir,
                 self.model,
+                self._stage_variables,
                 stage,
                 epochs,
                 (self.checkpoint, self.history, early_stopping, plateau),
@@ -484,23 +486,36 @@ class _Session:
         key = (kind, split, policy if view else "", view)
         if key not in self._memo:
             if kind == "pooled" and self.trunk is not None:
-                top = self.trunk.top
-                pooled = keras.Model(
-                    top.input, self.model.get_layer(FEATURES_NAME)(self.trunk.top_block(top.input))
-                )
                 rows = self._view("trunk", split, policy, view)
-                self._memo[key] = run_in_batches(pooled, rows)
+                self._memo[key] = run_in_batches(self._frozen_part("pooled_from_trunk"), rows)
             else:
                 self._memo[key] = self._extract(kind, split, policy, view)
         return self._memo[key]
 
+    def _frozen_part(self, kind: str) -> keras.Model:
+        """The frozen model that makes a kind of view, built once per run (every view and
+        every candidate policy goes through the same one): "trunk" (images to activations at
+        the cut), "pooled" (images to pooled features) or "pooled_from_trunk"."""
+        if kind not in self._frozen_parts:
+            if kind == "trunk":
+                part = self.trunk.trunk
+            elif kind == "pooled":
+                part = feature_extractor(self.model)
+            else:
+                top = self.trunk.top
+                pooled = self.model.get_layer(FEATURES_NAME)(self.trunk.top_block(top.input))
+                part = keras.Model(top.input, pooled)
+            self._frozen_parts[kind] = part
+        return self._frozen_parts[kind]
+
     def _extract(self, kind: str, split: str, policy: str, view: int):
         """Run the frozen part over a split's files (through one augmentation of ``policy``
         unless view 0), from and into the feature cache when it is on."""
+        extractor = self._frozen_part(kind)
         if kind == "trunk":
-            extractor, output = self.trunk.trunk, f"trunk:{self.trunk.cut_layer}"
+            output = f"trunk:{self.trunk.cut_layer}"
         else:
-            extractor, output = feature_extractor(self.model), f"pooled:{self.config.head}"
+            output = f"pooled:{self.config.head}"
         paths = list(getattr(self.folder, split).paths)
         augmenter = build_augmenter(policy, self.config.seed + 1000 * view) if view else None
 
