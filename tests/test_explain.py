@@ -43,6 +43,8 @@ def test_gradcam_is_exact(head, hidden, n_classes):
     base = build_backbone(spec, 40, "none")
     model = build_model(spec, base, n_classes, head=head, hidden=hidden, dropout=0.3)
     rng = np.random.default_rng(0)
+    logits = model.get_layer("classifier").get_layer("logits")  # zero-initialised: as if trained
+    logits.kernel.assign(rng.normal(0, 0.1, logits.kernel.shape).astype("float32"))
     images = rng.uniform(0, 60, (5, 40, 40, 3)).astype("float32")
     for image, (y, x) in zip(images, rng.integers(0, 28, (5, 2)), strict=True):
         image[y : y + 12, x : x + 12] += 180  # a bright patch somewhere: maps vary in space

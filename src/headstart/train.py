@@ -23,7 +23,7 @@ from headstart.backbones import Backbone, build_backbone, check_image_size, get_
 from headstart.backbones import resolve_weights as resolve_backbone_weights
 from headstart.cache import EntrySpec, FeatureCache
 from headstart.callbacks import BestModelCheckpoint, EpochTimer, StageCSVLogger
-from headstart.config import FINE_TUNE_LR_CANDIDATES, GUIDE_FINE_TUNE_LR, Config
+from headstart.config import FEATURE_NORMS, FINE_TUNE_LR_CANDIDATES, GUIDE_FINE_TUNE_LR, Config
 from headstart.data import load_image_folder, make_dataset, split_manifest, write_skipped
 from headstart.errors import UsageError
 from headstart.evaluate import (
@@ -80,6 +80,7 @@ def train(config: Config) -> TrainResult:
     if augment == AUTO and mode == "frozen":  # choosing needs cached features
         log.info("--augment auto chooses on cached features (--mode extract): using the seeds'")
         augment = SEEDS_POLICY
+    feature_norm = "none" if config.feature_norm == AUTO and mode == "frozen" else None
     augments = augment == AUTO or parse_augment(augment)  # a bad spec fails before slow work
     folder = _load_folder(config)
     run_dir = runs.new_run_dir(config.out)
@@ -92,6 +93,8 @@ def train(config: Config) -> TrainResult:
         mode=mode,
         augment=augment,
         augment_scores={},
+        feature_norm=feature_norm or config.feature_norm,
+        feature_norm_scores={},
         views=config.views if augments and mode == "extract" else 0,
     )
     model, base = _build(config, backbone, len(folder.class_names))
@@ -167,7 +170,13 @@ def _build(config: Config, backbone: Backbone, n_classes: int):
     keras.utils.set_random_seed(config.seed)
     base = build_backbone(backbone, config.image_size, config.weights)
     model = build_model(
-        backbone, base, n_classes, head=config.head, hidden=config.hidden, dropout=config.dropout
+        backbone,
+        base,
+        n_classes,
+        head=config.head,
+        hidden=config.hidden,
+        dropout=config.dropout,
+        feature_norm="none" if config.feature_norm == AUTO else config.feature_norm,
     )
     return model, base
 
@@ -191,7 +200,7 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state) -> TrainRe
         session.end_stage("fine_tune" if fine_tune else "done")
     elif stage == "fine_tune":
         session.freeze_for_head()
-        state.apply(model)  # the head as stage 1 left it
+        state.apply(session.model)  # the head as stage 1 left it
     if fine_tune and stage != "done":
         session.fine_tune(unfreeze)
         session.end_stage("done")
@@ -213,6 +222,9 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state) -> TrainRe
     metrics["saved_from"] = {**checkpoint.saved, "epoch": checkpoint.saved["epoch"] + 1}
     if fine_tune:
         metrics["fine_tune_kept"] = checkpoint.saved["stage"] == "fine_tune"
+    metrics["feature_norm"] = session.config.feature_norm
+    if session.config.feature_norm_scores:
+        metrics["feature_norm_scores"] = session.config.feature_norm_scores
     metrics["augment"] = session.config.augment
     if session.config.augment_scores:  # --augment auto: what each candidate scored
         metrics["augment_scores"] = session.config.augment_scores
@@ -283,6 +295,7 @@ class _Session:
         self.cache = FeatureCache(config.cache_dir) if config.cache else None
         self.weights_id = _weights_id(config, self.cache)
         self.trunk = None  # set by plan_fine_tuning when the backbone can be cut
+        self.unfreeze = 0
         self._memo: dict[tuple, object] = {}  # (kind, split, policy, view) -> rows
         self._frozen_parts: dict[str, keras.Model] = {}
         self._started = time.monotonic()
@@ -295,6 +308,7 @@ class _Session:
 
     def plan_fine_tuning(self, unfreeze: int) -> None:
         """Cut the backbone where fine-tuning starts, so its frozen trunk runs only once."""
+        self.unfreeze = unfreeze
         if self.config.mode == "extract" and self.config.cache_trunk:
             self.trunk = split_at_cut(self.model, self.base, unfreeze)
 
@@ -398,6 +412,8 @@ class _Session:
         self.summaries.append("# stage 1: head training\n" + summary_text(self.model))
 
     def train_head(self) -> None:
+        if self.config.feature_norm == AUTO:  # only in extract mode (see `train`)
+            self._choose_feature_norm()
         self.freeze_for_head()
         if self.config.mode == "extract":
             self._train_head_on_features()
@@ -431,6 +447,31 @@ class _Session:
             self.config.epochs,
         )
 
+    def _choose_feature_norm(self) -> None:
+        """``--feature-norm auto``: the model built with each candidate normalisation of the
+        head's input, its head trained by stage 1's own procedure on the clean cached features;
+        the best on validation is kept, rebuilt from the seed as a resumed run would build it.
+
+        The first candidate, "none", is the plain cached-features head: the floor of the run.
+        """
+        train_data = self._sampler(self._views("pooled", "train", "none", 0), "train")
+        val_data = self._sampler(self._views("pooled", "val"), "val")
+        config, scores = self.config, {}
+        for norm in FEATURE_NORMS:
+            model, _ = _build(
+                dataclasses.replace(config, feature_norm=norm), self.backbone, self.n_classes
+            )
+            classifier = classifier_of(model)
+            scores[norm] = self._trial(classifier, train_data, val_data, config.epochs, config.lr)
+        chosen = _best_of(scores)
+        self._record_choice(feature_norm=chosen, feature_norm_scores=scores)
+        log.info("head input chosen on validation: %s (%s)", chosen, _scores_text(scores))
+        self.model, self.base = _build(self.config, self.backbone, self.n_classes)
+        self.checkpoint.full_model = self.model
+        self._frozen_parts.clear()  # cached rows stay valid: the backbone is the same
+        if self.trunk is not None:
+            self.plan_fine_tuning(self.unfreeze)
+
     def _choose_augmentation(self) -> None:
         """``--augment auto``: train the head once per candidate policy, by stage 1's own
         procedure on as many cached views, and keep the policy most accurate on validation.
@@ -443,6 +484,10 @@ class _Session:
         reset = _snapshot(classifier.variables)
         scores = {}
         for policy in AUTO_CANDIDATES:
+            if policy == "none" and self.config.feature_norm_scores:
+                # the same head, start and data as the chosen --feature-norm candidate
+                scores[policy] = self.config.feature_norm_scores[self.config.feature_norm]
+                continue
             reset()
             n_views = self.config.views if policy != "none" else 0
             train_data = self._sampler(self._views("pooled", "train", policy, n_views), "train")
@@ -457,11 +502,7 @@ class _Session:
             augment_scores=scores,
             views=self.config.views if chosen != "none" else 0,
         )
-        log.info(
-            "augmentation chosen on validation: %s (%s)",
-            chosen,
-            ", ".join(f"{p}: {v['val_accuracy']:.4f}" for p, v in scores.items()),
-        )
+        log.info("augmentation chosen on validation: %s (%s)", chosen, _scores_text(scores))
 
     def _sampler(self, views, split: str) -> ViewSampler:
         labels = np.asarray(getattr(self.folder, split).labels, dtype="int32")
@@ -631,6 +672,10 @@ def _snapshot(variables) -> Callable[[], None]:
             variable.assign(value)
 
     return reset
+
+
+def _scores_text(scores: dict[str, dict]) -> str:
+    return ", ".join(f"{name}: {score['val_accuracy']:.4f}" for name, score in scores.items())
 
 
 def _best_of(scores: dict[str, dict]) -> str | None:

@@ -1,0 +1,176 @@
+"""Benchmark: which head trains best on cached features (issue "never loses to cached features").
+
+On the Fashion-MNIST split of ``bench/fast_loop.py`` (100 train + 50 validation images per
+class, all 10,000 test images), the default backbone's pooled features are extracted once
+per size (clean images, plus ``--views`` flip views of the training images), then linear heads
+are trained by stage 1's procedure (Adam 1e-3, dropout 0.2, early stopping on validation
+loss with patience 3, the learning rate divided by 5 on plateaus, the best epoch on
+validation loss kept), over several seeds:
+
+  glorot       the classic head: Dense on raw features, Glorot-uniform kernel (Keras' default)
+  zeros        the same Dense with a zero-initialised kernel (headstart's head)
+  zeros+l2     zero-initialised, on L2-normalised features scaled to radius sqrt(dim)
+               (headstart's ``--feature-norm l2``)
+  glorot+l2    L2-normalised features with the default initialisation (the two changes apart)
+
+Usage: ``python bench/head_options.py [--sizes 96 160] [--seeds 3]``; writes
+bench/results/head_options.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fast_loop import write_dataset  # noqa: E402  (the shared Fashion-MNIST split)
+
+VARIANTS = {
+    "glorot": dict(init="glorot_uniform", norm="none"),
+    "zeros": dict(init="zeros", norm="none"),
+    "zeros+l2": dict(init="zeros", norm="l2"),
+    "glorot+l2": dict(init="glorot_uniform", norm="l2"),
+}
+
+
+def features(data: Path, size: int, views: int) -> dict[str, list[np.ndarray]]:
+    """Pooled features of every split: view 0 clean, then ``views`` flipped training views."""
+    from headstart.augment import build_augmenter
+    from headstart.backbones import build_backbone, get_backbone, resolve_weights
+    from headstart.data import load_image_folder
+    from headstart.extract import extract_batches
+    from headstart.model import build_model, feature_extractor
+
+    spec = get_backbone("efficientnet_lite0")
+    base = build_backbone(spec, size, resolve_weights(spec, "default"))
+    extractor = feature_extractor(build_model(spec, base, 10))
+    folder = load_image_folder(str(data), val_split=0.2, test_split=0.1, seed=0)
+    out = {}
+    for split in ("train", "val", "test"):
+        paths = list(getattr(folder, split).paths)
+        n_views = views if split == "train" else 0
+        out[split] = [
+            np.concatenate(
+                list(
+                    extract_batches(
+                        extractor,
+                        paths,
+                        size,
+                        batch_size=32,
+                        augmenter=build_augmenter("flip", 1000 * view) if view else None,
+                        verbose=False,
+                    )
+                )
+            ).astype("float32")
+            for view in range(1 + n_views)
+        ]
+        out[f"{split}_labels"] = np.asarray(getattr(folder, split).labels)
+    return out
+
+
+def train_head(data: dict, init: str, norm: str, seed: int) -> dict[str, float]:
+    import keras
+    from keras import layers
+
+    from headstart.extract import ViewSampler
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((data["train"][0].shape[1],))
+    x = inputs
+    if norm == "l2":
+        x = layers.UnitNormalization()(x)
+        x = layers.Rescaling(float(np.sqrt(inputs.shape[-1])))(x)
+    x = layers.Dropout(0.2)(x)
+    head = keras.Model(inputs, layers.Dense(10, kernel_initializer=init)(x))
+    head.compile(
+        keras.optimizers.Adam(1e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    train = ViewSampler(data["train"], data["train_labels"], 32, seed=seed)
+    best = {"val_loss": np.inf}
+
+    def keep_best(epoch, logs):
+        if logs["val_loss"] < best["val_loss"]:
+            best.update(val_loss=logs["val_loss"], val_accuracy=logs["val_accuracy"])
+            best["weights"] = head.get_weights()
+
+    head.fit(
+        train,
+        validation_data=(data["val"][0], data["val_labels"]),
+        epochs=20,
+        shuffle=False,
+        verbose=0,
+        callbacks=[
+            keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, _: train.set_epoch(e)),
+            keras.callbacks.EarlyStopping(patience=3),
+            keras.callbacks.ReduceLROnPlateau(factor=0.2, patience=2),
+            keras.callbacks.LambdaCallback(on_epoch_end=keep_best),
+        ],
+    )
+    head.set_weights(best["weights"])
+    predicted = head.predict(data["test"][0], batch_size=1024, verbose=0).argmax(1)
+    return {
+        "val_accuracy": round(float(best["val_accuracy"]), 4),
+        "val_loss": round(float(best["val_loss"]), 4),
+        "test_accuracy": round(float((predicted == data["test_labels"]).mean()), 4),
+    }
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"Machine: {results['machine']}; {results['date']}; mean over seeds {results['seeds']}",
+        "",
+        "| size | training views | head | val accuracy | val loss | test accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, by_variant in results["runs"].items():
+        size, views = key.split("/")
+        for name, runs in by_variant.items():
+            mean = {m: np.mean([r[m] for r in runs]) for m in runs[0]}
+            lines.append(
+                f"| {size} | {views} | {name} | {mean['val_accuracy']:.4f} | "
+                f"{mean['val_loss']:.4f} | {mean['test_accuracy']:.4f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[96, 160])
+    parser.add_argument("--views", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "headstart-bench"))
+    args = parser.parse_args()
+    data = write_dataset(Path(args.work) / "fashion")
+    results = {
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "seeds": list(range(args.seeds)),
+        "runs": {},
+    }
+    for size in args.sizes:
+        extracted = features(data, size, max(args.views))
+        for views in args.views:
+            subset = {**extracted, "train": extracted["train"][: 1 + views]}
+            results["runs"][f"{size}/{views}"] = {
+                name: [train_head(subset, seed=s, **options) for s in results["seeds"]]
+                for name, options in VARIANTS.items()
+            }
+            print(markdown(results), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "head_options.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "head_options.md").write_text(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
