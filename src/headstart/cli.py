@@ -99,6 +99,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--patience", type=int, default=defaults.patience, help="early stopping patience")
     add("--seed", type=int, default=defaults.seed)
     add("--tensorboard", action="store_true", help="write TensorBoard logs to RUN/tensorboard/")
+    # small-data honesty (issue 7)
+    add(
+        "--class-weight",
+        choices=("auto", "balanced", "none"),
+        default=defaults.class_weight,
+        help="balanced: weight classes by n/(classes*count); auto: balanced when the largest "
+        "training class has over 1.5x the images of the smallest",
+    )
 
 
 _TTA_HELP = (

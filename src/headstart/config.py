@@ -68,6 +68,11 @@ class Config:
     headstart_version: str = __version__
     quiet: bool = False
     tensorboard: bool = False  # write TensorBoard logs of both stages to RUN/tensorboard/<stage>
+    # Small-data honesty (issue 7). class_weight "auto": "balanced" when the training split's
+    # largest/smallest class ratio exceeds headstart.imbalance.IMBALANCE_THRESHOLD, else "none";
+    # config.json holds the resolved choice.
+    class_weight: str = "auto"
+    calibrate: bool = False  # temperature scaling fitted on validation, saved inside model.keras
 
     def validate(self) -> None:
         """Reject impossible values with the option's name, before any work starts."""
@@ -89,6 +94,10 @@ class Config:
             (self.patience >= 1, "--patience must be at least 1"),
             (self.views >= 0, "--views must be 0 or more"),
             (self.image_size is None or self.image_size >= 1, "--image-size must be positive"),
+            (
+                self.class_weight in ("auto", "balanced", "none"),
+                "--class-weight must be auto, balanced or none",
+            ),
             (
                 not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,
                 "--tensorboard needs the tensorboard package: pip install tensorboard",

@@ -40,6 +40,7 @@ from headstart.extract import (
     split_at_cut,
 )
 from headstart.freeze import freeze, resolve_unfreeze, unfreeze_top
+from headstart.imbalance import class_weights, resolve_class_weight
 from headstart.model import (
     FEATURES_NAME,
     build_model,
@@ -93,6 +94,9 @@ def train(config: Config) -> TrainResult:
         augment=augment,
         augment_scores={},
         views=config.views if augments and mode == "extract" else 0,
+        class_weight=resolve_class_weight(
+            config.class_weight, folder.train.counts(len(folder.class_names))
+        ),
     )
     model, base = _build(config, backbone, len(folder.class_names))
     unfreeze = resolve_unfreeze(config.unfreeze, backbone, base) if backbone.pretrained else 0
@@ -213,6 +217,11 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state) -> TrainRe
     metrics["saved_from"] = {**checkpoint.saved, "epoch": checkpoint.saved["epoch"] + 1}
     if fine_tune:
         metrics["fine_tune_kept"] = checkpoint.saved["stage"] == "fine_tune"
+    metrics["class_weight"] = config.class_weight
+    if session.class_weight:
+        metrics["class_weights"] = {
+            folder.class_names[i]: round(w, 6) for i, w in session.class_weight.items()
+        }
     metrics["augment"] = session.config.augment
     if session.config.augment_scores:  # --augment auto: what each candidate scored
         metrics["augment_scores"] = session.config.augment_scores
@@ -272,6 +281,8 @@ class _Session:
         self.model, self.base, self.run_dir = model, base, run_dir
         self.state = state
         self.n_classes = len(folder.class_names)
+        # --class-weight: applied in every fit of training (both stages and every candidate)
+        self.class_weight = class_weights(config.class_weight, folder.train.counts(self.n_classes))
         self.size = (config.image_size, config.image_size)
         self.checkpoint = BestModelCheckpoint(model, run_dir / runs.MODEL_FILE)
         self.history = StageCSVLogger(str(run_dir / runs.HISTORY_FILE))
@@ -337,6 +348,7 @@ class _Session:
             callbacks=callbacks,
             verbose=self.verbose,
             shuffle=False,
+            class_weight=self.class_weight,
         )
 
     def _training_callbacks(self, train_data) -> list[keras.callbacks.Callback]:
@@ -612,6 +624,7 @@ class _Session:
             callbacks=[*self._training_callbacks(train_data), best],
             verbose=0,
             shuffle=False,
+            class_weight=self.class_weight,
         )
         return {"val_accuracy": best.best_accuracy, "val_loss": best.saved["val_loss"]}
 
