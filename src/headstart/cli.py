@@ -14,6 +14,7 @@ import sys
 from headstart.check import NEAR_DISTANCE
 from headstart.config import DEFAULT_AUGMENT, Config
 from headstart.errors import UsageError
+from headstart.imbalance import IMBALANCE_THRESHOLD
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what shells report after a Ctrl-C
@@ -105,7 +106,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "balanced", "none"),
         default=defaults.class_weight,
         help="balanced: weight classes by n/(classes*count); auto: balanced when the largest "
-        "training class has over 1.5x the images of the smallest",
+        f"training class has over {IMBALANCE_THRESHOLD}x the images of the smallest",
+    )
+    add(
+        "--calibrate",
+        action="store_true",
+        help="temperature scaling fitted on validation, saved inside model.keras",
     )
 
 
@@ -214,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--class", dest="target", metavar="NAME", help="explain this class, not the predicted one"
     )
+
+    calibrate = add_verb("calibrate", help="temperature-scale a run's confidences on validation")
+    calibrate.add_argument("run")
+    calibrate.add_argument("--batch-size", type=int, default=32)
 
     report = add_verb("report", help="draw the run's figures and write RUN/report.html")
     report.add_argument("run")
@@ -377,6 +387,10 @@ def _run(args: argparse.Namespace) -> int:
 
         for path in explain(args.run, args.paths, out=args.out, target=args.target):
             print(path)
+    elif args.verb == "calibrate":
+        from headstart.calibrate import calibrate, format_calibration
+
+        print(format_calibration(calibrate(args.run, batch_size=args.batch_size)))
     elif args.verb == "report":
         from headstart.report import report
 
@@ -475,6 +489,10 @@ def _print_result(result) -> None:
         print(format_metrics(result.metrics))
         if format_uncertainty(result.metrics):
             print(format_uncertainty(result.metrics))
+    if result.metrics.get("calibration"):
+        from headstart.calibrate import format_calibration
+
+        print(format_calibration(result.metrics))
     saved = result.metrics.get("saved_from", {})
     if saved.get("stage"):
         print(

@@ -201,6 +201,12 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state) -> TrainRe
         session.end_stage("done")
     train_seconds = session.elapsed()
     model = keras.saving.load_model(run_dir / runs.MODEL_FILE)  # the best on validation
+    calibration = None
+    if config.calibrate:  # T fitted on validation, saved inside model.keras (headstart.calibrate)
+        from headstart.calibrate import calibrate_model
+
+        model, calibration = calibrate_model(model, folder.val, config.batch_size)
+        runs.save_model_atomic(model, run_dir / runs.MODEL_FILE)
     if len(folder.test):
         probabilities = predict_split(model, folder.test, config.batch_size)
         metrics = metrics_for_split(
@@ -217,6 +223,8 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state) -> TrainRe
     metrics["saved_from"] = {**checkpoint.saved, "epoch": checkpoint.saved["epoch"] + 1}
     if fine_tune:
         metrics["fine_tune_kept"] = checkpoint.saved["stage"] == "fine_tune"
+    if calibration:
+        metrics["calibration"] = calibration
     metrics["class_weight"] = config.class_weight
     if session.class_weight:
         metrics["class_weights"] = {
