@@ -221,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--class", dest="target", metavar="NAME", help="explain this class, not the predicted one"
     )
 
+    cv = add_verb("cv", help="stratified K-fold cross-validation: accuracy mean ± std")
+    cv.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/* (pooled)")
+    cv.add_argument("--folds", type=int, default=5, metavar="K")
+    _train_arguments(cv)  # every fold trains with these; --out holds fold1..K and cv.json
+    cv.add_argument(
+        "--fine-tune", action="store_true", help="also fine-tune in every fold (default: head only)"
+    )
+    cv.set_defaults(fine_tune=False)
+
     calibrate = add_verb("calibrate", help="temperature-scale a run's confidences on validation")
     calibrate.add_argument("run")
     calibrate.add_argument("--batch-size", type=int, default=32)
@@ -387,6 +396,16 @@ def _run(args: argparse.Namespace) -> int:
 
         for path in explain(args.run, args.paths, out=args.out, target=args.target):
             print(path)
+    elif args.verb == "cv":
+        from headstart.cv import cross_validate, format_cv
+
+        if args.test_split != Config(data="").test_split:
+            raise UsageError("cv: --test-split does not apply, each fold tests 1/K of the images")
+        _resolve_out(args)
+        options = {k: v for k, v in vars(args).items() if k not in ("verb", "out_given", "folds")}
+        summary = cross_validate(Config(**options), folds=args.folds)
+        print(format_cv(summary))
+        print(f"written: {summary['out']}/cv.json")
     elif args.verb == "calibrate":
         from headstart.calibrate import calibrate, format_calibration
 
