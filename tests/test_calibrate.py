@@ -147,3 +147,12 @@ def test_train_with_calibrate_matches_the_uncalibrated_run_answer_for_answer(
 def _predicted(run):
     with open(run / "predictions.csv", newline="") as handle:
         return [(row["path"], row["predicted"]) for row in csv.DictReader(handle)]
+
+
+def test_grad_cam_reports_the_calibrated_probabilities(tiny_run):
+    from headstart.explain import gradcam
+
+    model = with_temperature(keras.saving.load_model(tiny_run / "model.keras"), 3.0)
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    expected = probabilities_from_logits(model.predict(images, verbose=0))
+    np.testing.assert_allclose(gradcam(model, images).probabilities, expected, atol=1e-5)

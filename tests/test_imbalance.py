@@ -158,3 +158,13 @@ def _train_labels(run_dir):
     split = json.loads((run_dir / "split.json").read_text())
     names = split["class_names"]
     return np.array([names.index(name) for _, name in split["train"]])
+
+
+def test_cli_options_reach_the_config():
+    from headstart.cli import build_parser
+
+    args = build_parser().parse_args(["train", "DATA", "--class-weight", "balanced", "--calibrate"])
+    assert args.class_weight == "balanced" and args.calibrate is True
+    defaults = build_parser().parse_args(["train", "DATA"])
+    assert defaults.class_weight == Config(data="").class_weight == "auto"
+    assert defaults.calibrate is False
