@@ -115,6 +115,8 @@ def test_calibrate_a_run_keeps_its_answers_and_records_t(mislabelled_run, capsys
     assert json.loads((run / "config.json").read_text())["calibrate"] is True
     model = keras.saving.load_model(run / "model.keras")  # plain Keras
     assert temperature_of(model) == pytest.approx(record["temperature"], rel=1e-5)
+    page = (run / "report.html").read_text()
+    assert f"T = {record['temperature']:.3f}" in page  # the report was redrawn
     # the test metrics are those of the calibrated model
     assert after["loss"] != pytest.approx(before["loss"])
 
