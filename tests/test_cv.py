@@ -101,3 +101,6 @@ def test_cv_refuses_test_split_and_split_from(tiny_folder, tmp_path, capsys):
     assert "--test-split does not apply" in capsys.readouterr().err
     assert main(["cv", str(tiny_folder), "--split-from", "x", "--out", str(tmp_path / "b")]) == 2
     assert "drop --split-from" in capsys.readouterr().err
+    assert main(["cv", str(tiny_folder), "--folds", "1", "--out", str(tmp_path / "c")]) == 2
+    assert "--folds must be at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()  # refused up front

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import keras
 import numpy as np
@@ -133,12 +132,19 @@ def test_a_balanced_folder_trains_unweighted(tiny_run, tmp_path):
     assert "class_weights" not in metrics
 
 
-def test_class_weight_none_is_kept_on_imbalanced_data(imbalanced_folder, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(imbalanced_folder, data)
+def test_frozen_mode_weights_its_tf_data_pipeline_too(imbalanced_folder, tmp_path, monkeypatch):
+    """--mode frozen (here: a from-scratch backbone) trains on a tf.data pipeline of images."""
+    seen = []
+    fit = keras.Model.fit
+
+    def spy(self, data, *args, **kwargs):
+        seen.append((type(data).__name__, kwargs.get("class_weight")))
+        return fit(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", spy)
     result = train(
         Config(
-            data=str(data),
+            data=str(imbalanced_folder),
             out=str(tmp_path / "run"),
             backbone="scratch_cnn",
             image_size=32,
@@ -146,12 +152,14 @@ def test_class_weight_none_is_kept_on_imbalanced_data(imbalanced_folder, tmp_pat
             epochs=1,
             batch_size=8,
             augment="none",
-            class_weight="none",
             check=False,
             quiet=True,
         )
     )
-    assert result.config.class_weight == "none" and result.metrics["class_weight"] == "none"
+    assert result.config.mode == "frozen" and result.metrics["class_weight"] == "balanced"
+    assert len(seen) == 1 and "Dataset" in seen[0][0]
+    counts = np.bincount(_train_labels(result.run_dir), minlength=2)
+    assert seen[0][1] == pytest.approx(balanced_weights(counts))
 
 
 def _train_labels(run_dir):
