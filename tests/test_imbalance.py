@@ -176,3 +176,8 @@ def test_cli_options_reach_the_config():
     defaults = build_parser().parse_args(["train", "DATA"])
     assert defaults.class_weight == Config(data="").class_weight == "auto"
     assert defaults.calibrate is False
+
+
+def test_an_unknown_class_weight_is_refused_before_any_work():
+    with pytest.raises(UsageError, match="--class-weight must be auto, balanced or none"):
+        Config(data="DATA", class_weight="inverse").validate()

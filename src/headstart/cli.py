@@ -14,7 +14,7 @@ import sys
 from headstart.check import NEAR_DISTANCE
 from headstart.config import DEFAULT_AUGMENT, Config
 from headstart.errors import UsageError
-from headstart.imbalance import IMBALANCE_THRESHOLD
+from headstart.imbalance import CLASS_WEIGHT_CHOICES, IMBALANCE_THRESHOLD
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what shells report after a Ctrl-C
@@ -103,7 +103,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     # small-data honesty (issue 7)
     add(
         "--class-weight",
-        choices=("auto", "balanced", "none"),
+        choices=CLASS_WEIGHT_CHOICES,
         default=defaults.class_weight,
         help="balanced: weight classes by n/(classes*count); auto: balanced when the largest "
         f"training class has over {IMBALANCE_THRESHOLD}x the images of the smallest",

@@ -11,6 +11,7 @@ from typing import Literal
 
 from headstart._version import __version__
 from headstart.errors import UsageError
+from headstart.imbalance import CLASS_WEIGHT_CHOICES
 
 Mode = Literal["extract", "frozen"]
 Head = Literal["gap", "flatten"]
@@ -95,7 +96,7 @@ class Config:
             (self.views >= 0, "--views must be 0 or more"),
             (self.image_size is None or self.image_size >= 1, "--image-size must be positive"),
             (
-                self.class_weight in ("auto", "balanced", "none"),
+                self.class_weight in CLASS_WEIGHT_CHOICES,
                 "--class-weight must be auto, balanced or none",
             ),
             (
