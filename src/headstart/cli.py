@@ -288,6 +288,11 @@ def _interrupted(args: argparse.Namespace) -> str:
     from headstart import runs
     from headstart.resume import RESUME_FILE
 
+    if args.verb == "cv" and getattr(args, "out", None):
+        return (
+            f"headstart: interrupted; each fold finished so far is a complete run in {args.out} "
+            f"(no cv.json yet): run cv again with a new --out"
+        )
     run = getattr(args, "out", None) if args.verb in ("train", "demo") else None
     kept = [
         name
