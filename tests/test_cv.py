@@ -104,3 +104,12 @@ def test_cv_refuses_test_split_and_split_from(tiny_folder, tmp_path, capsys):
     assert main(["cv", str(tiny_folder), "--folds", "1", "--out", str(tmp_path / "c")]) == 2
     assert "--folds must be at least 2" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()  # refused up front
+
+
+def test_a_ctrl_c_during_cv_names_the_finished_folds():
+    import argparse
+
+    from headstart.cli import _interrupted
+
+    message = _interrupted(argparse.Namespace(verb="cv", out="runs/cv"))
+    assert "complete run in runs/cv" in message and "new --out" in message
