@@ -14,6 +14,7 @@ import sys
 from headstart.check import NEAR_DISTANCE
 from headstart.config import DEFAULT_AUGMENT, Config
 from headstart.errors import UsageError
+from headstart.imbalance import CLASS_WEIGHT_CHOICES, IMBALANCE_THRESHOLD
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what shells report after a Ctrl-C
@@ -105,6 +106,19 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--patience", type=int, default=defaults.patience, help="early stopping patience")
     add("--seed", type=int, default=defaults.seed)
     add("--tensorboard", action="store_true", help="write TensorBoard logs to RUN/tensorboard/")
+    # small-data honesty (issue 7)
+    add(
+        "--class-weight",
+        choices=CLASS_WEIGHT_CHOICES,
+        default=defaults.class_weight,
+        help="balanced: weight classes by n/(classes*count); auto: balanced when the largest "
+        f"training class has over {IMBALANCE_THRESHOLD}x the images of the smallest",
+    )
+    add(
+        "--calibrate",
+        action="store_true",
+        help="temperature scaling fitted on validation, saved inside model.keras",
+    )
 
 
 _TTA_HELP = (
@@ -213,6 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--class", dest="target", metavar="NAME", help="explain this class, not the predicted one"
     )
 
+    cv = add_verb("cv", help="stratified K-fold cross-validation: accuracy mean ± std")
+    cv.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/* (pooled)")
+    cv.add_argument("--folds", type=int, default=5, metavar="K")
+    _train_arguments(cv)  # every fold trains with these; --out holds fold1..K and cv.json
+    cv.add_argument(
+        "--fine-tune", action="store_true", help="also fine-tune in every fold (default: head only)"
+    )
+    cv.set_defaults(fine_tune=False)
+
+    calibrate = add_verb("calibrate", help="temperature-scale a run's confidences on validation")
+    calibrate.add_argument("run")
+    calibrate.add_argument("--batch-size", type=int, default=32)
+
     report = add_verb("report", help="draw the run's figures and write RUN/report.html")
     report.add_argument("run")
 
@@ -267,6 +294,11 @@ def _interrupted(args: argparse.Namespace) -> str:
     from headstart import runs
     from headstart.resume import RESUME_FILE
 
+    if args.verb == "cv" and getattr(args, "out", None):
+        return (
+            f"headstart: interrupted; each fold finished so far is a complete run in {args.out} "
+            f"(no cv.json yet): run cv again with a new --out"
+        )
     run = getattr(args, "out", None) if args.verb in ("train", "demo") else None
     kept = [
         name
@@ -375,6 +407,20 @@ def _run(args: argparse.Namespace) -> int:
 
         for path in explain(args.run, args.paths, out=args.out, target=args.target):
             print(path)
+    elif args.verb == "cv":
+        from headstart.cv import cross_validate, format_cv
+
+        if args.test_split != Config(data="").test_split:
+            raise UsageError("cv: --test-split does not apply, each fold tests 1/K of the images")
+        _resolve_out(args)
+        options = {k: v for k, v in vars(args).items() if k not in ("verb", "out_given", "folds")}
+        summary = cross_validate(Config(**options), folds=args.folds)
+        print(format_cv(summary))
+        print(f"written: {summary['out']}/cv.json")
+    elif args.verb == "calibrate":
+        from headstart.calibrate import calibrate, format_calibration
+
+        print(format_calibration(calibrate(args.run, batch_size=args.batch_size)))
     elif args.verb == "report":
         from headstart.report import report
 
@@ -473,6 +519,10 @@ def _print_result(result) -> None:
         print(format_metrics(result.metrics))
         if format_uncertainty(result.metrics):
             print(format_uncertainty(result.metrics))
+    if result.metrics.get("calibration"):
+        from headstart.calibrate import format_calibration
+
+        print(format_calibration(result.metrics))
     saved = result.metrics.get("saved_from", {})
     if saved.get("stage"):
         print(

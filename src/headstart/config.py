@@ -11,6 +11,7 @@ from typing import Literal
 
 from headstart._version import __version__
 from headstart.errors import UsageError
+from headstart.imbalance import CLASS_WEIGHT_CHOICES
 
 Mode = Literal["extract", "frozen"]
 Head = Literal["gap", "flatten"]
@@ -74,6 +75,11 @@ class Config:
     headstart_version: str = __version__
     quiet: bool = False
     tensorboard: bool = False  # write TensorBoard logs of both stages to RUN/tensorboard/<stage>
+    # Small-data honesty (issue 7). class_weight "auto": "balanced" when the training split's
+    # largest/smallest class ratio exceeds headstart.imbalance.IMBALANCE_THRESHOLD, else "none";
+    # config.json holds the resolved choice.
+    class_weight: str = "auto"
+    calibrate: bool = False  # temperature scaling fitted on validation, saved inside model.keras
 
     def validate(self) -> None:
         """Reject impossible values with the option's name, before any work starts."""
@@ -99,6 +105,10 @@ class Config:
             (self.patience >= 1, "--patience must be at least 1"),
             (self.views >= 0, "--views must be 0 or more"),
             (self.image_size is None or self.image_size >= 1, "--image-size must be positive"),
+            (
+                self.class_weight in CLASS_WEIGHT_CHOICES,
+                "--class-weight must be auto, balanced or none",
+            ),
             (
                 not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,
                 "--tensorboard needs the tensorboard package: pip install tensorboard",

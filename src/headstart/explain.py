@@ -59,7 +59,9 @@ def gradcam(model: keras.Model, images: np.ndarray, classes=None) -> Explanation
     gap = isinstance(pool, keras.layers.GlobalAveragePooling2D)
     features = maps.mean(axis=(1, 2)) if gap else maps.reshape(n, -1)  # the pooling layer
     logits, backward = _dense_stack(head, features)
-    probabilities = probabilities_from_logits(logits)
+    from headstart.calibrate import temperature_of  # --calibrate: as model.keras answers
+
+    probabilities = probabilities_from_logits(logits / temperature_of(model))
     if classes is None:
         classes = probabilities.argmax(axis=1)
     classes = np.asarray(classes, dtype=np.int64)

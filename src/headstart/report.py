@@ -505,6 +505,13 @@ def _figure_section(run_dir: Path, notes: _Notes, files: list[str]) -> str:
     return "".join(_figure(run_dir, file, notes, f"{file}") for file in files)
 
 
+def _calibration_text(record: dict) -> str:
+    return (
+        f"T = {record['temperature']:.3f}, validation ECE {record['val_ece_before']:.4f} → "
+        f"{record['val_ece_after']:.4f}"
+    )
+
+
 def _result_section(metrics: dict, notes: _Notes) -> str:
     if not metrics.get("n_test"):
         return '<p class="note">No test images: the run has no test metrics.</p>'
@@ -519,6 +526,10 @@ def _result_section(metrics: dict, notes: _Notes) -> str:
     if "ece" in metrics:
         bins = metrics.get("reliability", {}).get("bins", "?")
         rows.append(("expected calibration error", f"{metrics['ece']:.4f} ({bins} bins)"))
+    if metrics.get("calibration"):  # --calibrate / headstart calibrate
+        rows.append(("temperature scaling", _calibration_text(metrics["calibration"])))
+    if metrics.get("class_weight"):
+        rows.append(("class weights", metrics["class_weight"]))
     if "train_seconds" in metrics:
         rows.append(("training time", f"{metrics['train_seconds']:.1f} s"))
     if saved.get("stage"):

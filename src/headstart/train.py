@@ -40,6 +40,7 @@ from headstart.extract import (
     split_at_cut,
 )
 from headstart.freeze import freeze, resolve_unfreeze, unfreeze_top
+from headstart.imbalance import class_weights, resolve_class_weight
 from headstart.model import (
     FEATURES_NAME,
     build_model,
@@ -96,6 +97,9 @@ def train(config: Config) -> TrainResult:
         feature_norm=feature_norm or config.feature_norm,
         feature_norm_scores={},
         views=config.views if augments and mode == "extract" else 0,
+        class_weight=resolve_class_weight(
+            config.class_weight, folder.train.counts(len(folder.class_names))
+        ),
     )
     model, base = _build(config, backbone, len(folder.class_names))
     unfreeze = resolve_unfreeze(config.unfreeze, backbone, base) if backbone.pretrained else 0
@@ -206,6 +210,12 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state) -> TrainRe
         session.end_stage("done")
     train_seconds = session.elapsed()
     model = keras.saving.load_model(run_dir / runs.MODEL_FILE)  # the best on validation
+    calibration = None
+    if config.calibrate:  # T fitted on validation, saved inside model.keras (headstart.calibrate)
+        from headstart.calibrate import calibrate_model
+
+        model, calibration = calibrate_model(model, folder.val, config.batch_size)
+        runs.save_model_atomic(model, run_dir / runs.MODEL_FILE)
     if len(folder.test):
         probabilities = predict_split(model, folder.test, config.batch_size)
         metrics = metrics_for_split(
@@ -225,6 +235,13 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state) -> TrainRe
     metrics["feature_norm"] = session.config.feature_norm
     if session.config.feature_norm_scores:
         metrics["feature_norm_scores"] = session.config.feature_norm_scores
+    if calibration:
+        metrics["calibration"] = calibration
+    metrics["class_weight"] = config.class_weight
+    if session.class_weight:
+        metrics["class_weights"] = {
+            folder.class_names[i]: round(w, 6) for i, w in session.class_weight.items()
+        }
     metrics["augment"] = session.config.augment
     if session.config.augment_scores:  # --augment auto: what each candidate scored
         metrics["augment_scores"] = session.config.augment_scores
@@ -284,6 +301,8 @@ class _Session:
         self.model, self.base, self.run_dir = model, base, run_dir
         self.state = state
         self.n_classes = len(folder.class_names)
+        # --class-weight: applied in every fit of training (both stages and every candidate)
+        self.class_weight = class_weights(config.class_weight, folder.train.counts(self.n_classes))
         self.size = (config.image_size, config.image_size)
         self.checkpoint = BestModelCheckpoint(model, run_dir / runs.MODEL_FILE)
         self.history = StageCSVLogger(str(run_dir / runs.HISTORY_FILE))
@@ -351,6 +370,7 @@ class _Session:
             callbacks=callbacks,
             verbose=self.verbose,
             shuffle=False,
+            class_weight=self.class_weight,
         )
 
     def _training_callbacks(self, train_data) -> list[keras.callbacks.Callback]:
@@ -653,6 +673,7 @@ class _Session:
             callbacks=[*self._training_callbacks(train_data), best],
             verbose=0,
             shuffle=False,
+            class_weight=self.class_weight,
         )
         return {"val_accuracy": best.best_accuracy, "val_loss": best.saved["val_loss"]}
 
