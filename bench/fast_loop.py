@@ -7,7 +7,7 @@ order, a permutation of its training indices; the first 100 are train, the next 
 
 Runs, at the default backbone's default size and at a smaller one:
   (a) workflow 1: frozen base in the loop with augmentation, then fine-tuning (no caches)
-  (b) workflow 2: cached features, no augmentation, no fine-tuning
+  (b) workflow 2: cached features, no augmentation, no fine-tuning (the raw-feature head)
   (c) headstart's default recipe: cached augmented views + fine-tuning on the cached trunk
       (cold feature cache: extraction time included)
   (d) the same top-block fine-tuning (fixed policy and rate) with the cached trunk (d1) and
@@ -80,12 +80,16 @@ def recipe_runs(data: Path, size: int, work: Path, only=()) -> dict[str, dict]:
     cache = work / f"cache-{size}"
     shutil.rmtree(cache, ignore_errors=True)
     # (d) fine-tunes the same top block, from the same stage 1, with a fixed rate and policy
-    same_fine_tuning = dict(augment=SEEDS_POLICY, views=2, fine_tune_lr=1e-4, fine_tune_epochs=5)
+    same_fine_tuning = dict(
+        augment=SEEDS_POLICY, views=2, fine_tune_lr=1e-4, fine_tune_epochs=5, feature_norm="none"
+    )
     recipes = {
         "a_workflow1": dict(
             mode="frozen", augment=SEEDS_POLICY, fine_tune_lr=1e-5, fine_tune_epochs=5, cache=False
         ),
-        "b_workflow2": dict(augment="none", views=0, fine_tune=False, cache=False),
+        "b_workflow2": dict(
+            augment="none", views=0, fine_tune=False, cache=False, feature_norm="none"
+        ),
         "c_default": dict(cache_dir=str(cache)),
         "d1_trunk_cache": dict(cache_dir=str(cache), **same_fine_tuning),
         "d2_no_trunk_cache": dict(cache_dir=str(cache), cache_trunk=False, **same_fine_tuning),
