@@ -11,8 +11,9 @@ _FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical")
 
 AUTO = "auto"  # --augment auto: the policy is chosen on validation among AUTO_CANDIDATES
 SEEDS_POLICY = "flip,rotate=0.1,zoom=0.2"  # the seeds' RandomFlip, RandomRotation, RandomZoom
-# Simplest first: on an exact tie of validation accuracy and loss the earlier one wins. Every
-# augmented candidate flips, so for data where left and right differ only "none" is safe.
+# Simplest first, growing stronger: the search stops at the first candidate that does worse
+# than the best before it, and on an exact tie of validation accuracy and loss the earlier one
+# wins. Every augmented candidate flips, so where left and right differ only "none" is safe.
 AUTO_CANDIDATES = (
     "none",
     "flip",

@@ -496,24 +496,25 @@ class _Session:
         """``--augment auto``: train the head once per candidate policy, by stage 1's own
         procedure on as many cached views, and keep the policy most accurate on validation.
 
+        The candidates grow stronger, so the first one that does worse than the best so far
+        ends the search: stronger ones are not extracted (each costs a backbone pass per view).
         "none" is a candidate, so the choice is never worse on validation than plain cached
         features; the run then retrains the winner from the same start, to the same weights.
         """
         classifier = classifier_of(self.model)
         val_data = self._sampler(self._views("pooled", "val"), "val")
         reset = _snapshot(classifier.variables)
-        scores = {}
-        for policy in AUTO_CANDIDATES:
+
+        def score(policy: str) -> dict:
             if policy == "none" and self.config.feature_norm_scores:
                 # the same head, start and data as the chosen --feature-norm candidate
-                scores[policy] = self.config.feature_norm_scores[self.config.feature_norm]
-                continue
+                return self.config.feature_norm_scores[self.config.feature_norm]
             reset()
             n_views = self.config.views if policy != "none" else 0
             train_data = self._sampler(self._views("pooled", "train", policy, n_views), "train")
-            scores[policy] = self._trial(
-                classifier, train_data, val_data, self.config.epochs, self.config.lr
-            )
+            return self._trial(classifier, train_data, val_data, self.config.epochs, self.config.lr)
+
+        scores = _climb(AUTO_CANDIDATES, score)
         reset()
         chosen = _best_of(scores)
         self._memo = {key: rows for key, rows in self._memo.items() if key[2] in ("", chosen)}
@@ -522,7 +523,13 @@ class _Session:
             augment_scores=scores,
             views=self.config.views if chosen != "none" else 0,
         )
-        log.info("augmentation chosen on validation: %s (%s)", chosen, _scores_text(scores))
+        untried = AUTO_CANDIDATES[len(scores) :]
+        log.info(
+            "augmentation chosen on validation: %s (%s)%s",
+            chosen,
+            _scores_text(scores),
+            f"; stronger ones not tried: {', '.join(untried)}" if untried else "",
+        )
 
     def _sampler(self, views, split: str) -> ViewSampler:
         labels = np.asarray(getattr(self.folder, split).labels, dtype="int32")
@@ -693,6 +700,17 @@ def _snapshot(variables) -> Callable[[], None]:
             variable.assign(value)
 
     return reset
+
+
+def _climb(candidates, score: Callable[[str], dict]) -> dict[str, dict]:
+    """The scores of ``candidates`` in order, up to and including the first one that does
+    worse than the best before it (the candidates grow stronger: the rest would do worse)."""
+    scores = {}
+    for candidate in candidates:
+        scores[candidate] = score(candidate)
+        if _best_of(scores) != candidate:
+            break
+    return scores
 
 
 def _scores_text(scores: dict[str, dict]) -> str:
