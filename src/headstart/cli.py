@@ -231,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-wait-ms", type=float, default=5.0, help="how long an image waits for others"
     )
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit")
+    ensemble = add_verb("ensemble", help="average runs' class probabilities into one model")
+    ensemble.add_argument("runs", nargs="+", metavar="run", help="runs sharing labels and split")
+    ensemble.add_argument("--out", help="the ensemble's run folder (default: runs/<timestamp>)")
+    ensemble.add_argument(
+        "--weights", help="w1,w2,... (one per run), or fit: chosen on validation (default: mean)"
+    )
+    ensemble.add_argument("--batch-size", type=int, default=32)
     return parser
 
 
@@ -400,6 +407,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"written: {result.markdown_path}, {result.figure_path}")
     elif args.verb == "export":
         return _export(args)
+    elif args.verb == "ensemble":
+        from headstart.ensemble import ensemble
+
+        result = ensemble(args.runs, args.out, weights=args.weights, batch_size=args.batch_size)
+        print("weights: " + ", ".join(f"{w:.3f}" for w in result.weights))
+        _print_result(result)
     elif args.verb == "serve":
         from headstart.serve import serve
 
