@@ -68,6 +68,8 @@ class Config:
     headstart_version: str = __version__
     quiet: bool = False
     tensorboard: bool = False  # write TensorBoard logs of both stages to RUN/tensorboard/<stage>
+    # train(head_builder=f) only: f's module.name (the head is the user's code, not JSON)
+    custom_head: str | None = None
 
     def validate(self) -> None:
         """Reject impossible values with the option's name, before any work starts."""

@@ -23,15 +23,36 @@ def output_units(n_classes: int) -> int:
     return 1 if n_classes == 2 else n_classes
 
 
-def build_head(feature_dim: int, n_classes: int, hidden: int, dropout: float) -> keras.Model:
-    """The new classifier trained on pooled features: [Dense(hidden)] -> [Dropout] -> logits."""
+def build_head(
+    feature_dim: int, n_classes: int, hidden: int, dropout: float, head_builder=None
+) -> keras.Model:
+    """The new classifier trained on pooled features: [Dense(hidden)] -> [Dropout] -> logits.
+
+    ``head_builder(features, n_classes) -> logits`` replaces it with the user's own layers
+    (``output_units(n_classes)`` logits), still on pooled features so it trains on the cache.
+    """
     inputs = keras.Input((feature_dim,), name="pooled_features")
+    if head_builder is not None:
+        return _custom_head(inputs, n_classes, head_builder)
     x = inputs
     if hidden:
         x = layers.Dense(hidden, activation="relu", name="hidden")(x)
     if dropout:
         x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(output_units(n_classes), name="logits")(x)
+    return keras.Model(inputs, outputs, name=CLASSIFIER_NAME)
+
+
+def _custom_head(inputs, n_classes: int, head_builder) -> keras.Model:
+    name = getattr(head_builder, "__name__", "head_builder")
+    outputs = head_builder(inputs, n_classes)
+    units = output_units(n_classes)
+    if not isinstance(outputs, keras.KerasTensor) or tuple(outputs.shape) != (None, units):
+        shape = getattr(outputs, "shape", type(outputs).__name__)
+        raise UsageError(
+            f"head_builder {name} returned {shape}: it must return a (None, {units}) logits "
+            f"tensor built from its features argument (output_units({n_classes}) = {units})"
+        )
     return keras.Model(inputs, outputs, name=CLASSIFIER_NAME)
 
 
@@ -43,6 +64,7 @@ def build_model(
     head: str = "gap",
     hidden: int = 0,
     dropout: float = 0.2,
+    head_builder=None,
 ) -> keras.Model:
     """Assemble the full model around an already built ``base``.
 
@@ -56,7 +78,7 @@ def build_model(
     x = base(x, training=False) if backbone.pretrained else base(x)
     pool = layers.GlobalAveragePooling2D if head == "gap" else layers.Flatten
     features = pool(name=FEATURES_NAME)(x)
-    classifier = build_head(features.shape[-1], n_classes, hidden, dropout)
+    classifier = build_head(features.shape[-1], n_classes, hidden, dropout, head_builder)
     return keras.Model(inputs, classifier(features), name=f"headstart_{backbone.name}")
 
 
