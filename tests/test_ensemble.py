@@ -110,6 +110,12 @@ def test_binary_members_average_their_sigmoids(tiny_run):
         probabilities_from_logits(np.asarray(member(images))),
         atol=1e-5,
     )
+    # traced as export traces it, the members' dropout is not in the graph (ONNX has no op for it)
+    import tensorflow as tf
+
+    spec = tf.TensorSpec((None, 32, 32, 3), tf.float32)
+    graph = tf.function(lambda x: model(x)).get_concrete_function(spec).graph
+    assert not [op.type for op in graph.get_operations() if "Random" in op.type]
 
 
 def test_cli_ensemble_then_evaluate_and_predict(members, three_class_folder, tmp_path, capsys):

@@ -148,7 +148,7 @@ def build_ensemble(models: Sequence[keras.Model], weights: Sequence[float]) -> k
         x = inputs
         if (h, w) != (height, width):
             x = layers.Resizing(h, w, name=f"resize_{i}")(inputs)
-        logits.append(member(x))
+        logits.append(member(x, training=False))  # never trained: dropout stays out
     outputs = ProbabilityAverage(weights, name="average")(logits)
     return keras.Model(inputs, outputs, name="headstart_ensemble")
 

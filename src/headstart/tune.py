@@ -93,15 +93,23 @@ def tune(
     n_classes = len(folder.class_names)
     keras.utils.set_random_seed(config.seed)
     tuner = _tuner(algorithm, config, features, labels, n_classes, out, trials)
-    tuner.deadline = time.monotonic() + 60 * max_time if max_time else None
+    started = time.monotonic()
+    tuner.deadline = started + 60 * max_time if max_time else None
     tuner.search(verbose=0)
+    search_seconds = round(time.monotonic() - started, 1)
     rows = _rows(tuner)
     _write_rows(out / TRIALS_FILE, rows)
     values = tuner.get_best_hyperparameters(1)[0].values
     best = {k: float(values[k]) if k in ("lr", "dropout") else values[k] for k in _TUNED}
     best_config = dataclasses.replace(config, **best, out=str(out / "best"))
     command = train_command(best_config, given=_given(config))
-    record = {"algorithm": algorithm, "trials": len(rows), "best": best, "command": command}
+    record = {
+        "algorithm": algorithm,
+        "trials": len(rows),
+        "search_seconds": search_seconds,  # the trials only, not the one backbone pass
+        "best": best,
+        "command": command,
+    }
     runs.write_json(out / TUNE_FILE, record)
     result = None
     if train_best:
