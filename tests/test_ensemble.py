@@ -1,6 +1,7 @@
 """`headstart ensemble`: weights fitted on validation only, the weighted mean exactly, one
 saved model over members of different sizes that evaluate and predict use like any run."""
 
+import csv
 import json
 
 import keras
@@ -123,6 +124,11 @@ def test_cli_ensemble_then_evaluate_and_predict(members, three_class_folder, tmp
     assert main(["ensemble", *map(str, members), "--out", str(out), "--quiet"]) == 0
     assert "weights: 0.500, 0.500" in capsys.readouterr().out
     metrics = json.loads((out / runs.METRICS_FILE).read_text())
+
+    def tested(run):  # the same test files as the members', so `compare` pairs them
+        return [row["path"] for row in csv.DictReader((run / "predictions.csv").open())]
+
+    assert tested(out) == tested(members[0]) and len(tested(out)) == metrics["n_test"]
     for name in ("config.json", "labels.json", "split.json", "model.keras", "report.html"):
         assert (out / name).is_file(), name
     assert main(["evaluate", str(out), str(three_class_folder), "--quiet"]) == 0

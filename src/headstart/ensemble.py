@@ -221,10 +221,13 @@ def _shared(run_dirs: list[Path], name: str, what: str):
 
 
 def _load_split(run: Path, config: Config):
-    """The members' exact split, from the first member's split.json."""
+    """The members' exact split, from the first member's split.json: the same file paths as in
+    their predictions.csv (so `compare` pairs them), unless the folder has moved since."""
     from headstart.check import load_split_manifest
 
-    folder = load_split_manifest(run / runs.SPLIT_FILE, data=config.data)
+    root = runs.read_json(run / runs.SPLIT_FILE).get("root")
+    data = root if isinstance(root, str) and Path(root).is_dir() else config.data
+    folder = load_split_manifest(run / runs.SPLIT_FILE, data=data)
     if len(folder.val) == 0:
         raise UsageError(f"{run}: its split has no validation images")
     return folder

@@ -258,6 +258,7 @@ def _rows(tuner) -> list[dict]:
                 "trial": trial_id,
                 "status": str(getattr(trial.status, "value", trial.status)),
                 **{name: values.get(name) for name in _TUNED},
+                "dropout": round(values.get("dropout", 0.0), 6),  # 0.30000000000000004 -> 0.3
                 "epochs": values.get("tuner/epochs", ""),
                 "val_accuracy": trial.score,
                 "val_loss": loss,
