@@ -13,6 +13,8 @@ from headstart import Config, runs, train
 from headstart.backbones import build_backbone, get_backbone
 from headstart.errors import UsageError
 from headstart.model import build_model
+from headstart.resume import TrainingState, write_state
+from headstart.train import resume
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -104,6 +106,10 @@ def test_residual_head_example(tiny_folder, tmp_path):
         "logits",
     ]
     assert isinstance(head.get_layer("residual"), keras.layers.Add)
+    # an interrupted run with a custom head cannot rebuild it from config.json alone
+    write_state(run, TrainingState("fine_tune"))
+    with pytest.raises(UsageError, match=r"custom head \(residual_head.residual_head\)"):
+        resume(run)
 
 
 def test_head_builder_must_return_one_logit_per_class():
