@@ -80,6 +80,12 @@ def test_cli_tune_trains_the_best(tiny_folder, tmp_path, capsys):
     assert (out / "best" / "metrics.json").is_file()
 
 
+def test_max_time_stops_starting_trials(tiny_folder, tmp_path):
+    config = Config(data=str(tiny_folder), out=str(tmp_path / "t"), **FIXED)
+    result = tune(config, trials=5, max_time=1e-9, algorithm="random", train_best=False)
+    assert len(result.rows) == 1  # one trial always runs, so that there is a best
+
+
 def test_tune_refuses_bad_options(tiny_folder, tmp_path):
     config = Config(data=str(tiny_folder), out=str(tmp_path / "t"), **FIXED)
     with pytest.raises(UsageError, match="--algorithm"):

@@ -220,7 +220,7 @@ def _tuner(algorithm, config, features, labels, n_classes, out: Path, trials: in
 
         def pre_create_trial(self):
             if self.deadline is not None and time.monotonic() > self.deadline:
-                self.oracle.max_trials = len(self.oracle.trials)
+                self.oracle.max_trials = max(1, len(self.oracle.trials))  # always a best
 
         def run_trial(self, trial, *args, **kwargs):
             started = time.monotonic()
