@@ -18,6 +18,23 @@ import numpy as np
 from headstart import runs
 
 
+class RunCallback(keras.callbacks.Callback):
+    """Base for user callbacks (``train(callbacks=...)``) that need more than ``self.model``.
+
+    Each stage fits a different Keras model: in extract mode stage 1 fits the head alone on
+    cached features, and stage 2 the backbone's top on cached trunk activations. Before every
+    stage headstart sets ``classifier`` (the whole model, raw images in, logits out, sharing
+    the weights being trained), ``run_dir`` and ``stage`` ("head" or "fine_tune").
+    """
+
+    classifier: keras.Model | None = None
+    run_dir: Path | None = None
+    stage: str | None = None
+
+    def set_run(self, classifier: keras.Model, run_dir: Path, stage: str) -> None:
+        self.classifier, self.run_dir, self.stage = classifier, Path(run_dir), stage
+
+
 class EpochTimer(keras.callbacks.Callback):
     """Adds ``epoch_seconds`` to the logs (and so to history.csv): the cost of each epoch."""
 

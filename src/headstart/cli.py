@@ -264,6 +264,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-wait-ms", type=float, default=5.0, help="how long an image waits for others"
     )
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit")
+    ensemble = add_verb("ensemble", help="average runs' class probabilities into one model")
+    ensemble.add_argument("runs", nargs="+", metavar="run", help="runs sharing labels and split")
+    ensemble.add_argument("--out", help="the ensemble's run folder (default: runs/<timestamp>)")
+    ensemble.add_argument(
+        "--weights", help="w1,w2,... (one per run), or fit: chosen on validation (default: mean)"
+    )
+    ensemble.add_argument("--batch-size", type=int, default=32)
+
+    tune = add_verb("tune", help="search head hyperparameters with KerasTuner on cached features")
+    tune.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
+    tune.add_argument("--trials", type=int, default=10)
+    tune.add_argument("--max-time", type=float, metavar="MIN", help="start no trial after this")
+    tune.add_argument(
+        "--algorithm", choices=("bayesian", "random", "hyperband"), default="bayesian"
+    )
+    tune.add_argument(
+        "--no-train", dest="train_best", action="store_false", help="don't train the best fully"
+    )
+    _train_arguments(tune)  # the settings kept fixed (--lr, --dropout, --hidden, --head are tuned)
     return parser
 
 
@@ -452,6 +471,27 @@ def _run(args: argparse.Namespace) -> int:
         print(f"written: {result.markdown_path}, {result.figure_path}")
     elif args.verb == "export":
         return _export(args)
+    elif args.verb == "ensemble":
+        from headstart.ensemble import ensemble
+
+        result = ensemble(args.runs, args.out, weights=args.weights, batch_size=args.batch_size)
+        print("weights: " + ", ".join(f"{w:.3f}" for w in result.weights))
+        _print_result(result)
+    elif args.verb == "tune":
+        from headstart.tune import tune
+
+        options = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
+        result = tune(
+            Config(**options),
+            trials=args.trials,
+            max_time=args.max_time,
+            algorithm=args.algorithm,
+            train_best=args.train_best,
+        )
+        print(f"{len(result.rows)} trials: {result.out / 'trials.csv'}")
+        print(f"best: {result.command}")
+        if result.run is not None:
+            _print_result(result.run)
     elif args.verb == "serve":
         from headstart.serve import serve
 

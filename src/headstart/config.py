@@ -80,6 +80,8 @@ class Config:
     # config.json holds the resolved choice.
     class_weight: str = "auto"
     calibrate: bool = False  # temperature scaling fitted on validation, saved inside model.keras
+    # train(head_builder=f) only: f's module.name (the head is the user's code, not JSON)
+    custom_head: str | None = None
 
     def validate(self) -> None:
         """Reject impossible values with the option's name, before any work starts."""

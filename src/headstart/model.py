@@ -25,7 +25,12 @@ def output_units(n_classes: int) -> int:
 
 
 def build_head(
-    feature_dim: int, n_classes: int, hidden: int, dropout: float, feature_norm: str = "none"
+    feature_dim: int,
+    n_classes: int,
+    hidden: int,
+    dropout: float,
+    feature_norm: str = "none",
+    head_builder=None,
 ) -> keras.Model:
     """The new classifier trained on pooled features:
     [L2 normalisation] -> [Dense(hidden)] -> [Dropout] -> logits (zero-initialised).
@@ -33,8 +38,12 @@ def build_head(
     ``feature_norm="l2"`` puts every feature vector on the sphere of radius sqrt(dim): its
     direction alone decides the class, at the scale (unit RMS per dimension) at which the
     default learning rate suits a linear layer; no custom layer, so the file loads anywhere.
+    ``head_builder(features, n_classes) -> logits`` replaces it with the user's own layers
+    (``output_units(n_classes)`` logits), still on pooled features so it trains on the cache.
     """
     inputs = keras.Input((feature_dim,), name="pooled_features")
+    if head_builder is not None:
+        return _custom_head(inputs, n_classes, head_builder)
     x = inputs
     if feature_norm == "l2":
         x = layers.UnitNormalization(name="l2_normalize")(x)
@@ -50,6 +59,19 @@ def build_head(
     return keras.Model(inputs, outputs, name=CLASSIFIER_NAME)
 
 
+def _custom_head(inputs, n_classes: int, head_builder) -> keras.Model:
+    name = getattr(head_builder, "__name__", "head_builder")
+    outputs = head_builder(inputs, n_classes)
+    units = output_units(n_classes)
+    if not isinstance(outputs, keras.KerasTensor) or tuple(outputs.shape) != (None, units):
+        shape = getattr(outputs, "shape", type(outputs).__name__)
+        raise UsageError(
+            f"head_builder {name} returned {shape}: it must return a (None, {units}) logits "
+            f"tensor built from its features argument (output_units({n_classes}) = {units})"
+        )
+    return keras.Model(inputs, outputs, name=CLASSIFIER_NAME)
+
+
 def build_model(
     backbone: Backbone,
     base: keras.Model,
@@ -59,6 +81,7 @@ def build_model(
     hidden: int = 0,
     dropout: float = 0.2,
     feature_norm: str = "none",
+    head_builder=None,
 ) -> keras.Model:
     """Assemble the full model around an already built ``base``.
 
@@ -72,7 +95,9 @@ def build_model(
     x = base(x, training=False) if backbone.pretrained else base(x)
     pool = layers.GlobalAveragePooling2D if head == "gap" else layers.Flatten
     features = pool(name=FEATURES_NAME)(x)
-    classifier = build_head(features.shape[-1], n_classes, hidden, dropout, feature_norm)
+    classifier = build_head(
+        features.shape[-1], n_classes, hidden, dropout, feature_norm, head_builder
+    )
     return keras.Model(inputs, classifier(features), name=f"headstart_{backbone.name}")
 
 

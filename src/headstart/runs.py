@@ -122,6 +122,8 @@ def load_model(run: Path, n_classes: int):
     (one in all for two classes) out. Anything else is a UsageError naming the file."""
     import keras
 
+    import headstart.ensemble  # noqa: F401  registers its layer, which ensemble runs' models hold
+
     path = Path(run) / MODEL_FILE
     check_model_file(path)
     try:

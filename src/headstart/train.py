@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from headstart.augment import AUTO, AUTO_CANDIDATES, SEEDS_POLICY, build_augment
 from headstart.backbones import Backbone, build_backbone, check_image_size, get_backbone
 from headstart.backbones import resolve_weights as resolve_backbone_weights
 from headstart.cache import EntrySpec, FeatureCache
-from headstart.callbacks import BestModelCheckpoint, EpochTimer, StageCSVLogger
+from headstart.callbacks import BestModelCheckpoint, EpochTimer, RunCallback, StageCSVLogger
 from headstart.config import FEATURE_NORMS, FINE_TUNE_LR_CANDIDATES, GUIDE_FINE_TUNE_LR, Config
 from headstart.data import load_image_folder, make_dataset, split_manifest, write_skipped
 from headstart.errors import UsageError
@@ -61,6 +61,8 @@ from headstart.resume import (
 
 log = logging.getLogger(__name__)
 
+HeadBuilder = Callable[[keras.KerasTensor, int], keras.KerasTensor]  # (features, n_classes)
+
 
 @dataclass
 class TrainResult:
@@ -69,9 +71,24 @@ class TrainResult:
     config: Config
 
 
-def train(config: Config) -> TrainResult:
-    """Train, evaluate and save a classifier; everything lands in the run directory."""
+def train(
+    config: Config,
+    *,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    head_builder: HeadBuilder | None = None,
+) -> TrainResult:
+    """Train, evaluate and save a classifier; everything lands in the run directory.
+
+    ``callbacks``: extra Keras callbacks, given to every stage's ``fit`` (not to the candidate
+    trials that choose the augmentation and the fine-tuning rate); subclass
+    `headstart.callbacks.RunCallback` to also see the whole classifier and the run folder.
+    ``head_builder(features, n_classes) -> logits``: a custom head in place of the built-in
+    one, on the pooled features (so it trains on the feature cache); config.json records its
+    name in ``custom_head``. Neither is a Config field: callables are not JSON.
+    """
     config.validate()
+    if head_builder is not None:
+        config = dataclasses.replace(config, custom_head=_name_of(head_builder))
     backbone = get_backbone(config.backbone)
     image_size = config.image_size or backbone.default_size
     check_image_size(backbone, image_size)
@@ -81,7 +98,9 @@ def train(config: Config) -> TrainResult:
     if augment == AUTO and mode == "frozen":  # choosing needs cached features
         log.info("--augment auto chooses on cached features (--mode extract): using the seeds'")
         augment = SEEDS_POLICY
-    feature_norm = "none" if config.feature_norm == AUTO and mode == "frozen" else None
+    # choosing the head's input needs cached features, and a custom head has its own input
+    choose_norm = mode == "extract" and head_builder is None
+    feature_norm = "none" if config.feature_norm == AUTO and not choose_norm else None
     augments = augment == AUTO or parse_augment(augment)  # a bad spec fails before slow work
     folder = _load_folder(config)
     run_dir = runs.new_run_dir(config.out)
@@ -101,7 +120,7 @@ def train(config: Config) -> TrainResult:
             config.class_weight, folder.train.counts(len(folder.class_names))
         ),
     )
-    model, base = _build(config, backbone, len(folder.class_names))
+    model, base = _build(config, backbone, len(folder.class_names), head_builder)
     unfreeze = resolve_unfreeze(config.unfreeze, backbone, base) if backbone.pretrained else 0
     config = dataclasses.replace(config, unfreeze=str(unfreeze))
     config.save(run_dir / runs.CONFIG_FILE)
@@ -114,11 +133,17 @@ def train(config: Config) -> TrainResult:
         report = check_folder(folder)  # counts, imbalance, duplicates and leakage across splits
         log.info(summary_line(report))
         runs.write_json(run_dir / CHECK_FILE, report)
-    return _run(config, backbone, folder, model, base, run_dir, state=None)
+    return _run(config, backbone, folder, model, base, run_dir, None, callbacks)
 
 
-def resume(run: str | Path) -> TrainResult:
-    """Continue an interrupted run from its last saved epoch (see `headstart.resume`)."""
+def resume(
+    run: str | Path,
+    *,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    head_builder: HeadBuilder | None = None,
+) -> TrainResult:
+    """Continue an interrupted run from its last saved epoch (see `headstart.resume`); a run
+    with a custom head needs its ``head_builder`` again."""
     run_dir = Path(run)
     if not (run_dir / runs.CONFIG_FILE).is_file():
         raise UsageError(f"--resume {run_dir}: not a headstart run folder (no config.json)")
@@ -141,9 +166,14 @@ def resume(run: str | Path) -> TrainResult:
             f"--resume {run_dir}: the images in {config.data} are not those the run started "
             f"with (its split.json differs): train again with a new --out"
         )
-    model, base = _build(config, backbone, len(folder.class_names))
+    if config.custom_head and head_builder is None:
+        raise UsageError(
+            f"--resume {run_dir}: the run has a custom head ({config.custom_head}): resume it "
+            f"from Python, headstart.train.resume(run, head_builder={config.custom_head})"
+        )
+    model, base = _build(config, backbone, len(folder.class_names), head_builder)
     log.info("resuming %s at stage %s, epoch %d", run_dir, state.stage, state.next_epoch + 1)
-    return _run(config, backbone, folder, model, base, run_dir, state=state)
+    return _run(config, backbone, folder, model, base, run_dir, state, callbacks)
 
 
 def _load_folder(config: Config):
@@ -169,7 +199,7 @@ def _load_folder(config: Config):
     return folder
 
 
-def _build(config: Config, backbone: Backbone, n_classes: int):
+def _build(config: Config, backbone: Backbone, n_classes: int, head_builder=None):
     """The full model, initialised from the seed: the same on every call with one config."""
     keras.utils.set_random_seed(config.seed)
     base = build_backbone(backbone, config.image_size, config.weights)
@@ -181,13 +211,20 @@ def _build(config: Config, backbone: Backbone, n_classes: int):
         hidden=config.hidden,
         dropout=config.dropout,
         feature_norm="none" if config.feature_norm == AUTO else config.feature_norm,
+        head_builder=head_builder,
     )
     return model, base
 
 
-def _run(config, backbone, folder, model, base, run_dir: Path, state) -> TrainResult:
+def _name_of(head_builder: HeadBuilder) -> str:
+    module = getattr(head_builder, "__module__", None) or "?"
+    return f"{module}.{getattr(head_builder, '__qualname__', repr(head_builder))}"
+
+
+def _run(config, backbone, folder, model, base, run_dir: Path, state, callbacks=()) -> TrainResult:
     """Both stages from ``state`` (None: from the start), then the test metrics and report."""
     session = _Session(config, backbone, folder, model, base, run_dir, state)
+    session.user_callbacks = list(callbacks)
     if state is None:  # resumable from here on: a kill during extraction restarts stage 1
         write_state(
             run_dir,
@@ -319,6 +356,7 @@ class _Session:
         self._frozen_parts: dict[str, keras.Model] = {}
         self._started = time.monotonic()
         self._stage_variables: list[int] = []  # what the stage in progress trains
+        self.user_callbacks: list[keras.callbacks.Callback] = []  # train(callbacks=...)
 
     def elapsed(self) -> float:
         """Seconds of training so far, including those before an interruption."""
@@ -347,6 +385,10 @@ class _Session:
         *schedule, early_stopping, plateau = self._training_callbacks(train_data)
         callbacks = [*schedule, EpochTimer(), self.checkpoint, early_stopping, plateau]
         callbacks.append(self.history)
+        for callback in self.user_callbacks:
+            if isinstance(callback, RunCallback):
+                callback.set_run(self.model, self.run_dir, stage)
+        callbacks.extend(self.user_callbacks)
         if self.config.tensorboard:
             log_dir = self.run_dir / "tensorboard" / stage
             callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir)))
