@@ -157,7 +157,9 @@ def fit_weights(probabilities: Sequence[np.ndarray], labels: np.ndarray) -> list
     """Non-negative weights summing to 1 that minimise the log-loss of the weighted mean of
     ``probabilities`` (one (N, C) array per member) on ``labels``.
 
-    The loss is convex in the weights, so SLSQP from the plain mean finds the optimum."""
+    The loss is convex in the weights, so SLSQP from the plain mean finds the optimum; on a
+    nearly flat loss (members that barely differ) it may stop early, so the answer is never
+    worse than the best single member."""
     from scipy.optimize import minimize
 
     labels = np.asarray(labels, dtype=np.int64)
@@ -177,9 +179,12 @@ def fit_weights(probabilities: Sequence[np.ndarray], labels: np.ndarray) -> list
         method="SLSQP",
         bounds=[(0.0, 1.0)] * n,
         constraints=[{"type": "eq", "fun": lambda w: np.sum(w) - 1.0}],
+        options={"ftol": 1e-12, "maxiter": 500},
     )
     w = np.clip(result.x, 0.0, None)
-    return [float(v) for v in w / w.sum()]
+    candidates = [w / w.sum(), *np.eye(n)]  # the optimum found, and each member alone
+    best = min(candidates, key=loss)
+    return [float(v) for v in best]
 
 
 def _log_loss(probabilities, weights, labels) -> float:
