@@ -68,6 +68,12 @@ class Config:
     headstart_version: str = __version__
     quiet: bool = False
     tensorboard: bool = False  # write TensorBoard logs of both stages to RUN/tensorboard/<stage>
+    # --distributed (headstart.distributed): data-parallel over processes on the JAX backend;
+    # coordinator, num_processes and process_id all None: jax.distributed detects the cluster
+    distributed: bool = False
+    coordinator: str | None = None  # HOST:PORT of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def validate(self) -> None:
         """Reject impossible values with the option's name, before any work starts."""
