@@ -6,8 +6,10 @@ scratch CNN at 32 px; each is bounded by a timeout.
 
 import csv
 import importlib.util
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import tensorflow as tf
 from headstart.distributed import Cluster, check_batch_size, even_batches, initialize
 from headstart.errors import UsageError
 from headstart.launch import GRACE_SECONDS, POLL_SECONDS, launch
+from headstart.train import resume
 
 needs_jax = pytest.mark.skipif(
     importlib.util.find_spec("jax") is None, reason="JAX not installed: pip install headstart[jax]"
@@ -173,3 +176,12 @@ def test_killing_one_process_stops_the_other_with_a_clear_error(image_folder_fac
     assert "headstart launch: process 1 was killed by SIGKILL; stopped the other 1" in rest
     assert took < POLL_SECONDS + GRACE_SECONDS + 10, took  # 10 s of slack for a loaded machine
     assert all(not Path(f"/proc/{pid}").exists() for pid in children)
+
+
+def test_resume_of_a_distributed_run_is_refused_clearly(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "distributed": True}))
+    with pytest.raises(UsageError, match="resuming a --distributed run is not supported yet"):
+        resume(run)

@@ -129,6 +129,11 @@ def resume(run: str | Path) -> TrainResult:
     if not (run_dir / runs.CONFIG_FILE).is_file():
         raise UsageError(f"--resume {run_dir}: not a headstart run folder (no config.json)")
     runs.check_version(run_dir)
+    if Config.load(run_dir / runs.CONFIG_FILE).distributed:
+        raise UsageError(
+            f"--resume {run_dir}: resuming a --distributed run is not supported yet; its "
+            f"model.keras is the best model so far, or train again with a new --out"
+        )
     state = read_state(run_dir)
     if state is None:
         if (run_dir / runs.METRICS_FILE).is_file():
