@@ -107,6 +107,10 @@ def train(config: Config) -> TrainResult:
         views=config.views if augments and mode == "extract" else 0,
         quiet=config.quiet or not cluster.writes,
     )
+    if config.distributed:  # as detected, when jax.distributed found the cluster by itself
+        config = dataclasses.replace(
+            config, num_processes=cluster.num_processes, process_id=cluster.process_id
+        )
     model, base = _build(config, backbone, len(folder.class_names))
     unfreeze = resolve_unfreeze(config.unfreeze, backbone, base) if backbone.pretrained else 0
     config = dataclasses.replace(config, unfreeze=str(unfreeze))
