@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from headstart.cli import main
 from headstart.distributed import Cluster, check_batch_size, even_batches, initialize
 from headstart.errors import UsageError
 from headstart.launch import GRACE_SECONDS, POLL_SECONDS, launch
@@ -200,3 +201,27 @@ def test_resume_of_a_distributed_run_is_refused_clearly(tiny_run, tmp_path):
     (run / "config.json").write_text(json.dumps({**config, "distributed": True}))
     with pytest.raises(UsageError, match="resuming a --distributed run is not supported yet"):
         resume(run)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the TensorFlow refusal")
+def test_cli_distributed_on_tensorflow_exits_2_with_one_line(tiny_folder, tmp_path, capsys):
+    assert main(["train", str(tiny_folder), "--out", str(tmp_path / "run"), "--distributed"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("headstart: error: --distributed needs the JAX backend")
+    assert "\n" not in error and not (tmp_path / "run").exists()
+
+
+@needs_jax
+def test_distributed_without_a_cluster_says_how_to_give_one(tiny_folder, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "headstart", "train", str(tiny_folder), "--distributed"],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path),
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "headstart: error: --distributed: JAX found no cluster" in done.stderr
+    assert "--coordinator HOST:PORT --num-processes N --process-id I" in done.stderr
+    assert not (tmp_path / "runs").exists()

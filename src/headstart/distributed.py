@@ -61,9 +61,15 @@ def initialize(
         raise UsageError(f"--process-id must be in [0, {num_processes}), got {process_id}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if not jax.distributed.is_initialized():
-        jax.distributed.initialize(
-            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
-        )
+        try:
+            jax.distributed.initialize(
+                coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+            )
+        except ValueError as error:  # no cluster launcher found: nothing to detect
+            raise UsageError(
+                f"--distributed: JAX found no cluster ({error}): give --coordinator HOST:PORT "
+                "--num-processes N --process-id I, or use `headstart launch --nproc N -- train`"
+            ) from None
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
     cluster = Cluster(jax.process_index(), jax.process_count())
     log.info(
