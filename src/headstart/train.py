@@ -163,7 +163,7 @@ def resume(run: str | Path) -> TrainResult:
 
 def _join(config: Config) -> Cluster:
     """``--distributed``: join the cluster before any model is built. The run trains on images
-    (``--mode frozen``: each process decodes its part of every batch); processes other than 0
+    (``--mode frozen``: each process feeds the model its part of every batch); processes but 0
     train in a scratch folder, deleted at the end, and show no progress bars."""
     if not config.distributed:
         return Cluster()
