@@ -59,3 +59,19 @@ def test_model_saved_on_tensorflow_predicts_the_same_on_jax(tiny_run, tiny_folde
     assert theirs.shape == ours.shape == (6, 1)
     assert np.ptp(ours) > 1e-3  # a trained model whose outputs differ between images
     np.testing.assert_allclose(theirs, ours, atol=1e-5)
+
+
+@pytest.mark.core
+def test_augmentation_runs_inside_tf_data_on_every_backend():
+    """The input pipeline is tf.data on every backend, augmentation included."""
+    import tensorflow as tf
+
+    from headstart.augment import build_augmenter
+
+    augmenter = build_augmenter("flip,rotate=0.1,zoom=0.2", seed=0)
+    images = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype("float32")
+    dataset = tf.data.Dataset.from_tensor_slices((images, np.zeros(4))).batch(4)
+    dataset = dataset.map(lambda x, y: (augmenter(x, training=True), y))
+    out = next(iter(dataset))[0].numpy()
+    assert out.shape == images.shape and 0 <= out.min() and out.max() <= 255
+    assert not np.allclose(out, images)  # rotated and zoomed
