@@ -30,6 +30,7 @@ def _same(before, layer):
     return all(np.array_equal(a, w.numpy()) for a, w in zip(before, layer.weights, strict=True))
 
 
+@pytest.mark.core
 def test_frozen_base_is_bit_identical_after_fit_and_head_moves():
     spec, base, model = _tiny_model()
     freeze(base)
@@ -41,6 +42,7 @@ def test_frozen_base_is_bit_identical_after_fit_and_head_moves():
     assert not _same(before_head, classifier_of(model))
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("bn", ["frozen", "inference"])
 def test_fine_tuning_moves_only_the_top_and_never_batch_norm_statistics(bn):
     spec, base, model = _tiny_model()

@@ -47,6 +47,7 @@ def scratch_run(tiny_folder, tmp_path_factory):
     return train(_scratch_config(tiny_folder, tmp_path_factory.mktemp("runs") / "scratch"))
 
 
+@pytest.mark.core
 def test_run_directory_holds_everything(scratch_run, tiny_folder):
     run = scratch_run.run_dir
     assert RUN_FILES <= {p.name for p in run.iterdir()}
@@ -61,6 +62,7 @@ def test_run_directory_holds_everything(scratch_run, tiny_folder):
     assert (run / "skipped.txt").read_text() == ""
 
 
+@pytest.mark.core
 def test_scratch_baseline_learns_the_tiny_folder(scratch_run):
     assert scratch_run.metrics["accuracy"] >= 0.75
     rows = list(csv.DictReader((scratch_run.run_dir / "history.csv").open()))
@@ -68,6 +70,7 @@ def test_scratch_baseline_learns_the_tiny_folder(scratch_run):
     assert float(rows[-1]["accuracy"]) > float(rows[0]["accuracy"])
 
 
+@pytest.mark.core
 def test_saved_model_loads_with_plain_keras_and_takes_raw_pixels(scratch_run, tiny_folder):
     """No headstart import, no custom objects: the file is plain Keras."""
     image = sorted((tiny_folder / "dog").iterdir())[0]
@@ -88,6 +91,7 @@ def test_saved_model_loads_with_plain_keras_and_takes_raw_pixels(scratch_run, ti
     assert float(out.strip().splitlines()[-1]) == pytest.approx(float(ours[0, 0]), abs=1e-5)
 
 
+@pytest.mark.core
 def test_predict_and_evaluate(scratch_run, tiny_folder):
     folder = load_image_folder(str(tiny_folder))
     results = predict(scratch_run.run_dir, [str(tiny_folder / "cat")], top_k=2)

@@ -56,8 +56,11 @@ def _fraction(name: str, value: str) -> float:
     return number
 
 
-def build_augmenter(spec: str, seed: int = 0) -> keras.Sequential | None:
-    """The seeds' augmentation layers (RandomFlip, RandomRotation, RandomZoom, ...) or None."""
+def build_augmenter(spec: str, seed: int = 0) -> keras.layers.Pipeline | None:
+    """The seeds' augmentation layers (RandomFlip, RandomRotation, RandomZoom, ...) or None.
+
+    A ``keras.layers.Pipeline``, not a ``Sequential``: inside a tf.data map it runs on
+    TensorFlow whatever the Keras backend (a Sequential on JAX fails on symbolic tensors)."""
     parsed = parse_augment(spec)
     if not parsed:
         return None
@@ -69,6 +72,6 @@ def build_augmenter(spec: str, seed: int = 0) -> keras.Sequential | None:
         "contrast": lambda v: layers.RandomContrast(v, seed=seed + 4),
         "brightness": lambda v: layers.RandomBrightness(v, value_range=(0, 255), seed=seed + 5),
     }
-    return keras.Sequential(
+    return keras.layers.Pipeline(
         [makers[name](value) for name, value in parsed.items()], name="augmentation"
     )

@@ -119,6 +119,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="temperature scaling fitted on validation, saved inside model.keras",
     )
+    add(
+        "--distributed",
+        action="store_true",
+        help="data-parallel over processes (JAX backend); see `headstart launch`",
+    )
+    add("--coordinator", metavar="HOST:PORT", help="--distributed: process 0's address")
+    add("--num-processes", type=int, help="--distributed: how many processes in all")
+    add("--process-id", type=int, help="--distributed: this process's number, 0 to N-1")
 
 
 _TTA_HELP = (
@@ -161,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN",
         help="continue an interrupted run from its last epoch (its config.json decides the rest)",
     )
+
+    launch = add_verb("launch", help="run `train --distributed` in N local processes")
+    launch.add_argument("--nproc", type=int, required=True, help="how many processes")
+    launch.add_argument("command", nargs=argparse.REMAINDER, help="-- train DATA [options]")
 
     evaluate = add_verb("evaluate", help="score a run on a folder of labelled images")
     evaluate.add_argument("run")
@@ -373,6 +385,10 @@ def _run(args: argparse.Namespace) -> int:
 
         _resolve_out(args)
         _print_result(demo(args.out, quiet=args.quiet))
+    elif args.verb == "launch":
+        from headstart.launch import launch
+
+        return launch(args.nproc, args.command)
     elif args.verb == "evaluate":
         from headstart.evaluate import evaluate, format_metrics, format_tta, format_uncertainty
 
@@ -559,6 +575,9 @@ def _print_result(result) -> None:
         print(format_metrics(result.metrics))
         if format_uncertainty(result.metrics):
             print(format_uncertainty(result.metrics))
+    if result.config.distributed and not result.metrics:
+        print(f"process {result.config.process_id} done (process 0 writes the run)")
+        return
     if result.metrics.get("calibration"):
         from headstart.calibrate import format_calibration
 

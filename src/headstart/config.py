@@ -82,6 +82,12 @@ class Config:
     calibrate: bool = False  # temperature scaling fitted on validation, saved inside model.keras
     # train(head_builder=f) only: f's module.name (the head is the user's code, not JSON)
     custom_head: str | None = None
+    # --distributed (headstart.distributed): data-parallel over processes on the JAX backend;
+    # coordinator, num_processes and process_id all None: jax.distributed detects the cluster
+    distributed: bool = False
+    coordinator: str | None = None  # HOST:PORT of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def validate(self) -> None:
         """Reject impossible values with the option's name, before any work starts."""

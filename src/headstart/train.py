@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +27,15 @@ from headstart.cache import EntrySpec, FeatureCache
 from headstart.callbacks import BestModelCheckpoint, EpochTimer, RunCallback, StageCSVLogger
 from headstart.config import FEATURE_NORMS, FINE_TUNE_LR_CANDIDATES, GUIDE_FINE_TUNE_LR, Config
 from headstart.data import load_image_folder, make_dataset, split_manifest, write_skipped
+from headstart.distributed import (
+    Cluster,
+    check_batch_size,
+    current,
+    even_batches,
+    finish,
+    initialize,
+    weights_digest,
+)
 from headstart.errors import UsageError
 from headstart.evaluate import (
     PREDICTIONS_FILE,
@@ -89,11 +100,12 @@ def train(
     config.validate()
     if head_builder is not None:
         config = dataclasses.replace(config, custom_head=_name_of(head_builder))
+    cluster = _join(config)
     backbone = get_backbone(config.backbone)
     image_size = config.image_size or backbone.default_size
     check_image_size(backbone, image_size)
     weights = resolve_backbone_weights(backbone, config.weights)
-    mode = config.mode if backbone.pretrained else "frozen"
+    mode = config.mode if backbone.pretrained and not config.distributed else "frozen"
     augment = config.augment
     if augment == AUTO and mode == "frozen":  # choosing needs cached features
         log.info("--augment auto chooses on cached features (--mode extract): using the seeds'")
@@ -103,7 +115,7 @@ def train(
     feature_norm = "none" if config.feature_norm == AUTO and not choose_norm else None
     augments = augment == AUTO or parse_augment(augment)  # a bad spec fails before slow work
     folder = _load_folder(config)
-    run_dir = runs.new_run_dir(config.out)
+    run_dir = runs.new_run_dir(config.out) if cluster.writes else Path(tempfile.mkdtemp())
     config = dataclasses.replace(
         config,
         data=str(Path(config.data).resolve()),
@@ -119,7 +131,12 @@ def train(
         class_weight=resolve_class_weight(
             config.class_weight, folder.train.counts(len(folder.class_names))
         ),
+        quiet=config.quiet or not cluster.writes,
     )
+    if config.distributed:  # as detected, when jax.distributed found the cluster by itself
+        config = dataclasses.replace(
+            config, num_processes=cluster.num_processes, process_id=cluster.process_id
+        )
     model, base = _build(config, backbone, len(folder.class_names), head_builder)
     unfreeze = resolve_unfreeze(config.unfreeze, backbone, base) if backbone.pretrained else 0
     config = dataclasses.replace(config, unfreeze=str(unfreeze))
@@ -148,6 +165,11 @@ def resume(
     if not (run_dir / runs.CONFIG_FILE).is_file():
         raise UsageError(f"--resume {run_dir}: not a headstart run folder (no config.json)")
     runs.check_version(run_dir)
+    if Config.load(run_dir / runs.CONFIG_FILE).distributed:
+        raise UsageError(
+            f"--resume {run_dir}: resuming a --distributed run is not supported yet; its "
+            f"model.keras is the best model so far, or train again with a new --out"
+        )
     state = read_state(run_dir)
     if state is None:
         if (run_dir / runs.METRICS_FILE).is_file():
@@ -174,6 +196,19 @@ def resume(
     model, base = _build(config, backbone, len(folder.class_names), head_builder)
     log.info("resuming %s at stage %s, epoch %d", run_dir, state.stage, state.next_epoch + 1)
     return _run(config, backbone, folder, model, base, run_dir, state, callbacks)
+
+
+def _join(config: Config) -> Cluster:
+    """``--distributed``: join the cluster before any model is built. The run trains on images
+    (``--mode frozen``: each process feeds the model its part of every batch); processes but 0
+    train in a scratch folder, deleted at the end, and show no progress bars."""
+    if not config.distributed:
+        return Cluster()
+    cluster = initialize(config.coordinator, config.num_processes, config.process_id)
+    check_batch_size(config.batch_size, cluster)
+    if config.mode == "extract":
+        log.info("--distributed trains on images (--mode frozen); cached features are local")
+    return cluster
 
 
 def _load_folder(config: Config):
@@ -246,6 +281,13 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state, callbacks=
         session.fine_tune(unfreeze)
         session.end_stage("done")
     train_seconds = session.elapsed()
+    if config.distributed:  # evaluation and the report are process 0's, on one device
+        cluster = current(True)
+        log.info("process %d: final weights %s", cluster.process_id, weights_digest(model))
+        finish()
+        if not cluster.writes:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            return TrainResult(run_dir, {}, session.config)
     model = keras.saving.load_model(run_dir / runs.MODEL_FILE)  # the best on validation
     calibration = None
     if config.calibrate:  # T fitted on validation, saved inside model.keras (headstart.calibrate)
@@ -459,13 +501,15 @@ class _Session:
             seed=self.config.seed,
         )
         augmenter = build_augmenter(self.config.augment, self.config.seed) if training else None
-        if augmenter is None:
-            return dataset
-        import tensorflow as tf  # input pipelines are tf.data on every Keras backend
+        if augmenter is not None:
+            import tensorflow as tf  # input pipelines are tf.data on every Keras backend
 
-        return dataset.map(
-            lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
-        )
+            dataset = dataset.map(
+                lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
+            )
+        if self.config.distributed:
+            return even_batches(dataset, len(data), self.config.batch_size, training=training)
+        return dataset
 
     def freeze_for_head(self) -> None:
         """Stage 1's model: the backbone frozen (its summary is recorded for summary.txt)."""

@@ -1,0 +1,227 @@
+"""Data-parallel training over processes on loopback: `headstart launch` + `train --distributed`.
+
+The multi-process tests run real processes on 127.0.0.1 (JAX backend, gloo collectives) on a
+scratch CNN at 32 px; each is bounded by a timeout.
+"""
+
+import csv
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from headstart.cli import main
+from headstart.distributed import Cluster, check_batch_size, even_batches, initialize
+from headstart.errors import UsageError
+from headstart.launch import GRACE_SECONDS, POLL_SECONDS, launch
+from headstart.train import resume
+
+needs_jax = pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="JAX not installed: pip install headstart[jax]"
+)
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [  # the scratch CNN: one stage, the cheapest model
+    "--backbone=scratch_cnn",
+    "--image-size=32",
+    "--head=flatten",
+    "--epochs=2",
+    "--batch-size=4",  # global batch: 28 train and 8 val images make whole batches
+    "--lr=3e-3",
+    "--dropout=0",  # dropout masks of a sharded batch need not match the unsharded ones
+    "--augment=none",
+    "--no-check",
+]
+BOTH_STAGES = [  # Lite0 (random weights, 32 px): a head epoch, then a fine-tuning epoch
+    "--backbone=efficientnet_lite0",
+    "--weights=none",
+    "--mode=frozen",  # what --distributed trains on; the one-process run must do the same
+    "--image-size=32",
+    "--epochs=1",
+    "--fine-tune-epochs=1",
+    "--fine-tune-lr=1e-3",
+    "--batch-size=4",
+    "--lr=3e-3",
+    "--dropout=0",
+    "--augment=none",
+    "--no-check",
+]
+
+
+def _env(tmp: Path) -> dict:
+    scratch = tmp / "scratch"  # where processes other than 0 keep their scratch run folder
+    scratch.mkdir(exist_ok=True)
+    return {
+        **os.environ,
+        "KERAS_BACKEND": "jax",
+        "PYTHONPATH": str(ROOT / "src"),
+        "TMPDIR": str(scratch),
+    }
+
+
+def _weights(run: Path) -> list[np.ndarray]:
+    return [np.asarray(v) for v in keras.saving.load_model(run / "model.keras").get_weights()]
+
+
+def _history(run: Path) -> list[dict]:
+    return list(csv.DictReader((run / "history.csv").open()))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the TensorFlow refusal")
+def test_distributed_on_tensorflow_is_a_clear_usage_error():
+    with pytest.raises(UsageError, match="needs the JAX backend.*KERAS_BACKEND=jax"):
+        initialize("127.0.0.1:1234", 2, 0)
+
+
+def test_global_batch_must_divide_among_processes():
+    check_batch_size(8, Cluster(0, 2))
+    with pytest.raises(UsageError, match="--batch-size 9 .* multiple of 2"):
+        check_batch_size(9, Cluster(1, 2))
+
+
+def test_even_batches_drop_the_training_remainder_and_pad_validation_with_weight_0():
+    images = tf.data.Dataset.from_tensor_slices((np.arange(10.0)[:, None], np.arange(10)))
+    train = list(even_batches(images.batch(4), 10, 4, training=True))
+    assert [len(y) for _, y in train] == [4, 4]
+    assert even_batches(images.batch(4), 10, 4, training=True).cardinality() == 2
+    val = list(even_batches(images.batch(4), 10, 4, training=False))
+    assert [len(y) for _, y, _ in val] == [4, 4, 4]
+    weights = np.concatenate([w.numpy() for _, _, w in val])
+    labels = np.concatenate([y.numpy() for _, y, _ in val])
+    assert weights.tolist() == [1.0] * 10 + [0.0] * 2
+    assert labels[:10].tolist() == list(range(10))  # every image once, in order
+
+
+def test_launch_refuses_other_verbs_and_no_processes():
+    with pytest.raises(UsageError, match="launch runs `train`"):
+        launch(2, ["--", "predict", "run"])
+    with pytest.raises(UsageError, match="--nproc must be at least 1"):
+        launch(0, ["--", "train", "data"])
+
+
+@needs_jax
+def test_two_processes_end_identical_and_match_one_process(image_folder_factory, tmp_path):
+    """Both stages. Tolerance: weights and every epoch's losses and accuracies within 1e-4 of a
+    one-process run with the same global batch and seed (the all-reduce sums in another order;
+    measured: 1e-6 on the losses)."""
+    data = image_folder_factory(tmp_path / "data", per_class=20)  # 28 train, 8 val, 4 test
+    env = _env(tmp_path)
+    two, one = tmp_path / "two", tmp_path / "one"
+    cmd = [sys.executable, "-m", "headstart"]
+    launched = subprocess.run(
+        [*cmd, "launch", "--nproc", "2", "--", "train", str(data), f"--out={two}", *BOTH_STAGES],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert launched.returncode == 0, launched.stdout[-3000:]
+    digests = dict(
+        re.findall(r"\[\d\] headstart: process (\d): final weights (\w+)", launched.stdout)
+    )
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]  # bit-identical
+    assert "[1] process 1 done (process 0 writes the run)" in launched.stdout
+    assert not list((tmp_path / "scratch").rglob("model.keras"))  # process 1 cleaned up
+    alone = subprocess.run(
+        [*cmd, "train", str(data), f"--out={one}", *BOTH_STAGES, "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    for a, b in zip(_weights(two), _weights(one), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    rows_two, rows_one = _history(two), _history(one)
+    assert [r["stage"] for r in rows_two] == [r["stage"] for r in rows_one] == ["head", "fine_tune"]
+    for a, b in zip(rows_two, rows_one, strict=True):
+        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), key
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+@needs_jax
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds processes in /proc")
+def test_killing_one_process_stops_the_other_with_a_clear_error(image_folder_factory, tmp_path):
+    """Bound: the launcher ends within POLL_SECONDS + GRACE_SECONDS (5.2 s) of the death;
+    the test allows 10 s more."""
+    data = image_folder_factory(tmp_path / "data", per_class=20)
+    command = [sys.executable, "-m", "headstart", "launch", "--nproc", "2", "--"]
+    command += ["train", str(data), f"--out={tmp_path / 'run'}", *TRAIN, "--epochs=50"]
+    launcher = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path)
+    )
+    try:
+        lines = []
+        for line in launcher.stdout:
+            lines.append(line)
+            if re.match(r"\[1\] headstart: process 1 of 2", line):  # process 1 has joined
+                break
+        else:
+            pytest.fail("training never started:\n" + "".join(lines[-30:]))
+        children = _children(launcher.pid)
+        victim = next(
+            pid
+            for pid in children
+            if "--process-id=1" in Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        )
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        rest = launcher.communicate(timeout=60)[0]
+        took = time.monotonic() - killed
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 1
+    assert "headstart launch: process 1 was killed by SIGKILL; stopped the other 1" in rest
+    assert took < POLL_SECONDS + GRACE_SECONDS + 10, took  # 10 s of slack for a loaded machine
+    assert all(not Path(f"/proc/{pid}").exists() for pid in children)
+
+
+def test_resume_of_a_distributed_run_is_refused_clearly(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "distributed": True}))
+    with pytest.raises(UsageError, match="resuming a --distributed run is not supported yet"):
+        resume(run)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the TensorFlow refusal")
+def test_cli_distributed_on_tensorflow_exits_2_with_one_line(tiny_folder, tmp_path, capsys):
+    assert main(["train", str(tiny_folder), "--out", str(tmp_path / "run"), "--distributed"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("headstart: error: --distributed needs the JAX backend")
+    assert "\n" not in error and not (tmp_path / "run").exists()
+
+
+@needs_jax
+def test_distributed_without_a_cluster_says_how_to_give_one(tiny_folder, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "headstart", "train", str(tiny_folder), "--distributed"],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path),
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "headstart: error: --distributed: JAX found no cluster" in done.stderr
+    assert "--coordinator HOST:PORT --num-processes N --process-id I" in done.stderr
+    assert not (tmp_path / "runs").exists()
