@@ -33,15 +33,18 @@ def _reference_gradcam(model, images, classes):
 
 
 @pytest.mark.parametrize(
-    ("head", "hidden", "n_classes"), [("gap", 16, 3), ("flatten", 0, 2), ("gap", 0, 2)]
+    ("head", "hidden", "n_classes", "feature_norm"),
+    [("gap", 16, 3, "none"), ("flatten", 0, 2, "none"), ("gap", 0, 2, "none"), ("gap", 8, 3, "l2")],
 )
-def test_gradcam_is_exact(head, hidden, n_classes):
+def test_gradcam_is_exact(head, hidden, n_classes, feature_norm):
     import keras
 
     keras.utils.set_random_seed(1)
     spec = get_backbone("scratch_cnn")
     base = build_backbone(spec, 40, "none")
-    model = build_model(spec, base, n_classes, head=head, hidden=hidden, dropout=0.3)
+    model = build_model(
+        spec, base, n_classes, head=head, hidden=hidden, dropout=0.3, feature_norm=feature_norm
+    )
     rng = np.random.default_rng(0)
     logits = model.get_layer("classifier").get_layer("logits")  # zero-initialised: as if trained
     logits.kernel.assign(rng.normal(0, 0.1, logits.kernel.shape).astype("float32"))

@@ -83,13 +83,26 @@ def gradcam(model: keras.Model, images: np.ndarray, classes=None) -> Explanation
 
 
 def _dense_stack(head: keras.Model, x: np.ndarray):
-    """Forward ``x`` through a head of Dense/Dropout layers (inference), and a backward function
-    giving the gradient of ``upstream . logits`` with respect to ``x``: the exact, closed-form
-    gradient of headstart's head on any backend."""
-    jacobian_steps = []
+    """Forward ``x`` through a head of headstart's layers (inference: L2 normalisation,
+    Rescaling, Dense, Dropout), and a backward function giving the gradient of
+    ``upstream . logits`` with respect to ``x``: the exact, closed-form gradient of headstart's
+    head on any backend."""
+    backward_steps = []
     for layer in head.layers:
         if isinstance(layer, keras.layers.InputLayer | keras.layers.Dropout):
             continue  # Dropout is the identity at inference
+        if isinstance(layer, keras.layers.UnitNormalization):
+            norm = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            x = x / norm  # d(x/|x|) = (I - u u^T) / |x|
+            backward_steps.append(
+                lambda g, u=x, norm=norm: (g - u * np.sum(u * g, axis=1, keepdims=True)) / norm
+            )
+            continue
+        if isinstance(layer, keras.layers.Rescaling):
+            scale = float(np.asarray(layer.scale))
+            x = x * scale + float(np.asarray(layer.offset))
+            backward_steps.append(lambda g, scale=scale: g * scale)
+            continue
         if not isinstance(layer, keras.layers.Dense):
             raise UsageError(f"Grad-CAM: unsupported head layer {type(layer).__name__}")
         kernel = keras.ops.convert_to_numpy(layer.kernel).astype(np.float64)
@@ -101,18 +114,16 @@ def _dense_stack(head: keras.Model, x: np.ndarray):
             mask = (z > 0).astype(np.float64)
             x = z * mask
         elif activation == "linear":
-            mask = None
+            mask = np.ones_like(z)
             x = z
         else:
             raise UsageError(f"Grad-CAM: unsupported head activation {activation!r}")
-        jacobian_steps.append((kernel, mask))
+        backward_steps.append(lambda g, kernel=kernel, mask=mask: (g * mask) @ kernel.T)
 
     def backward(upstream: np.ndarray) -> np.ndarray:
         grad = upstream
-        for kernel, mask in reversed(jacobian_steps):
-            if mask is not None:
-                grad = grad * mask
-            grad = grad @ kernel.T
+        for step in reversed(backward_steps):
+            grad = step(grad)
         return grad
 
     return x, backward
