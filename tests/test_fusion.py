@@ -156,3 +156,37 @@ def test_bad_fusions_are_one_line_usage_errors(tiny_folder, capsys):
     assert main(["--quiet", "train", str(tiny_folder), "--backbone", "vgg16+nonexistent"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1 and "unknown --backbone 'nonexistent'" in errors[0]
+
+
+def test_one_backbone_tools_refuse_a_fusion_in_one_line(fusion, tiny_folder):
+    from headstart.explain import gradcam
+    from headstart.model import summary
+
+    result, _, _ = fusion
+    model = keras.saving.load_model(result.run_dir / "model.keras")
+    with pytest.raises(UsageError, match="fusion model has no single feature map"):
+        gradcam(model, np.zeros((1, SIZE, SIZE, 3), "float32"))
+    with pytest.raises(UsageError, match="summary shows one backbone"):
+        summary(FUSION)
+
+
+def test_from_scratch_pair_trains_end_to_end(tiny_folder, tmp_path):
+    config = Config(
+        data=str(tiny_folder),
+        out=str(tmp_path / "run"),
+        backbone="scratch_cnn+separable_cnn",
+        image_size=SIZE,
+        epochs=2,
+        batch_size=8,
+        augment="none",
+        check=False,
+        quiet=True,
+    )
+    result = train(config)
+    assert (result.config.mode, result.config.unfreeze, result.config.weights) == (
+        "frozen",
+        "0",
+        "none+none",
+    )
+    model = keras.saving.load_model(result.run_dir / "model.keras")
+    assert model.get_layer(FEATURES_NAME).output.shape[-1] == 128 + 128
