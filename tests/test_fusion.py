@@ -190,3 +190,33 @@ def test_from_scratch_pair_trains_end_to_end(tiny_folder, tmp_path):
     )
     model = keras.saving.load_model(result.run_dir / "model.keras")
     assert model.get_layer(FEATURES_NAME).output.shape[-1] == 128 + 128
+
+
+def test_augment_auto_caches_each_backbones_views_and_reuses_clean_ones(fusion, tiny_folder):
+    result, _, cache_dir = fusion
+    before = {entry["key"] for entry in list_entries(cache_dir)}
+    config = Config(
+        data=str(tiny_folder),
+        out=str(result.run_dir.parent / "auto"),
+        backbone=FUSION,
+        weights="none",
+        image_size=SIZE,
+        epochs=1,
+        fine_tune=False,
+        batch_size=8,
+        augment="auto",
+        views=1,
+        cache_dir=str(cache_dir),
+        check=False,
+        quiet=True,
+    )
+    auto = train(config)
+    assert len(auto.metrics["augment_scores"]) >= 2  # "none", then at least "flip"
+    new = [entry for entry in list_entries(cache_dir) if entry["key"] not in before]
+    # the clean entries of the first run are reused; each candidate's view is cached per backbone
+    assert all(entry["view"] != "clean" for entry in new)
+    by_view = {}
+    for entry in new:
+        by_view.setdefault(entry["view"], set()).add(entry["backbone"])
+    assert "flip#0#1" in by_view
+    assert all(names == {"efficientnet_lite0", "mobilenet_v2"} for names in by_view.values())
