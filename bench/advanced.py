@@ -1,5 +1,6 @@
 """Benchmark of seed 004's tools on the fast-loop Fashion-MNIST split (bench/fast_loop.py):
-three single runs, their ensemble (mean and fitted weights), and `headstart tune`.
+three single runs, the fusion of Lite0 and Lite1 (`--backbone A+B`), the ensemble of the three
+(mean and fitted weights), and `headstart tune`.
 
 Members are cached-feature runs (workflow 2: no augmentation, no fine-tuning) that differ in
 backbone or image size, so that they make different mistakes: EfficientNet-Lite0 at 96 and
@@ -26,6 +27,10 @@ MEMBERS = {
     "lite0_128": dict(backbone="efficientnet_lite0", image_size=128),
     "lite1_96": dict(backbone="efficientnet_lite1", image_size=96),
 }
+# two-backbone fusion of the members at 96 px: its features come from their cache entries
+FUSION = {
+    "fusion_lite0_lite1_96": dict(backbone="efficientnet_lite0+efficientnet_lite1", image_size=96)
+}
 WORKFLOW2 = dict(augment="none", views=0, fine_tune=False)
 
 
@@ -51,17 +56,20 @@ def main() -> None:
         results["runs"][name] = {"wall_seconds": round(time.perf_counter() - started, 1)}
         return value
 
-    members = []
-    for name, options in MEMBERS.items():
+    def single(name, options) -> Path:
         out = work / f"adv-{name}"
         shutil.rmtree(out, ignore_errors=True)
         config = Config(
             data=str(data), out=str(out), cache_dir=str(cache), quiet=True, **options, **WORKFLOW2
         )
-        result = timed(name, lambda config=config: train(config))
+        result = timed(name, lambda: train(config))
         results["runs"][name]["test_accuracy"] = result.metrics["accuracy"]
-        members.append(out)
         print(name, results["runs"][name], flush=True)
+        return out
+
+    members = [single(name, options) for name, options in MEMBERS.items()]
+    for name, options in FUSION.items():
+        single(name, options)
     for weights in (None, "fit"):
         name = f"ensemble_{weights or 'mean'}"
         out = work / f"adv-{name}"

@@ -52,6 +52,7 @@ class Backbone:
     pretrained: bool = True  # False: a from-scratch baseline, trained end to end
     offline_weights: Callable[[], bool] = lambda: False
     description: str = ""
+    parts: tuple[Backbone, ...] = ()  # a two-backbone fusion ("A+B"): its two backbones
 
 
 REGISTRY: dict[str, Backbone] = {}
@@ -61,13 +62,50 @@ def _register(backbone: Backbone) -> None:
     REGISTRY[backbone.name] = backbone
 
 
+FUSION_SEPARATOR = "+"
+
+
 def get_backbone(name: str) -> Backbone:
+    """The registry entry for ``name``; "A+B" is the fusion of two entries (`fused`)."""
+    if FUSION_SEPARATOR in name:
+        return fused(name)
     if name not in REGISTRY:
         raise UsageError(
             f"unknown --backbone {name!r}: choose one of {', '.join(sorted(REGISTRY))} "
             "(`headstart backbones` lists them)"
         )
     return REGISTRY[name]
+
+
+def fused(name: str) -> Backbone:
+    """ "A+B": two backbones that see the same image, their pooled features concatenated.
+
+    The pair takes one input size (the larger default, at least the larger minimum) and
+    must be both pretrained or both from scratch: the two train the same way.
+    """
+    parts = tuple(get_backbone(part) for part in name.split(FUSION_SEPARATOR))
+    if len(parts) != 2 or parts[0].name == parts[1].name:
+        raise UsageError(f"--backbone {name}: fusion takes two different backbones, A+B")
+    if parts[0].pretrained != parts[1].pretrained:
+        raise UsageError(
+            f"--backbone {name}: fuse two pretrained backbones or two from-scratch ones, "
+            "not one of each"
+        )
+
+    def build(input_shape, weights):
+        raise UsageError(f"--backbone {name}: only `headstart train` supports fusion")
+
+    return Backbone(
+        name,
+        build,
+        max(part.default_size for part in parts),
+        FUSION_SEPARATOR.join(part.preprocessing for part in parts),
+        min_size=max(part.min_size for part in parts),
+        pretrained=parts[0].pretrained,
+        offline_weights=lambda: all(part.offline_weights() for part in parts),
+        description=f"fusion of {parts[0].name} and {parts[1].name}",
+        parts=parts,
+    )
 
 
 def _application(constructor: Callable[..., keras.Model], **kwargs) -> Callable:
@@ -289,7 +327,15 @@ _register(
 
 
 def resolve_weights(backbone: Backbone, weights: str) -> str:
-    """The concrete weights choice: "imagenet", "none" or an existing file path."""
+    """The concrete weights choice: "imagenet", "none" or an existing file path.
+
+    A fusion resolves one choice per backbone, "W1+W2" (a single value applies to both).
+    """
+    if backbone.parts:
+        given = weights.split(FUSION_SEPARATOR)
+        given = given if len(given) == len(backbone.parts) else [weights] * len(backbone.parts)
+        chosen = (resolve_weights(part, w) for part, w in zip(backbone.parts, given, strict=True))
+        return FUSION_SEPARATOR.join(chosen)
     if weights in ("default", ""):
         return "imagenet" if backbone.pretrained else "none"
     if weights.lower() in ("imagenet", "none"):
@@ -347,25 +393,28 @@ def _accept_rgb(model: keras.Model) -> None:
     conv.set_weights([kernel[:, :, ::-1, :], *rest])
 
 
-def preprocessing_layers(backbone: Backbone) -> list[keras.layers.Layer]:
-    """Layers that turn raw 0..255 RGB into what the backbone was trained on."""
-    kind = backbone.preprocessing
+def preprocessing_layers(backbone: Backbone, suffix: str = "") -> list[keras.layers.Layer]:
+    """Layers that turn raw 0..255 RGB into what the backbone was trained on.
+
+    ``suffix`` ends their names: a fusion model holds two sets of them.
+    """
+    kind, name = backbone.preprocessing, f"preprocess{suffix}"
     if kind == "tf":
-        return [layers.Rescaling(1 / 127.5, offset=-1, name="preprocess")]
+        return [layers.Rescaling(1 / 127.5, offset=-1, name=name)]
     if kind == "caffe":
         mean = list(_CAFFE_MEAN_RGB)
-        return [layers.Normalization(mean=mean, variance=[1.0] * 3, name="preprocess")]
+        return [layers.Normalization(mean=mean, variance=[1.0] * 3, name=name)]
     if kind == "torch":
         variance = [s * s for s in _TORCH_STD]
         return [
-            layers.Rescaling(1 / 255, name="preprocess_scale"),
-            layers.Normalization(mean=list(_TORCH_MEAN), variance=variance, name="preprocess"),
+            layers.Rescaling(1 / 255, name=f"preprocess_scale{suffix}"),
+            layers.Normalization(mean=list(_TORCH_MEAN), variance=variance, name=name),
         ]
     if kind == "lite":
         scale, offset = efficientnet_lite.PREPROCESS_SCALE, efficientnet_lite.PREPROCESS_OFFSET
-        return [layers.Rescaling(scale, offset=offset, name="preprocess")]
+        return [layers.Rescaling(scale, offset=offset, name=name)]
     if kind == "unit":
-        return [layers.Rescaling(1 / 255, name="preprocess")]
+        return [layers.Rescaling(1 / 255, name=name)]
     return []  # "included"
 
 

@@ -24,7 +24,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Config(data="")
     add = parser.add_argument
     add("--out", help="run directory (default: runs/<timestamp>)")
-    add("--backbone", default=defaults.backbone, help="see `headstart backbones`")
+    add(
+        "--backbone",
+        default=defaults.backbone,
+        help="see `headstart backbones`; A+B fuses two (their pooled features concatenated)",
+    )
     add("--weights", default=defaults.weights, help="imagenet, none, or a weights file path")
     add("--image-size", type=int, help="input size in pixels (default: the backbone's)")
     add(

@@ -44,6 +44,8 @@ def gradcam(model: keras.Model, images: np.ndarray, classes=None) -> Explanation
     ``classes`` (N,) picks the class to explain per image; None explains the predicted class.
     """
     pool = model.get_layer(FEATURES_NAME)
+    if isinstance(pool, keras.layers.Concatenate):
+        raise UsageError("Grad-CAM: a two-backbone fusion model has no single feature map")
     if not isinstance(pool, keras.layers.GlobalAveragePooling2D | keras.layers.Flatten):
         raise UsageError(f"Grad-CAM: unsupported pooling layer {type(pool).__name__}")
     head = model.get_layer(CLASSIFIER_NAME)

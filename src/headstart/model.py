@@ -87,18 +87,44 @@ def build_model(
 
     A pretrained base is called with ``training=False`` as in seed 000; note that Keras 3's
     ``fit`` overrides it, which is why training goes through ``trainer_for`` instead.
+    A fusion (``backbone.parts``) takes its two bases as a tuple: see `_fused_features`.
     """
-    inputs = keras.Input(base.input_shape[1:], name="image")
-    x = inputs
-    for layer in preprocessing_layers(backbone):
-        x = layer(x)
-    x = base(x, training=False) if backbone.pretrained else base(x)
     pool = layers.GlobalAveragePooling2D if head == "gap" else layers.Flatten
-    features = pool(name=FEATURES_NAME)(x)
+    if backbone.parts:
+        inputs = keras.Input(base[0].input_shape[1:], name="image")
+        features = _fused_features(backbone, base, inputs, pool)
+    else:
+        inputs = keras.Input(base.input_shape[1:], name="image")
+        features = pool(name=FEATURES_NAME)(_backbone_output(backbone, base, inputs))
     classifier = build_head(
         features.shape[-1], n_classes, hidden, dropout, feature_norm, head_builder
     )
-    return keras.Model(inputs, classifier(features), name=f"headstart_{backbone.name}")
+    name = backbone.name.replace("+", "_and_")
+    return keras.Model(inputs, classifier(features), name=f"headstart_{name}")
+
+
+def _backbone_output(backbone: Backbone, base: keras.Model, images, suffix: str = ""):
+    """Raw images -> the backbone's own preprocessing -> its output feature map."""
+    x = images
+    for layer in preprocessing_layers(backbone, suffix):
+        x = layer(x)
+    return base(x, training=False) if backbone.pretrained else base(x)
+
+
+def pooled_name(backbone: Backbone) -> str:
+    """The pooling layer of one backbone of a fusion (its features, before concatenation)."""
+    return f"pooled_{backbone.name}"
+
+
+def _fused_features(backbone: Backbone, bases, images, pool):
+    """Seed 004's models used as layers: the same image through both backbones, each with
+    its own preprocessing and pooling, concatenated into the one ``features`` layer that
+    the head, the feature cache and Grad-CAM's checks know."""
+    pooled = [
+        pool(name=pooled_name(part))(_backbone_output(part, base, images, f"_{part.name}"))
+        for part, base in zip(backbone.parts, bases, strict=True)
+    ]
+    return layers.Concatenate(name=FEATURES_NAME)(pooled)
 
 
 class _InferenceModeBackbone(keras.Model):
@@ -141,11 +167,18 @@ def base_of(model: keras.Model, backbone: Backbone) -> keras.Model:
 
 
 def backbone_layer_name(model: keras.Model) -> str:
-    """The nested base is the only functional sub-model besides the classifier."""
-    for layer in model.layers:
-        if isinstance(layer, keras.Model) and layer.name != CLASSIFIER_NAME:
-            return layer.name
-    raise ValueError("model has no backbone sub-model")
+    """The nested base is the only functional sub-model besides the classifier (a fusion
+    model has two: a one-line UsageError names them)."""
+    names = [
+        layer.name
+        for layer in model.layers
+        if isinstance(layer, keras.Model) and layer.name != CLASSIFIER_NAME
+    ]
+    if not names:
+        raise ValueError("model has no backbone sub-model")
+    if len(names) > 1:
+        raise UsageError(f"a two-backbone fusion model has no single backbone ({', '.join(names)})")
+    return names[0]
 
 
 def parameter_counts(model: keras.Model) -> dict[str, int]:
@@ -190,6 +223,11 @@ def summary(
     from headstart.freeze import resolve_unfreeze, unfreeze_top
 
     spec = get_backbone(backbone)
+    if spec.parts:
+        raise UsageError(
+            f"summary shows one backbone: run it for each of {backbone} (a fusion run's "
+            "summary.txt shows the fused model)"
+        )
     if classes < 2:
         raise UsageError("--classes must be at least 2")
     if head not in ("gap", "flatten", "none"):

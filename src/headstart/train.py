@@ -21,7 +21,13 @@ import numpy as np
 
 from headstart import runs
 from headstart.augment import AUTO, AUTO_CANDIDATES, SEEDS_POLICY, build_augmenter, parse_augment
-from headstart.backbones import Backbone, build_backbone, check_image_size, get_backbone
+from headstart.backbones import (
+    FUSION_SEPARATOR,
+    Backbone,
+    build_backbone,
+    check_image_size,
+    get_backbone,
+)
 from headstart.backbones import resolve_weights as resolve_backbone_weights
 from headstart.cache import EntrySpec, FeatureCache
 from headstart.callbacks import BestModelCheckpoint, EpochTimer, RunCallback, StageCSVLogger
@@ -57,6 +63,7 @@ from headstart.model import (
     build_model,
     classifier_of,
     feature_extractor,
+    pooled_name,
     summary_text,
     trainer_for,
 )
@@ -138,8 +145,8 @@ def train(
             config, num_processes=cluster.num_processes, process_id=cluster.process_id
         )
     model, base = _build(config, backbone, len(folder.class_names), head_builder)
-    unfreeze = resolve_unfreeze(config.unfreeze, backbone, base) if backbone.pretrained else 0
-    config = dataclasses.replace(config, unfreeze=str(unfreeze))
+    unfreeze = _resolve_unfreeze(config.unfreeze, backbone, base) if backbone.pretrained else "0"
+    config = dataclasses.replace(config, unfreeze=unfreeze)
     config.save(run_dir / runs.CONFIG_FILE)
     runs.write_json(run_dir / runs.LABELS_FILE, list(folder.class_names))
     runs.write_json(run_dir / runs.SPLIT_FILE, split_manifest(folder))
@@ -237,7 +244,7 @@ def _load_folder(config: Config):
 def _build(config: Config, backbone: Backbone, n_classes: int, head_builder=None):
     """The full model, initialised from the seed: the same on every call with one config."""
     keras.utils.set_random_seed(config.seed)
-    base = build_backbone(backbone, config.image_size, config.weights)
+    base = _build_base(config, backbone)
     model = build_model(
         backbone,
         base,
@@ -249,6 +256,43 @@ def _build(config: Config, backbone: Backbone, n_classes: int, head_builder=None
         head_builder=head_builder,
     )
     return model, base
+
+
+def _build_base(config: Config, backbone: Backbone):
+    """The base, or a fusion's two as a tuple: each built from the seed as if it were alone,
+    so that random weights (and so their cached features) are a single-backbone run's."""
+    if not backbone.parts:
+        return build_backbone(backbone, config.image_size, config.weights)
+    bases = []
+    for part, weights in zip(backbone.parts, _per_part(config.weights, backbone), strict=True):
+        keras.utils.set_random_seed(config.seed)
+        bases.append(build_backbone(part, config.image_size, weights))
+    return tuple(bases)
+
+
+def _per_part(value: str, backbone: Backbone) -> list[str]:
+    """A fusion's "V1+V2" setting (``--weights``, ``--unfreeze``) as one value per backbone;
+    a single value applies to both."""
+    values = str(value).split(FUSION_SEPARATOR)
+    return values if len(values) == len(backbone.parts) else [str(value)] * len(backbone.parts)
+
+
+def _parts(backbone: Backbone, base) -> list[tuple[Backbone, keras.Model]]:
+    """(backbone, base) pairs: one for a single backbone, two for a fusion."""
+    if not backbone.parts:
+        return [(backbone, base)]
+    return list(zip(backbone.parts, base, strict=True))
+
+
+def _resolve_unfreeze(spec: str, backbone: Backbone, base) -> str:
+    """``--unfreeze`` as layer counts, "N" or a fusion's "N1+N2": each base's top block by its
+    own default, or the same given spec for both."""
+    specs = _per_part(spec, backbone) if backbone.parts else [spec]
+    counts = [
+        resolve_unfreeze(each, part, part_base)
+        for each, (part, part_base) in zip(specs, _parts(backbone, base), strict=True)
+    ]
+    return FUSION_SEPARATOR.join(str(count) for count in counts)
 
 
 def _name_of(head_builder: HeadBuilder) -> str:
@@ -265,9 +309,9 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state, callbacks=
             run_dir,
             TrainingState("head", callbacks=callback_state(session.checkpoint, session.history)),
         )
-    unfreeze = int(config.unfreeze)
+    unfreeze = [int(count) for count in str(config.unfreeze).split(FUSION_SEPARATOR)]
     fine_tune = bool(backbone.pretrained and config.fine_tune and config.fine_tune_epochs)
-    fine_tune = fine_tune and unfreeze > 0
+    fine_tune = fine_tune and any(unfreeze)
     if fine_tune:
         session.plan_fine_tuning(unfreeze)
     stage = state.stage if state else "head"
@@ -348,14 +392,15 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state, callbacks=
     return TrainResult(run_dir, metrics, session.config)
 
 
-def _weights_id(config: Config, cache: FeatureCache | None) -> str:
-    """What the cache key needs to know about the weights: random ones depend on the seed,
-    a weights file on its content."""
-    if config.weights == "none":
+def _weights_id(config: Config, cache: FeatureCache | None, weights: str | None = None) -> str:
+    """What the cache key needs to know about the weights (``config.weights`` unless given:
+    one backbone's of a fusion): random ones depend on the seed, a file on its content."""
+    weights = config.weights if weights is None else weights
+    if weights == "none":
         return f"none:{config.seed}"
-    if config.weights == "imagenet" or cache is None:
-        return config.weights
-    return "file:" + cache.content_hashes([config.weights])[0]
+    if weights == "imagenet" or cache is None:
+        return weights
+    return "file:" + cache.content_hashes([weights])[0]
 
 
 def compile_for(model: keras.Model, n_classes: int, learning_rate: float) -> None:
@@ -391,9 +436,10 @@ class _Session:
         self.summaries: list[str] = []
         self.verbose = 0 if config.quiet else "auto"
         self.cache = FeatureCache(config.cache_dir) if config.cache else None
-        self.weights_id = _weights_id(config, self.cache)
+        # a fusion's cache keys are its backbones' own (see `_extract`)
+        self.weights_id = None if backbone.parts else _weights_id(config, self.cache)
         self.trunk = None  # set by plan_fine_tuning when the backbone can be cut
-        self.unfreeze = 0
+        self.unfreeze: list[int] = []  # top layers to fine-tune, per base
         self._memo: dict[tuple, object] = {}  # (kind, split, policy, view) -> rows
         self._frozen_parts: dict[str, keras.Model] = {}
         self._started = time.monotonic()
@@ -405,11 +451,17 @@ class _Session:
         before = self.state.train_seconds if self.state is not None else 0.0
         return before + time.monotonic() - self._started
 
-    def plan_fine_tuning(self, unfreeze: int) -> None:
-        """Cut the backbone where fine-tuning starts, so its frozen trunk runs only once."""
+    def plan_fine_tuning(self, unfreeze: list[int]) -> None:
+        """Cut the backbone where fine-tuning starts, so its frozen trunk runs only once.
+
+        A fusion is not cut (two trunks would need one cut each): it fine-tunes the full
+        model on images, both bases in inference mode.
+        """
         self.unfreeze = unfreeze
-        if self.config.mode == "extract" and self.config.cache_trunk:
-            self.trunk = split_at_cut(self.model, self.base, unfreeze)
+        if self.backbone.parts:
+            log.info("fusion: fine-tuning runs the full model on images (no cached trunk)")
+        elif self.config.mode == "extract" and self.config.cache_trunk:
+            self.trunk = split_at_cut(self.model, self.base, unfreeze[0])
 
     def _fit(self, trainer, stage: str, train_data, val_data, epochs: int) -> None:
         """``trainer.fit`` for one stage, from where a resumed run stopped; the training state
@@ -514,7 +566,8 @@ class _Session:
     def freeze_for_head(self) -> None:
         """Stage 1's model: the backbone frozen (its summary is recorded for summary.txt)."""
         if self.backbone.pretrained:
-            freeze(self.base)
+            for _, base in _parts(self.backbone, self.base):
+                freeze(base)
         self.summaries.append("# stage 1: head training\n" + summary_text(self.model))
 
     def train_head(self) -> None:
@@ -649,12 +702,15 @@ class _Session:
     def _frozen_part(self, kind: str) -> keras.Model:
         """The frozen model that makes a kind of view, built once per run (every view and
         every candidate policy goes through the same one): "trunk" (images to activations at
-        the cut), "pooled" (images to pooled features) or "pooled_from_trunk"."""
+        the cut), "pooled" (images to pooled features), "pooled_from_trunk", or a fusion
+        backbone's `pooled_name` (images to that backbone's pooled features)."""
         if kind not in self._frozen_parts:
             if kind == "trunk":
                 part = self.trunk.trunk
             elif kind == "pooled":
                 part = feature_extractor(self.model)
+            elif self.backbone.parts:  # one backbone of a fusion, by its `pooled_name`
+                part = keras.Model(self.model.input, self.model.get_layer(kind).output)
             else:
                 top = self.trunk.top
                 pooled = self.model.get_layer(FEATURES_NAME)(self.trunk.top_block(top.input))
@@ -664,12 +720,35 @@ class _Session:
 
     def _extract(self, kind: str, split: str, policy: str, view: int):
         """Run the frozen part over a split's files (through one augmentation of ``policy``
-        unless view 0), from and into the feature cache when it is on."""
-        extractor = self._frozen_part(kind)
+        unless view 0), from and into the feature cache when it is on.
+
+        A fusion's pooled features are each backbone's, cached under that backbone's own key
+        (shared with its single-backbone runs) and concatenated.
+        """
         if kind == "trunk":
             output = f"trunk:{self.trunk.cut_layer}"
         else:
             output = f"pooled:{self.config.head}"
+        if not self.backbone.parts:
+            extractor, weights_id = self._frozen_part(kind), self.weights_id
+            return self._rows(extractor, self.backbone, weights_id, output, split, policy, view)
+        weights = _per_part(self.config.weights, self.backbone)
+        rows = [
+            self._rows(
+                self._frozen_part(pooled_name(part)),
+                part,
+                _weights_id(self.config, self.cache, part_weights),
+                output,
+                split,
+                policy,
+                view,
+            )
+            for part, part_weights in zip(self.backbone.parts, weights, strict=True)
+        ]
+        return np.concatenate([np.asarray(r[np.arange(len(r))]) for r in rows], axis=1)
+
+    def _rows(self, extractor, backbone, weights_id, output, split, policy, view):
+        """One frozen part's outputs over a split, through the feature cache when it is on."""
         paths = list(getattr(self.folder, split).paths)
         augmenter = build_augmenter(policy, self.config.seed + 1000 * view) if view else None
 
@@ -686,22 +765,24 @@ class _Session:
         if self.cache is None:
             return np.concatenate(list(compute(paths)))
         spec = EntrySpec(
-            self.backbone.name,
-            self.weights_id,
+            backbone.name,
+            weights_id,
             self.config.image_size,
-            self.backbone.preprocessing,
+            backbone.preprocessing,
             output,
             "clean" if view == 0 else f"{policy}#{self.config.seed}#{view}",
         )
         return self.cache.rows(spec, paths, compute)
 
-    def fine_tune(self, unfreeze: int) -> None:
-        """Stage 2: unfreeze the top of the base, recompile at a low rate, train a few epochs.
+    def fine_tune(self, unfreeze: list[int]) -> None:
+        """Stage 2: unfreeze the top of the base (of each base of a fusion, ``unfreeze`` layers
+        each), recompile at a low rate, train a few epochs.
 
         With a cached trunk only the top block and head run, on cached activations of the
         clean and augmented views; otherwise the full model runs on augmented images.
         """
-        unfreeze_top(self.base, unfreeze, self.config.bn)
+        for (_, base), count in zip(_parts(self.backbone, self.base), unfreeze, strict=True):
+            unfreeze_top(base, count, self.config.bn)
         self.summaries.append("# stage 2: fine-tuning\n" + summary_text(self.model))
         if self.trunk is not None:
             trainer = InferenceModeTop(self.trunk, self.model)

@@ -73,6 +73,8 @@ def tune(
         raise UsageError("--max-time must be a positive number of minutes")
     config.validate()
     backbone = get_backbone(config.backbone)
+    if backbone.parts:
+        raise UsageError(f"--backbone {config.backbone}: tune searches one backbone, not a fusion")
     if not backbone.pretrained:
         raise UsageError(
             f"--backbone {config.backbone} trains from scratch: tune searches heads on cached "
