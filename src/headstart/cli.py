@@ -579,7 +579,8 @@ def _print_result(result) -> None:
         print(format_metrics(result.metrics))
         if format_uncertainty(result.metrics):
             print(format_uncertainty(result.metrics))
-    if result.config.distributed and not result.metrics:
+    config = getattr(result, "config", None)  # an ensemble's result has none
+    if config is not None and config.distributed and not result.metrics:
         print(f"process {result.config.process_id} done (process 0 writes the run)")
         return
     if result.metrics.get("calibration"):
