@@ -223,6 +223,12 @@ def main() -> None:
         default=[160],
         help="sizes where only (b) and (c) run, without the throughput figures",
     )
+    parser.add_argument(
+        "--recipes", nargs="*", default=[], help="run only these (e.g. a_workflow1 c_default)"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the other sizes' rows of the results file"
+    )
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "headstart-bench"))
     args = parser.parse_args()
@@ -237,13 +243,17 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.keep and (out / "fast_loop.json").exists():  # rows of sizes not run this time
+        earlier = json.loads((out / "fast_loop.json").read_text())
+        for key in ("recipes", "throughput"):
+            results[key] = {s: r for s, r in earlier[key].items() if int(s) not in args.sizes}
     for size in args.sizes:
         short = size in args.short_sizes
         if not short:
-            results["throughput"][size] = throughput(data, size)
-            print("throughput", size, results["throughput"][size], flush=True)
-        only = ("b_workflow2", "c_default") if short else ()
-        results["recipes"][size] = recipe_runs(data, size, work, only)
+            results["throughput"][str(size)] = throughput(data, size)
+            print("throughput", size, results["throughput"][str(size)], flush=True)
+        only = ("b_workflow2", "c_default") if short else tuple(args.recipes)
+        results["recipes"][str(size)] = recipe_runs(data, size, work, only)
         # after every size, so that a long run's finished figures are never lost
         (out / "fast_loop.json").write_text(json.dumps(results, indent=2) + "\n")
         (out / "fast_loop.md").write_text(markdown(results))
