@@ -830,7 +830,13 @@ class _Session:
             "fine-tuning rate chosen on validation: %s (%s)",
             chosen,
             ", ".join(
-                f"{r}: {v['val_accuracy'] or 'not better than stage 1'}" for r, v in scores.items()
+                f"{r}: "
+                + (
+                    "not better than stage 1"
+                    if v["val_accuracy"] is None
+                    else f"{v['val_accuracy']:.4f}"
+                )
+                for r, v in scores.items()
             ),
         )
 
