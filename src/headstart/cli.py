@@ -139,6 +139,11 @@ _TTA_HELP = (
 )
 
 
+def _config_of(args: argparse.Namespace) -> Config:
+    """The Config that the train options of ``train``, ``cv`` and ``tune`` describe."""
+    return Config(**{k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__})
+
+
 def _rate_or_auto(text: str) -> float | str:
     if text == "auto":
         return text
@@ -381,8 +386,7 @@ def _run(args: argparse.Namespace) -> int:
         if not args.data:
             raise UsageError("train needs DATA (a folder of class folders), or --resume RUN")
         _resolve_out(args)
-        options = {k: v for k, v in vars(args).items() if k not in ("verb", "out_given", "resume")}
-        result = train(Config(**options))
+        result = train(_config_of(args))
         _print_result(result)
     elif args.verb == "demo":
         from headstart.demo import demo
@@ -452,8 +456,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.test_split != Config(data="").test_split:
             raise UsageError("cv: --test-split does not apply, each fold tests 1/K of the images")
         _resolve_out(args)
-        options = {k: v for k, v in vars(args).items() if k not in ("verb", "out_given", "folds")}
-        summary = cross_validate(Config(**options), folds=args.folds)
+        summary = cross_validate(_config_of(args), folds=args.folds)
         print(format_cv(summary))
         print(f"written: {summary['out']}/cv.json")
     elif args.verb == "calibrate":
@@ -500,9 +503,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.verb == "tune":
         from headstart.tune import tune
 
-        options = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
         result = tune(
-            Config(**options),
+            _config_of(args),
             trials=args.trials,
             max_time=args.max_time,
             algorithm=args.algorithm,
