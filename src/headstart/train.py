@@ -609,22 +609,29 @@ class _Session:
     def _choose_feature_norm(self) -> None:
         """``--feature-norm auto``: the model built with each candidate normalisation of the
         head's input, its head trained by stage 1's own procedure on the clean cached features;
-        the best on validation is kept, rebuilt from the seed as a resumed run would build it.
+        the best on validation is kept, as a resumed run would build it from the seed.
 
-        The first candidate, "none", is the plain cached-features head: the floor of the run.
+        The first candidate, "none", is the plain cached-features head (the floor of the run)
+        and the session's own model, which `_build` made with that input: it is put back as it
+        was built and kept when it wins; another winner is rebuilt from the seed.
         """
         train_data = self._sampler(self._views("pooled", "train", "none", 0), "train")
         val_data = self._sampler(self._views("pooled", "val"), "val")
         config, scores = self.config, {}
+        reset = _snapshot(classifier_of(self.model).variables)
         for norm in FEATURE_NORMS:
-            model, _ = _build(
-                dataclasses.replace(config, feature_norm=norm), self.backbone, self.n_classes
-            )
+            model = self.model
+            if norm != "none":
+                candidate = dataclasses.replace(config, feature_norm=norm)
+                model, _ = _build(candidate, self.backbone, self.n_classes)
             classifier = classifier_of(model)
             scores[norm] = self._trial(classifier, train_data, val_data, config.epochs, config.lr)
+        reset()
         chosen = _best_of(scores)
         self._record_choice(feature_norm=chosen, feature_norm_scores=scores)
         log.info("head input chosen on validation: %s (%s)", chosen, _scores_text(scores))
+        if chosen == "none":
+            return
         self.model, self.base = _build(self.config, self.backbone, self.n_classes)
         self.checkpoint.full_model = self.model
         self._frozen_parts.clear()  # cached rows stay valid: the backbone is the same
