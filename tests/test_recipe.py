@@ -135,3 +135,44 @@ def test_the_search_stops_at_the_first_candidate_worse_than_the_best_before_it()
     assert tried == ["a", "b", "c", "d"] and list(scores) == tried  # "e" is never extracted
     tie = _climb(["a", "b", "c"], lambda name: {"val_accuracy": 0.5, "val_loss": 1.0})
     assert list(tie) == ["a", "b"]  # an exact tie is not an improvement
+
+
+def test_stage_1_repeats_the_chosen_trial_and_stops_at_its_best_epoch(auto_run):
+    chosen = auto_run.config.augment_scores[auto_run.config.augment]
+    rows = list(csv.DictReader((auto_run.run_dir / "history.csv").open()))
+    head = [r for r in rows if r["stage"] == "head"]
+    # the same start, data and procedure: the same epochs, ending where the trial saved
+    assert 1 <= chosen["epochs"] == len(head) <= auto_run.config.epochs
+    saved = auto_run.metrics["saved_from"]
+    assert saved["stage"] == "head" and saved["epoch"] == chosen["epochs"]
+    assert saved["val_loss"] == pytest.approx(chosen["val_loss"], abs=1e-6)
+    assert saved["val_accuracy"] == chosen["val_accuracy"]
+
+
+def test_stage_2_repeats_the_winning_rate_and_stops_at_its_best_epoch(mirrored_classes, tmp_path):
+    result = train(
+        Config(
+            data=str(mirrored_classes),
+            out=str(tmp_path / "run"),
+            weights="none",
+            image_size=32,
+            epochs=1,  # a weak stage 1 (one epoch at a tiny rate): fine-tuning beats it
+            lr=1e-5,
+            fine_tune_epochs=4,
+            augment="none",
+            feature_norm="none",
+            batch_size=8,
+            val_split=0.3,
+            quiet=True,
+        )
+    )
+    rate = result.config.fine_tune_lr
+    assert rate in FINE_TUNE_LR_CANDIDATES  # chosen, not forced
+    chosen = result.config.fine_tune_lr_scores[str(rate)]
+    rows = list(csv.DictReader((result.run_dir / "history.csv").open()))
+    fine_tune = [r for r in rows if r["stage"] == "fine_tune"]
+    assert 1 <= len(fine_tune) == chosen["epochs"] <= 4
+    saved = result.metrics["saved_from"]
+    assert saved["stage"] == "fine_tune" and saved["epoch"] == chosen["epochs"]
+    assert saved["val_loss"] == pytest.approx(chosen["val_loss"], abs=1e-6)
+    assert saved["val_accuracy"] == chosen["val_accuracy"]

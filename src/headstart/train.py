@@ -603,7 +603,7 @@ class _Session:
             "head",
             self._sampler(self._views("pooled", "train"), "train"),
             self._sampler(self._views("pooled", "val"), "val"),
-            self.config.epochs,
+            _epochs_of(self.config.augment_scores, self.config.augment, self.config.epochs),
         )
 
     def _choose_feature_norm(self) -> None:
@@ -805,7 +805,9 @@ class _Session:
             log.info("fine-tuning skipped: no learning rate beat stage 1 on validation")
             return
         compile_for(trainer, self.n_classes, self.config.fine_tune_lr)
-        self._fit(trainer, "fine_tune", train_data, val_data, self.config.fine_tune_epochs)
+        scores, rate = self.config.fine_tune_lr_scores, self.config.fine_tune_lr
+        epochs = _epochs_of(scores, str(rate), self.config.fine_tune_epochs)
+        self._fit(trainer, "fine_tune", train_data, val_data, epochs)
 
     def _choose_fine_tune_lr(self, trainer, train_data, val_data) -> None:
         """``--fine-tune-lr auto``: stage 2 once per candidate rate, from the same start, by
@@ -862,7 +864,12 @@ class _Session:
             shuffle=False,
             class_weight=self.class_weight,
         )
-        return {"val_accuracy": best.best_accuracy, "val_loss": best.saved["val_loss"]}
+        epochs = best.saved["epoch"] + 1 if best.best_accuracy is not None else None
+        return {
+            "val_accuracy": best.best_accuracy,
+            "val_loss": best.saved["val_loss"],
+            "epochs": epochs,
+        }
 
     def _record_choice(self, **choices) -> None:
         """A choice made during the run goes to config.json (a resumed run keeps it)."""
@@ -880,6 +887,13 @@ def _snapshot(variables) -> Callable[[], None]:
             variable.assign(value)
 
     return reset
+
+
+def _epochs_of(scores: dict[str, dict], chosen: str, epochs: int) -> int:
+    """How long a stage runs: a stage that repeats its chosen candidate's trial (same start,
+    data and procedure, so the same weights epoch by epoch) stops at that trial's best epoch,
+    where it would save; the epochs after it are only early stopping's wait."""
+    return (scores.get(chosen) or {}).get("epochs") or epochs
 
 
 def _climb(candidates, score: Callable[[str], dict]) -> dict[str, dict]:
