@@ -54,7 +54,7 @@ class Config:
     # --augment auto: each candidate policy's validation accuracy and loss (the winner is then
     # written to `augment`); empty when a policy was given
     augment_scores: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
-    views: int = 2  # extract mode: cached augmented views per training image (0: clean only)
+    views: int = 1  # extract mode: cached augmented views per training image (0: clean only)
     cache: bool = True  # keep backbone outputs in the on-disk feature cache, reused across runs
     cache_dir: str | None = None  # None: $HEADSTART_CACHE or ~/.cache/headstart
     cache_trunk: bool = True  # fine-tune on cached activations of the frozen trunk
