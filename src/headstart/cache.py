@@ -128,9 +128,7 @@ class FeatureCache:
         ``compute(missing_paths)`` yields batches of outputs in order; they are written to a
         new shard as they come, so memory stays bounded by one batch.
         """
-        entry = self.directory / spec.key()
-        entry.mkdir(exist_ok=True)
-        self._touch(entry, spec)  # meta first: `cache ls` and `clear` see even a partial entry
+        entry = self._entry(spec)
         keys = self.content_hashes(paths)
         index = self._index(entry)
         missing = sorted({k: p for k, p in zip(keys, paths, strict=True) if k not in index}.items())
@@ -150,6 +148,48 @@ class FeatureCache:
         shard_of = np.array([position[index[k][0]] for k in keys], dtype=np.int64)
         row_of = np.array([index[k][1] for k in keys], dtype=np.int64)
         return CachedRows(shards, shard_of, row_of)
+
+    def fill_part(
+        self,
+        spec: EntrySpec,
+        paths: list[str],
+        compute: Callable[..., Iterator[np.ndarray]],
+        part: int,
+        parts: int,
+        block: int = 1,
+    ) -> None:
+        """Compute the missing rows of part ``part`` of ``parts`` of ``paths``, into a shard of
+        its own (``--distributed``: each process fills its part of a shared cache).
+
+        The distinct images, in content-key order (the order `rows` computes them in), are
+        dealt out in blocks of ``block``: every image is in exactly one part, and the parts do
+        not depend on what is cached already (a process that finishes first changes no other
+        process's part). With ``block`` the extraction batch size, a fresh cache gets the very
+        batches a single process would compute, so the merged entry holds the same rows. An
+        augmented view's random draws depend on the pass, so there ``compute(all, only=blocks)``
+        goes over all the images and runs the backbone on this part's blocks only.
+        """
+        distinct = sorted(dict(zip(self.content_hashes(paths), paths, strict=True)).items())
+        mine = [i for i in range(len(distinct)) if i // block % parts == part]
+        if spec.view == "clean":
+            if mine:
+                self.rows(spec, [distinct[i][1] for i in mine], compute)
+            return
+        entry = self._entry(spec)
+        index = self._index(entry)
+        blocks = sorted({i // block for i in mine if distinct[i][0] not in index})
+        if blocks:
+            keys = [distinct[i][0] for i in mine if i // block in blocks]
+            log.info(
+                "computing %s for %d images (part %d of %d)", spec.output, len(keys), part, parts
+            )
+            self._write_shard(entry, keys, compute([p for _, p in distinct], only=blocks))
+
+    def _entry(self, spec: EntrySpec) -> Path:
+        entry = self.directory / spec.key()
+        entry.mkdir(exist_ok=True)
+        self._touch(entry, spec)  # meta first: `cache ls` and `clear` see even a partial entry
+        return entry
 
     @staticmethod
     def _index(entry: Path) -> dict[str, tuple[str, int]]:

@@ -379,7 +379,8 @@ def _run(args: argparse.Namespace) -> int:
 
         _check_resume_arguments(args)
         args.out = args.resume
-        _print_result(resume(args.resume))
+        cluster = {key: getattr(args, key) for key in CLUSTER_OPTIONS}
+        _print_result(resume(args.resume, **cluster))
     elif args.verb == "train":
         from headstart.train import train
 
@@ -547,14 +548,20 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --resume: these describe the new launch (where this process stands), not the run's settings
+CLUSTER_OPTIONS = ("coordinator", "num_processes", "process_id")
+
+
 def _check_resume_arguments(args: argparse.Namespace) -> None:
     """--resume takes every setting from the run's config.json: refuse others, rather than
-    silently ignoring them."""
+    silently ignoring them. The cluster options are the new launch's (`headstart launch`
+    adds them and --distributed), so they are taken, for a run that was --distributed."""
     defaults = vars(build_parser().parse_args(["train", "--resume", args.resume]))
+    launch = ("distributed", *CLUSTER_OPTIONS)
     given = [
         "--" + key.replace("_", "-")
         for key, value in vars(args).items()
-        if key not in ("quiet", "data") and value != defaults.get(key)
+        if key not in ("quiet", "data", *launch) and value != defaults.get(key)
     ]
     if args.data:
         given.insert(0, "DATA")
@@ -562,6 +569,13 @@ def _check_resume_arguments(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--resume {args.resume} continues the run with the settings in its config.json: "
             f"drop {', '.join(given)}"
+        )
+    config = os.path.join(args.resume, "config.json")
+    launched = [f"--{key.replace('_', '-')}" for key in launch if getattr(args, key)]
+    if launched and os.path.isfile(config) and not Config.load(config).distributed:
+        raise UsageError(
+            f"--resume {args.resume}: the run was not --distributed: drop {', '.join(launched)} "
+            f"(or `headstart launch`) and resume it in one process"
         )
 
 

@@ -5,6 +5,11 @@ Every process runs the same ``headstart train``: the shared seed makes the weigh
 averages the gradients, and ``fit`` shards each tf.data pipeline by itself (process i gets
 the i-th part of every global batch). TensorFlow's MultiWorkerMirroredStrategy is not used:
 with Keras 3 ``fit`` it fails (keras-team/keras#20585). Only process 0 writes the run folder.
+
+Feature extraction is sharded instead: each process runs the frozen backbone over its own part
+of the images into the shared feature cache (`headstart.cache.FeatureCache.fill_part`), all
+wait at a `barrier`, then every process reads all rows; the head and the fine-tuned top then
+train data-parallel on the cached rows, fed as tf.data (`sampler_batches`).
 """
 
 from __future__ import annotations
@@ -110,6 +115,39 @@ def current(distributed: bool) -> Cluster:
     import jax
 
     return Cluster(jax.process_index(), jax.process_count())
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the point called ``name`` (the same on all of them:
+    JAX checks it), e.g. until all have written their part of the feature cache."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def sampler_batches(sampler, *, training: bool):
+    """A `headstart.extract.ViewSampler` as tf.data, the only input Keras's multi-process
+    data adapter takes, in full global batches (`even_batches`).
+
+    The generator reads the sampler when the epoch's iteration starts, after ``fit``'s
+    ``on_epoch_begin`` has set its epoch: each epoch's order and views are drawn from the seed
+    and the epoch number alone, so every process sees the same global batches, those a single
+    process would (less the last partial training batch).
+    """
+    import tensorflow as tf
+
+    images, labels = sampler[0]
+    signature = (
+        tf.TensorSpec((None, *images.shape[1:]), tf.float32),
+        tf.TensorSpec((None, *labels.shape[1:]), tf.as_dtype(labels.dtype)),
+    )
+
+    def batches():
+        for index in range(len(sampler)):
+            yield sampler[index]
+
+    dataset = tf.data.Dataset.from_generator(batches, output_signature=signature)
+    return even_batches(dataset, len(sampler.labels), sampler.batch_size, training=training)
 
 
 def even_batches(dataset, n_rows: int, batch_size: int, *, training: bool):

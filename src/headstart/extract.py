@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import keras
@@ -99,22 +99,29 @@ def extract_batches(
     batch_size: int = 32,
     augmenter: keras.Model | None = None,
     verbose: bool = True,
+    only: Collection[int] | None = None,
 ) -> Iterator[np.ndarray]:
     """Outputs of ``extractor`` for image files, batch by batch (memory: one batch).
 
     Decoding runs in tf.data's parallel map and is prefetched, so the model is not kept
-    waiting for the files.
+    waiting for the files. The augmentation runs in order, batch after batch: in a parallel
+    map its random draws would go to other images on every pass. ``only``: the numbers of the
+    batches to run the extractor on; the others are still decoded and augmented, so that each
+    image gets the draw a full pass gives it (``--distributed``: each process its part).
     """
     import tensorflow as tf  # the input pipeline is tf.data on every backend
 
     split = Split(tuple(paths), (0,) * len(paths))
     dataset = make_dataset(split, (image_size, image_size), batch_size=batch_size, cache=False)
     if augmenter is not None:
-        dataset = dataset.map(
-            lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
-        ).prefetch(tf.data.AUTOTUNE)
-    progress = keras.utils.Progbar(len(paths), unit_name="image") if verbose else None
-    for images, _ in dataset:
+        dataset = dataset.map(lambda x, y: (augmenter(x, training=True), y))
+        dataset = dataset.prefetch(tf.data.AUTOTUNE)
+    sizes = [min(batch_size, len(paths) - start) for start in range(0, len(paths), batch_size)]
+    total = sum(sizes) if only is None else sum(sizes[i] for i in only)
+    progress = keras.utils.Progbar(total, unit_name="image") if verbose else None
+    for number, (images, _) in enumerate(dataset.as_numpy_iterator()):  # JAX takes no tf tensor
+        if only is not None and number not in only:
+            continue
         outputs = np.asarray(extractor.predict_on_batch(images))
         if progress:
             progress.add(len(outputs))

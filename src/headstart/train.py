@@ -35,11 +35,13 @@ from headstart.config import FEATURE_NORMS, FINE_TUNE_LR_CANDIDATES, GUIDE_FINE_
 from headstart.data import load_image_folder, make_dataset, split_manifest, write_skipped
 from headstart.distributed import (
     Cluster,
+    barrier,
     check_batch_size,
     current,
     even_batches,
     finish,
     initialize,
+    sampler_batches,
     weights_digest,
 )
 from headstart.errors import UsageError
@@ -112,7 +114,7 @@ def train(
     image_size = config.image_size or backbone.default_size
     check_image_size(backbone, image_size)
     weights = resolve_backbone_weights(backbone, config.weights)
-    mode = config.mode if backbone.pretrained and not config.distributed else "frozen"
+    mode = config.mode if backbone.pretrained else "frozen"
     augment = config.augment
     if augment == AUTO and mode == "frozen":  # choosing needs cached features
         log.info("--augment auto chooses on cached features (--mode extract): using the seeds'")
@@ -165,17 +167,39 @@ def resume(
     *,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     head_builder: HeadBuilder | None = None,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
 ) -> TrainResult:
     """Continue an interrupted run from its last saved epoch (see `headstart.resume`); a run
-    with a custom head needs its ``head_builder`` again."""
+    with a custom head needs its ``head_builder`` again.
+
+    A ``--distributed`` run continues distributed: every process calls this, with the new
+    launch's cluster (``coordinator``, ``num_processes``, ``process_id``; all None: JAX
+    detects it). The number of processes may differ from the first launch's, as long as it
+    divides the global batch; each process reads the state process 0 saved in the run folder
+    (which must be shared, or copied to the same path on every machine)."""
     run_dir = Path(run)
     if not (run_dir / runs.CONFIG_FILE).is_file():
         raise UsageError(f"--resume {run_dir}: not a headstart run folder (no config.json)")
     runs.check_version(run_dir)
-    if Config.load(run_dir / runs.CONFIG_FILE).distributed:
+    config = Config.load(run_dir / runs.CONFIG_FILE)
+    cluster = Cluster()
+    if config.distributed:
+        config = dataclasses.replace(
+            config, coordinator=coordinator, num_processes=num_processes, process_id=process_id
+        )
+        cluster = _join(config)
+        config = dataclasses.replace(
+            config,
+            num_processes=cluster.num_processes,
+            process_id=cluster.process_id,
+            quiet=config.quiet or not cluster.writes,
+        )
+    elif coordinator or num_processes is not None or process_id is not None:
         raise UsageError(
-            f"--resume {run_dir}: resuming a --distributed run is not supported yet; its "
-            f"model.keras is the best model so far, or train again with a new --out"
+            f"--resume {run_dir}: the run was not --distributed; resume it without the "
+            f"cluster options (or `headstart launch`)"
         )
     state = read_state(run_dir)
     if state is None:
@@ -185,7 +209,6 @@ def resume(
             f"--resume {run_dir}: the run stopped while it was being set up, so there is "
             f"nothing to resume; train again"
         )
-    config = Config.load(run_dir / runs.CONFIG_FILE)
     config.validate()
     backbone = get_backbone(config.backbone)
     folder = _load_folder(config)
@@ -202,19 +225,29 @@ def resume(
         )
     model, base = _build(config, backbone, len(folder.class_names), head_builder)
     log.info("resuming %s at stage %s, epoch %d", run_dir, state.stage, state.next_epoch + 1)
+    if not cluster.writes:  # the state is read: train on in a scratch copy of the run folder
+        run_dir = _scratch_copy(run_dir)
+        config = dataclasses.replace(config, out=str(run_dir))
+    if config.distributed:  # process 0 writes the run folder only once every copy is made
+        barrier("headstart resume")
     return _run(config, backbone, folder, model, base, run_dir, state, callbacks)
 
 
+def _scratch_copy(run_dir: Path) -> Path:
+    """A copy of the run folder for a process other than 0, which writes only there (deleted
+    when it ends)."""
+    scratch = Path(tempfile.mkdtemp())
+    shutil.copytree(run_dir, scratch, dirs_exist_ok=True)
+    return scratch
+
+
 def _join(config: Config) -> Cluster:
-    """``--distributed``: join the cluster before any model is built. The run trains on images
-    (``--mode frozen``: each process feeds the model its part of every batch); processes but 0
-    train in a scratch folder, deleted at the end, and show no progress bars."""
+    """``--distributed``: join the cluster before any model is built. Processes but 0 train in
+    a scratch folder, deleted at the end, and show no progress bars."""
     if not config.distributed:
         return Cluster()
     cluster = initialize(config.coordinator, config.num_processes, config.process_id)
     check_batch_size(config.batch_size, cluster)
-    if config.mode == "extract":
-        log.info("--distributed trains on images (--mode frozen); cached features are local")
     return cluster
 
 
@@ -499,8 +532,8 @@ class _Session:
             )
         )
         trainer.fit(
-            train_data,
-            validation_data=val_data,
+            self._feed(train_data, training=True),
+            validation_data=self._feed(val_data, training=False),
             epochs=epochs,
             initial_epoch=start,
             callbacks=callbacks,
@@ -508,6 +541,13 @@ class _Session:
             shuffle=False,
             class_weight=self.class_weight,
         )
+
+    def _feed(self, data, *, training: bool):
+        """What ``fit`` gets for ``data``: cached views go in as tf.data when distributed
+        (Keras's multi-process data adapter takes nothing else), as the sampler otherwise."""
+        if self.config.distributed and isinstance(data, ViewSampler):
+            return sampler_batches(data, training=training)
+        return data
 
     def _training_callbacks(self, train_data) -> list[keras.callbacks.Callback]:
         """What decides the course of training (and nothing that writes files): each epoch's
@@ -759,7 +799,7 @@ class _Session:
         paths = list(getattr(self.folder, split).paths)
         augmenter = build_augmenter(policy, self.config.seed + 1000 * view) if view else None
 
-        def compute(missing):
+        def compute(missing, only=None):
             return extract_batches(
                 extractor,
                 missing,
@@ -767,9 +807,10 @@ class _Session:
                 batch_size=self.config.batch_size,
                 augmenter=augmenter,
                 verbose=not self.config.quiet,
+                only=only,
             )
 
-        if self.cache is None:
+        if self.cache is None:  # --distributed: every process computes every row
             return np.concatenate(list(compute(paths)))
         spec = EntrySpec(
             backbone.name,
@@ -779,7 +820,20 @@ class _Session:
             output,
             "clean" if view == 0 else f"{policy}#{self.config.seed}#{view}",
         )
+        if self.config.distributed:
+            self._fill_my_part(spec, paths, compute)
         return self.cache.rows(spec, paths, compute)
+
+    def _fill_my_part(self, spec: EntrySpec, paths: list[str], compute) -> None:
+        """``--distributed``: this process extracts its part of the images into the cache,
+        then waits for the others; the full read that follows is all cache hits.
+
+        The cache must be one folder for all processes (on several machines, a shared file
+        system); otherwise each process computes after the barrier what it does not find."""
+        cluster = current(True)
+        block = self.config.batch_size  # the batches a single process would extract
+        self.cache.fill_part(spec, paths, compute, cluster.process_id, cluster.num_processes, block)
+        barrier(f"headstart cache {spec.key()}")
 
     def fine_tune(self, unfreeze: list[int]) -> None:
         """Stage 2: unfreeze the top of the base (of each base of a fusion, ``unfreeze`` layers
@@ -856,8 +910,8 @@ class _Session:
         best = BestModelCheckpoint(self.model, path=None)
         best.accuracy_floor = floor
         trainer.fit(
-            train_data,
-            validation_data=val_data,
+            self._feed(train_data, training=True),
+            validation_data=self._feed(val_data, training=False),
             epochs=epochs,
             callbacks=[*self._training_callbacks(train_data), best],
             verbose=0,
