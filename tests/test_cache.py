@@ -1,5 +1,6 @@
 """The feature cache: keyed by what decides an output, rows keyed by file content."""
 
+import dataclasses
 import importlib
 import os
 import shutil
@@ -35,6 +36,47 @@ class Counting:
         for start in range(0, len(paths), 3):
             chunk = paths[start : start + 3]
             yield np.array([[len(open(p, "rb").read()), i] for i, p in enumerate(chunk)], "f4")
+
+
+class Pass:
+    """A fake extraction pass in batches of 2. An augmented view's row also holds a random
+    draw made batch after batch, like a seeded augmenter's: it depends on the batch's place in
+    the pass. ``only``: the batches to run the backbone on (the draws still advance)."""
+
+    def __init__(self, random: bool):
+        self.random, self.ran = random, []
+
+    def __call__(self, paths, only=None):
+        rng = np.random.default_rng(0)
+        for number, start in enumerate(range(0, len(paths), 2)):
+            chunk = paths[start : start + 2]
+            draws = rng.random(len(chunk)) if self.random else np.zeros(len(chunk))
+            if only is not None and number not in only:
+                continue
+            self.ran.extend(chunk)
+            sizes = [len(open(path, "rb").read()) for path in chunk]
+            yield np.array([sizes, draws], "f4").T
+
+
+@pytest.mark.parametrize("view", ["clean", "flip#1#1"])
+def test_parts_filled_apart_make_the_entry_a_single_pass_makes(tmp_path, view):
+    """--distributed: 2 processes fill their parts of a cache; the merged entry has the rows
+    of a single process exactly, augmented views' random draws included."""
+    spec = dataclasses.replace(SPEC, view=view)
+    paths = _files(tmp_path, n=7)
+    shutil.copy(paths[0], tmp_path / "same_content.png")  # one key for two files
+    paths.append(str(tmp_path / "same_content.png"))
+    alone = Pass(random=view != "clean")
+    expected = FeatureCache(tmp_path / "alone").rows(spec, paths, alone).to_numpy()
+    cache, passes = FeatureCache(tmp_path / "parts"), [Pass(alone.random) for _ in range(2)]
+    for part in (1, 0):  # either may finish first
+        cache.fill_part(spec, paths, passes[part], part, 2, block=2)
+    assert passes[0].ran and passes[1].ran  # both did a share: blocks 0, 2 and blocks 1, 3
+    assert sorted(passes[0].ran + passes[1].ran) == sorted(alone.ran)  # each image once
+    after = Pass(alone.random)
+    np.testing.assert_array_equal(cache.rows(spec, paths, after).to_numpy(), expected)
+    assert after.ran == []  # all cache hits
+    assert len(list((tmp_path / "parts" / spec.key()).glob("*.keys.npy"))) == 2
 
 
 def test_second_lookup_computes_nothing_and_returns_the_same_rows(tmp_path):

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,11 +20,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from headstart.cache import FeatureCache
 from headstart.cli import main
 from headstart.distributed import Cluster, check_batch_size, even_batches, initialize
 from headstart.errors import UsageError
-from headstart.launch import GRACE_SECONDS, POLL_SECONDS, launch
-from headstart.train import resume
+from headstart.launch import GRACE_SECONDS, POLL_SECONDS, free_port, launch
+from headstart.resume import read_state
 
 needs_jax = pytest.mark.skipif(
     importlib.util.find_spec("jax") is None, reason="JAX not installed: pip install headstart[jax]"
@@ -58,7 +58,14 @@ BOTH_STAGES = [  # Lite0 (random weights, 32 px): a head epoch, then a fine-tuni
 ]
 
 
-def _env(tmp: Path) -> dict:
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory) -> Path:
+    """One JAX compilation cache for the module's processes: the same model built and run
+    again (another process, a resumed run) loads its XLA programs instead of compiling them."""
+    return tmp_path_factory.mktemp("jax-cache")
+
+
+def _env(tmp: Path, jax_cache: Path) -> dict:
     scratch = tmp / "scratch"  # where processes other than 0 keep their scratch run folder
     scratch.mkdir(exist_ok=True)
     return {
@@ -66,6 +73,9 @@ def _env(tmp: Path) -> dict:
         "KERAS_BACKEND": "jax",
         "PYTHONPATH": str(ROOT / "src"),
         "TMPDIR": str(scratch),
+        "JAX_COMPILATION_CACHE_DIR": str(jax_cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # even the initialisers' programs
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
 
 
@@ -110,12 +120,14 @@ def test_launch_refuses_other_verbs_and_no_processes():
 
 
 @needs_jax
-def test_two_processes_end_identical_and_match_one_process(image_folder_factory, tmp_path):
+def test_two_processes_end_identical_and_match_one_process(
+    image_folder_factory, tmp_path, jax_cache
+):
     """Both stages. Tolerance: weights and every epoch's losses and accuracies within 1e-4 of a
     one-process run with the same global batch and seed (the all-reduce sums in another order;
     measured: 1e-6 on the losses)."""
     data = image_folder_factory(tmp_path / "data", per_class=20)  # 28 train, 8 val, 4 test
-    env = _env(tmp_path)
+    env = _env(tmp_path, jax_cache)
     two, one = tmp_path / "two", tmp_path / "one"
     cmd = [sys.executable, "-m", "headstart"]
     launched = subprocess.run(
@@ -158,14 +170,20 @@ def _children(pid: int) -> list[int]:
 
 @needs_jax
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds processes in /proc")
-def test_killing_one_process_stops_the_other_with_a_clear_error(image_folder_factory, tmp_path):
+def test_killing_one_process_stops_the_other_with_a_clear_error(
+    image_folder_factory, tmp_path, jax_cache
+):
     """Bound: the launcher ends within POLL_SECONDS + GRACE_SECONDS (5.2 s) of the death;
     the test allows 10 s more."""
     data = image_folder_factory(tmp_path / "data", per_class=20)
     command = [sys.executable, "-m", "headstart", "launch", "--nproc", "2", "--"]
     command += ["train", str(data), f"--out={tmp_path / 'run'}", *TRAIN, "--epochs=50"]
     launcher = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path)
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(tmp_path, jax_cache),
     )
     try:
         lines = []
@@ -194,13 +212,13 @@ def test_killing_one_process_stops_the_other_with_a_clear_error(image_folder_fac
     assert all(not Path(f"/proc/{pid}").exists() for pid in children)
 
 
-def test_resume_of_a_distributed_run_is_refused_clearly(tiny_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    config = json.loads((run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({**config, "distributed": True}))
-    with pytest.raises(UsageError, match="resuming a --distributed run is not supported yet"):
-        resume(run)
+def test_cluster_options_on_resume_of_a_run_that_was_not_distributed_are_refused(tiny_run, capsys):
+    assert main(["train", "--resume", str(tiny_run), "--distributed", "--process-id=1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        f"headstart: error: --resume {tiny_run}: the run was not --distributed: drop "
+        "--distributed, --process-id (or `headstart launch`) and resume it in one process"
+    )
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the TensorFlow refusal")
@@ -212,12 +230,12 @@ def test_cli_distributed_on_tensorflow_exits_2_with_one_line(tiny_folder, tmp_pa
 
 
 @needs_jax
-def test_distributed_without_a_cluster_says_how_to_give_one(tiny_folder, tmp_path):
+def test_distributed_without_a_cluster_says_how_to_give_one(tiny_folder, tmp_path, jax_cache):
     done = subprocess.run(
         [sys.executable, "-m", "headstart", "train", str(tiny_folder), "--distributed"],
         capture_output=True,
         text=True,
-        env=_env(tmp_path),
+        env=_env(tmp_path, jax_cache),
         timeout=120,
         cwd=tmp_path,
     )
@@ -225,3 +243,144 @@ def test_distributed_without_a_cluster_says_how_to_give_one(tiny_folder, tmp_pat
     assert "headstart: error: --distributed: JAX found no cluster" in done.stderr
     assert "--coordinator HOST:PORT --num-processes N --process-id I" in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+EXTRACT = [  # Lite0 (random weights, 32 px) in extract mode: sharded extraction, both stages
+    "--backbone=efficientnet_lite0",
+    "--weights=none",
+    "--image-size=32",
+    "--epochs=2",
+    "--fine-tune-epochs=1",
+    "--fine-tune-lr=1e-3",
+    "--batch-size=4",
+    "--lr=3e-3",
+    "--dropout=0",
+    "--augment=flip",
+    "--views=1",  # an augmented view: its random draws must match a single process's too
+    "--feature-norm=none",
+    "--no-check",
+]
+# crash both processes right after process 0 saved the state of stage 1's first epoch
+CRASH_AFTER_FIRST_EPOCH = """
+import importlib, os, sys
+resume = importlib.import_module("headstart.resume")
+save = resume.ResumeCheckpoint.on_epoch_end
+def crash(self, epoch, logs=None):
+    save(self, epoch, logs)
+    if self.stage == "head" and epoch == 0:
+        os._exit(3)
+resume.ResumeCheckpoint.on_epoch_end = crash
+from headstart.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(image_folder_factory, tmp_path_factory, jax_cache):
+    """A 2-process extract-mode run (the manual --coordinator form) crashed after its first
+    epoch and resumed by `headstart launch --nproc 2`, each process filling its part of cache
+    "two"; and the same run in one process, uninterrupted, with cache "one"."""
+    tmp = tmp_path_factory.mktemp("sharded")
+    data = image_folder_factory(tmp / "data", per_class=20)  # 28 train, 8 val, 4 test
+    env, run = _env(tmp, jax_cache), tmp / "two"
+    port = free_port()
+    train = ["train", str(data), f"--out={run}", f"--cache-dir={tmp / 'cache-two'}", *EXTRACT]
+    cluster = ["--distributed", f"--coordinator=127.0.0.1:{port}", "--num-processes=2"]
+    crashed = [
+        subprocess.Popen(
+            [sys.executable, "-c", CRASH_AFTER_FIRST_EPOCH, *train, *cluster, f"--process-id={i}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    try:
+        errors = [process.communicate(timeout=300)[1] for process in crashed]
+    finally:
+        for process in crashed:
+            process.kill()
+    assert [p.returncode for p in crashed] == [3, 3], errors[0][-3000:] + errors[1][-3000:]
+    state = read_state(run)
+    scratch_before = sorted((tmp / "scratch").iterdir())
+    resumed = subprocess.run(
+        [sys.executable, "-m", "headstart", "launch", "--nproc", "2"]
+        + ["--", "train", "--resume", str(run)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    alone = subprocess.run(
+        [sys.executable, "-m", "headstart", "train", str(data), f"--out={tmp / 'one'}"]
+        + [f"--cache-dir={tmp / 'cache-one'}", *EXTRACT, "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    return {
+        "tmp": tmp,
+        "state": state,
+        "resumed": resumed.stdout,
+        "new_scratch": sorted((tmp / "scratch").iterdir()) != scratch_before,
+    }
+
+
+def _entries(cache: Path) -> dict[str, dict]:
+    """Each entry's meta (less when it was last used) and its rows by content key."""
+    entries = {}
+    for meta in sorted(cache.glob("*/meta.json")):
+        index = FeatureCache._index(meta.parent)
+        rows = {
+            key: np.load(meta.parent / f"{shard}.npy", mmap_mode="r")[row]
+            for key, (shard, row) in index.items()
+        }
+        described = {k: v for k, v in json.loads(meta.read_text()).items() if k != "last_used"}
+        entries[meta.parent.name] = {"meta": described, "rows": rows}
+    return entries
+
+
+@needs_jax
+def test_sharded_extraction_fills_the_cache_one_process_would(sharded_runs):
+    """Tolerance 0: each process extracts whole batches of a single process's pass (the same
+    images, the same augmentation draws), so every float16 row is bit-identical."""
+    tmp = sharded_runs["tmp"]
+    two, one = _entries(tmp / "cache-two"), _entries(tmp / "cache-one")
+    assert len(one) == 2  # the trunk activations of the clean images and of the flipped view
+    assert set(two) == set(one)
+    for key, entry in one.items():
+        assert two[key]["meta"] == entry["meta"]
+        assert set(two[key]["rows"]) == set(entry["rows"])
+        for content, row in entry["rows"].items():
+            np.testing.assert_array_equal(two[key]["rows"][content], row)
+        shards = list((tmp / "cache-two" / key).glob("*.keys.npy"))
+        assert len(shards) >= 2  # written in parts, by both processes
+
+
+@needs_jax
+def test_resumed_distributed_run_ends_as_one_uninterrupted_process(sharded_runs):
+    """The 2-process run crashed after epoch 1 and resumed with `launch --nproc 2` ends
+    bit-identical on both processes and within 1e-4 of one uninterrupted process (weights,
+    every epoch's losses and accuracies: the all-reduce sums in another order)."""
+    tmp, resumed = sharded_runs["tmp"], sharded_runs["resumed"]
+    state = sharded_runs["state"]
+    assert (state.stage, state.next_epoch) == ("head", 1)
+    assert "resuming" in resumed and "stage head, epoch 2" in resumed
+    digests = dict(re.findall(r"\[\d\] headstart: process (\d): final weights (\w+)", resumed))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    assert "[1] process 1 done (process 0 writes the run)" in resumed
+    assert not sharded_runs["new_scratch"]  # process 1's scratch copy is gone
+    two, one = tmp / "two", tmp / "one"
+    assert not (two / "resume.npz").exists() and (two / "metrics.json").is_file()
+    rows_two, rows_one = _history(two), _history(one)
+    assert [r["epoch"] for r in rows_two] == ["0", "1", "2"]
+    assert [r["stage"] for r in rows_two] == [r["stage"] for r in rows_one]
+    for a, b in zip(rows_two, rows_one, strict=True):
+        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), key
+    for a, b in zip(_weights(two), _weights(one), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
