@@ -26,6 +26,7 @@ from headstart.distributed import Cluster, check_batch_size, even_batches, initi
 from headstart.errors import UsageError
 from headstart.launch import GRACE_SECONDS, POLL_SECONDS, free_port, launch
 from headstart.resume import read_state
+from headstart.train import compile_for
 
 needs_jax = pytest.mark.skipif(
     importlib.util.find_spec("jax") is None, reason="JAX not installed: pip install headstart[jax]"
@@ -108,8 +109,23 @@ def test_even_batches_drop_the_training_remainder_and_pad_validation_with_weight
     assert [len(y) for _, y, _ in val] == [4, 4, 4]
     weights = np.concatenate([w.numpy() for _, _, w in val])
     labels = np.concatenate([y.numpy() for _, y, _ in val])
-    assert weights.tolist() == [1.0] * 10 + [0.0] * 2
+    np.testing.assert_allclose(weights, [1.2] * 10 + [0.0] * 2)  # 12 rows for 10 images
     assert labels[:10].tolist() == list(range(10))  # every image once, in order
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_padded_validation_scores_exactly_the_real_images(n_classes):
+    """Tolerance 1e-6 (float32 sums in another order): the padding counts for nothing."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(10, 3)).astype("f4"), rng.integers(0, n_classes, 10).astype("i4")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1 if n_classes == 2 else 3)])
+    compile_for(model, n_classes, 1e-3, weighted=True)
+    plain = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    expected = model.evaluate(plain, verbose=0, return_dict=True)
+    padded = even_batches(plain, 10, 4, training=False)
+    got = model.evaluate(padded, verbose=0, return_dict=True)
+    assert got["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
+    assert got["loss"] == pytest.approx(expected["loss"], abs=1e-6)
 
 
 def test_launch_refuses_other_verbs_and_no_processes():

@@ -154,8 +154,10 @@ def even_batches(dataset, n_rows: int, batch_size: int, *, training: bool):
     """Only full global batches, so that every process gets an equal part of each one.
 
     Training drops the last partial batch (a different remainder every epoch, as the order is
-    reshuffled); evaluation pads it with rows of sample weight 0, so validation accuracy counts
-    every image exactly once (the loss of the padded batch is averaged over all its rows).
+    reshuffled). Evaluation pads it with rows of sample weight 0 and gives the real rows the
+    weight (padded rows / real rows): Keras averages a batch's weighted loss over all its rows
+    and the epoch over all batches' rows, so the loss is then the mean over the real images;
+    accuracy, a weighted metric (`headstart.train.compile_for`), counts each image once.
     """
     import tensorflow as tf
 
@@ -163,8 +165,10 @@ def even_batches(dataset, n_rows: int, batch_size: int, *, training: bool):
         steps = n_rows // batch_size
         batches = dataset.rebatch(batch_size, drop_remainder=True)
         return batches.apply(tf.data.experimental.assert_cardinality(steps))
-    weighted = dataset.map(lambda x, y: (x, y, tf.ones_like(y, dtype=tf.float32)))
-    pad = -n_rows % batch_size
+    steps = -(-n_rows // batch_size)
+    weight = steps * batch_size / n_rows
+    weighted = dataset.map(lambda x, y: (x, y, tf.fill(tf.shape(y)[:1], weight)))
+    pad = steps * batch_size - n_rows
     if pad:
         images, labels = dataset.element_spec
         filler = tf.data.Dataset.from_tensors(
@@ -176,4 +180,4 @@ def even_batches(dataset, n_rows: int, batch_size: int, *, training: bool):
         )
         weighted = weighted.concatenate(filler)
     batches = weighted.rebatch(batch_size, drop_remainder=True)
-    return batches.apply(tf.data.experimental.assert_cardinality(-(-n_rows // batch_size)))
+    return batches.apply(tf.data.experimental.assert_cardinality(steps))

@@ -436,15 +436,22 @@ def _weights_id(config: Config, cache: FeatureCache | None, weights: str | None 
     return "file:" + cache.content_hashes([weights])[0]
 
 
-def compile_for(model: keras.Model, n_classes: int, learning_rate: float) -> None:
-    """Logit outputs: binary cross-entropy for 2 classes, sparse categorical otherwise."""
+def compile_for(
+    model: keras.Model, n_classes: int, learning_rate: float, *, weighted: bool = False
+) -> None:
+    """Logit outputs: binary cross-entropy for 2 classes, sparse categorical otherwise.
+
+    ``weighted``: accuracy counts sample weights (``--distributed``, where validation's padding
+    rows have weight 0, see `headstart.distributed.even_batches`; training accuracy then also
+    counts --class-weight's weights)."""
     if n_classes == 2:
         loss = keras.losses.BinaryCrossentropy(from_logits=True)
         accuracy = keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)
     else:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=[accuracy])
+    metrics = {"weighted_metrics" if weighted else "metrics": [accuracy]}
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, **metrics)
 
 
 class _Session:
@@ -618,7 +625,7 @@ class _Session:
             self._train_head_on_features()
             return
         trainer = trainer_for(self.model, self.backbone)
-        compile_for(trainer, self.n_classes, self.config.lr)
+        compile_for(trainer, self.n_classes, self.config.lr, weighted=self.config.distributed)
         self._fit(
             trainer,
             "head",
@@ -637,7 +644,7 @@ class _Session:
         if self.config.augment == AUTO:
             self._choose_augmentation()
         classifier = classifier_of(self.model)
-        compile_for(classifier, self.n_classes, self.config.lr)
+        compile_for(classifier, self.n_classes, self.config.lr, weighted=self.config.distributed)
         self._fit(
             classifier,
             "head",
@@ -858,7 +865,9 @@ class _Session:
         if self.config.fine_tune_lr is None:
             log.info("fine-tuning skipped: no learning rate beat stage 1 on validation")
             return
-        compile_for(trainer, self.n_classes, self.config.fine_tune_lr)
+        compile_for(
+            trainer, self.n_classes, self.config.fine_tune_lr, weighted=self.config.distributed
+        )
         scores, rate = self.config.fine_tune_lr_scores, self.config.fine_tune_lr
         epochs = _epochs_of(scores, str(rate), self.config.fine_tune_epochs)
         self._fit(trainer, "fine_tune", train_data, val_data, epochs)
@@ -906,7 +915,7 @@ class _Session:
     def _trial(self, trainer, train_data, val_data, epochs, learning_rate, floor=None) -> dict:
         """Train one candidate by the stage's own procedure, writing nothing, and score it on
         validation (accuracy None: no epoch beat ``floor``)."""
-        compile_for(trainer, self.n_classes, learning_rate)
+        compile_for(trainer, self.n_classes, learning_rate, weighted=self.config.distributed)
         best = BestModelCheckpoint(self.model, path=None)
         best.accuracy_floor = floor
         trainer.fit(
