@@ -302,22 +302,26 @@ def sharded_runs(image_folder_factory, tmp_path_factory, jax_cache):
     port = free_port()
     train = ["train", str(data), f"--out={run}", f"--cache-dir={tmp / 'cache-two'}", *EXTRACT]
     cluster = ["--distributed", f"--coordinator=127.0.0.1:{port}", "--num-processes=2"]
+    logs = [tmp / f"crashed-{i}.log" for i in range(2)]  # files: a full pipe would block
+    outputs = [log.open("w") for log in logs]
     crashed = [
         subprocess.Popen(
             [sys.executable, "-c", CRASH_AFTER_FIRST_EPOCH, *train, *cluster, f"--process-id={i}"],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+            stderr=output,
             env=env,
         )
-        for i in range(2)
+        for i, output in enumerate(outputs)
     ]
     try:
-        errors = [process.communicate(timeout=300)[1] for process in crashed]
-    finally:
         for process in crashed:
+            process.wait(timeout=300)
+    finally:
+        for process, output in zip(crashed, outputs, strict=True):
             process.kill()
-    assert [p.returncode for p in crashed] == [3, 3], errors[0][-3000:] + errors[1][-3000:]
+            output.close()
+    tails = "".join(log.read_text()[-3000:] for log in logs)
+    assert [p.returncode for p in crashed] == [3, 3], tails
     state = read_state(run)
     scratch_before = sorted((tmp / "scratch").iterdir())
     resumed = subprocess.run(
