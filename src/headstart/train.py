@@ -140,12 +140,8 @@ def train(
         class_weight=resolve_class_weight(
             config.class_weight, folder.train.counts(len(folder.class_names))
         ),
-        quiet=config.quiet or not cluster.writes,
     )
-    if config.distributed:  # as detected, when jax.distributed found the cluster by itself
-        config = dataclasses.replace(
-            config, num_processes=cluster.num_processes, process_id=cluster.process_id
-        )
+    config = _placed(config, cluster)
     model, base = _build(config, backbone, len(folder.class_names), head_builder)
     unfreeze = _resolve_unfreeze(config.unfreeze, backbone, base) if backbone.pretrained else "0"
     config = dataclasses.replace(config, unfreeze=unfreeze)
@@ -190,12 +186,7 @@ def resume(
             config, coordinator=coordinator, num_processes=num_processes, process_id=process_id
         )
         cluster = _join(config)
-        config = dataclasses.replace(
-            config,
-            num_processes=cluster.num_processes,
-            process_id=cluster.process_id,
-            quiet=config.quiet or not cluster.writes,
-        )
+        config = _placed(config, cluster)
     elif coordinator or num_processes is not None or process_id is not None:
         raise UsageError(
             f"--resume {run_dir}: the run was not --distributed; resume it without the "
@@ -249,6 +240,19 @@ def _join(config: Config) -> Cluster:
     cluster = initialize(config.coordinator, config.num_processes, config.process_id)
     check_batch_size(config.batch_size, cluster)
     return cluster
+
+
+def _placed(config: Config, cluster: Cluster) -> Config:
+    """A ``--distributed`` process's config: where it stands in the cluster (as joined, also
+    when JAX detected it by itself), and quiet unless it writes the run."""
+    if not config.distributed:
+        return config
+    return dataclasses.replace(
+        config,
+        num_processes=cluster.num_processes,
+        process_id=cluster.process_id,
+        quiet=config.quiet or not cluster.writes,
+    )
 
 
 def _load_folder(config: Config):
@@ -549,6 +553,10 @@ class _Session:
             class_weight=self.class_weight,
         )
 
+    def _compile(self, trainer: keras.Model, learning_rate: float) -> None:
+        """`compile_for` this run: its classes, and weighted accuracy when distributed."""
+        compile_for(trainer, self.n_classes, learning_rate, weighted=self.config.distributed)
+
     def _feed(self, data, *, training: bool):
         """What ``fit`` gets for ``data``: cached views go in as tf.data when distributed
         (Keras's multi-process data adapter takes nothing else), as the sampler otherwise."""
@@ -625,7 +633,7 @@ class _Session:
             self._train_head_on_features()
             return
         trainer = trainer_for(self.model, self.backbone)
-        compile_for(trainer, self.n_classes, self.config.lr, weighted=self.config.distributed)
+        self._compile(trainer, self.config.lr)
         self._fit(
             trainer,
             "head",
@@ -644,7 +652,7 @@ class _Session:
         if self.config.augment == AUTO:
             self._choose_augmentation()
         classifier = classifier_of(self.model)
-        compile_for(classifier, self.n_classes, self.config.lr, weighted=self.config.distributed)
+        self._compile(classifier, self.config.lr)
         self._fit(
             classifier,
             "head",
@@ -865,9 +873,7 @@ class _Session:
         if self.config.fine_tune_lr is None:
             log.info("fine-tuning skipped: no learning rate beat stage 1 on validation")
             return
-        compile_for(
-            trainer, self.n_classes, self.config.fine_tune_lr, weighted=self.config.distributed
-        )
+        self._compile(trainer, self.config.fine_tune_lr)
         scores, rate = self.config.fine_tune_lr_scores, self.config.fine_tune_lr
         epochs = _epochs_of(scores, str(rate), self.config.fine_tune_epochs)
         self._fit(trainer, "fine_tune", train_data, val_data, epochs)
@@ -901,21 +907,13 @@ class _Session:
         log.info(
             "fine-tuning rate chosen on validation: %s (%s)",
             chosen,
-            ", ".join(
-                f"{r}: "
-                + (
-                    "not better than stage 1"
-                    if v["val_accuracy"] is None
-                    else f"{v['val_accuracy']:.4f}"
-                )
-                for r, v in scores.items()
-            ),
+            _scores_text(scores),
         )
 
     def _trial(self, trainer, train_data, val_data, epochs, learning_rate, floor=None) -> dict:
         """Train one candidate by the stage's own procedure, writing nothing, and score it on
         validation (accuracy None: no epoch beat ``floor``)."""
-        compile_for(trainer, self.n_classes, learning_rate, weighted=self.config.distributed)
+        self._compile(trainer, learning_rate)
         best = BestModelCheckpoint(self.model, path=None)
         best.accuracy_floor = floor
         trainer.fit(
@@ -971,7 +969,12 @@ def _climb(candidates, score: Callable[[str], dict]) -> dict[str, dict]:
 
 
 def _scores_text(scores: dict[str, dict]) -> str:
-    return ", ".join(f"{name}: {score['val_accuracy']:.4f}" for name, score in scores.items())
+    """Each candidate's validation accuracy (None: no epoch beat stage 1, see `_trial`)."""
+
+    def text(accuracy: float | None) -> str:
+        return "not better than stage 1" if accuracy is None else f"{accuracy:.4f}"
+
+    return ", ".join(f"{name}: {text(score['val_accuracy'])}" for name, score in scores.items())
 
 
 def _best_of(scores: dict[str, dict]) -> str | None:
