@@ -20,8 +20,8 @@ import keras
 import numpy as np
 
 from headstart import Config, train
-from headstart.callbacks import RunCallback
 from headstart.data import read_image
+from headstart.train.callbacks import RunCallback
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "src/headstart/demo_data/fashion_mnist"
 

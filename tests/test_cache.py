@@ -10,8 +10,8 @@ import pytest
 
 from headstart import Config, train
 from headstart.augment import AUTO_CANDIDATES
-from headstart.cache import EntrySpec, FeatureCache, clear, list_entries
 from headstart.cli import main
+from headstart.train.cache import EntrySpec, FeatureCache, clear, list_entries
 
 SPEC = EntrySpec("efficientnet_lite0", "imagenet", 64, "lite", "pooled:gap", "clean")
 

@@ -14,8 +14,8 @@ import keras
 import numpy as np
 import pytest
 
-from headstart import efficientnet_lite as enl
-from headstart.efficientnet_lite import (
+from headstart.backbones import efficientnet_lite as enl
+from headstart.backbones.efficientnet_lite import (
     PREPROCESS_OFFSET,
     PREPROCESS_SCALE,
     VARIANTS,

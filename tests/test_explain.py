@@ -120,7 +120,7 @@ def test_gradcam_finds_the_cat_and_the_espresso():
     import keras
 
     skdata = pytest.importorskip("skimage.data")
-    from headstart.efficientnet_lite import EfficientNetLite
+    from headstart.backbones.efficientnet_lite import EfficientNetLite
 
     spec = get_backbone("efficientnet_lite0")
     model = build_model(spec, build_backbone(spec, 224, "imagenet"), 1000, head="gap")

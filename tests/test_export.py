@@ -14,12 +14,12 @@ import pytest
 
 from headstart import predict
 from headstart.cli import main
+from headstart.deploy.export import FORMATS, ExportCheckFailed, export
+from headstart.deploy.predictor import EXPORT_FILE, RUNTIMES, Predictor, load_predictor
 from headstart.errors import UsageError
-from headstart.export import FORMATS, ExportCheckFailed, export
-from headstart.predictor import EXPORT_FILE, RUNTIMES, Predictor, load_predictor
 
-export_module = sys.modules["headstart.export"]
-predictor_module = sys.modules["headstart.predictor"]
+export_module = sys.modules["headstart.deploy.export"]
+predictor_module = sys.modules["headstart.deploy.predictor"]
 
 _NEEDS = {
     "saved_model": ("tensorflow",),

@@ -9,13 +9,13 @@ import pytest
 
 from headstart import Config, evaluate, predict, train
 from headstart.backbones import default_unfreeze, get_backbone
-from headstart.cache import EntrySpec, FeatureCache, list_entries
-from headstart.callbacks import RunCallback
 from headstart.cli import main
 from headstart.data import find_images, load_image_folder, read_image
 from headstart.errors import UsageError
 from headstart.model import CLASSIFIER_NAME, FEATURES_NAME, feature_extractor
 from headstart.train import _build
+from headstart.train.cache import EntrySpec, FeatureCache, list_entries
+from headstart.train.callbacks import RunCallback
 
 FUSION = "efficientnet_lite0+mobilenet_v2"
 SIZE = 32

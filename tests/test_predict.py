@@ -16,10 +16,10 @@ from PIL import Image
 
 from headstart.cli import main
 from headstart.data import read_image
-from headstart.predict import iter_predictions
+from headstart.deploy.predict import iter_predictions
 
 BATCH = 32  # predict's default batch size
-predict_module = sys.modules["headstart.predict"]  # `headstart.predict` is also the function
+predict_module = sys.modules["headstart.deploy.predict"]  # `headstart.predict` is the function
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ import pytest
 
 from headstart import __version__, runs
 from headstart.cli import main
+from headstart.deploy.predict import predict
 from headstart.errors import UsageError
-from headstart.predict import predict
 
 
 @pytest.fixture(scope="module")

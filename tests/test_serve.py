@@ -24,11 +24,11 @@ uvicorn = pytest.importorskip("uvicorn", reason="serve tests need pip install -e
 
 from headstart import predict  # noqa: E402
 from headstart.cli import main  # noqa: E402
+from headstart.deploy.predictor import load_predictor  # noqa: E402
+from headstart.deploy.serve import create_app  # noqa: E402
 from headstart.errors import UsageError  # noqa: E402
-from headstart.predictor import load_predictor  # noqa: E402
-from headstart.serve import create_app  # noqa: E402
 
-serve_module = sys.modules["headstart.serve"]
+serve_module = sys.modules["headstart.deploy.serve"]
 CHROMIUM = Path("/usr/bin/chromium")
 MAX_WAIT_MS = 150  # long enough that concurrent requests surely meet in one batch
 MAX_UPLOAD_MB = 2
@@ -207,7 +207,7 @@ def test_page_has_no_internet_assets(client):
 
 
 def test_an_exported_model_is_served_without_gradcam(tiny_run, tmp_path):
-    from headstart.export import export
+    from headstart.deploy.export import export
 
     if importlib.util.find_spec("onnxruntime") is None:
         pytest.skip("needs onnxruntime: pip install -e '.[export]'")

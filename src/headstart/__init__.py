@@ -8,10 +8,10 @@ from headstart._version import __version__
 from headstart.backbones import list_backbones
 from headstart.config import Config
 from headstart.demo import demo
+from headstart.deploy.predict import predict
 from headstart.errors import UsageError
 from headstart.evaluate import evaluate
 from headstart.model import summary
-from headstart.predict import predict
 from headstart.train import train
 
 __all__ = [

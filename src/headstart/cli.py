@@ -332,7 +332,7 @@ def _interrupted(args: argparse.Namespace) -> str:
     the best model on validation so far (the checkpoint saves it at each improvement).
     """
     from headstart import runs
-    from headstart.resume import RESUME_FILE
+    from headstart.train.state import RESUME_FILE
 
     if args.verb == "cv" and getattr(args, "out", None):
         return (
@@ -395,7 +395,7 @@ def _run(args: argparse.Namespace) -> int:
         _resolve_out(args)
         _print_result(demo(args.out, quiet=args.quiet))
     elif args.verb == "launch":
-        from headstart.launch import launch
+        from headstart.distributed.launch import launch
 
         return launch(args.nproc, args.command)
     elif args.verb == "evaluate":
@@ -407,7 +407,7 @@ def _run(args: argparse.Namespace) -> int:
             if line:
                 print(line)
     elif args.verb == "predict":
-        from headstart.predict import iter_predictions
+        from headstart.deploy.predict import iter_predictions
 
         predictions = iter_predictions(args.run, args.paths, top_k=args.top_k, tta=args.tta)
         total, unreadable = _print_predictions(predictions, args.format)
@@ -422,7 +422,7 @@ def _run(args: argparse.Namespace) -> int:
 
         _print_backbones(list_backbones())
     elif args.verb == "cache":
-        from headstart import cache
+        from headstart.train import cache
 
         if args.action == "clear":
             print(f"freed {cache.clear(args.cache_dir) / 1e6:.1f} MB")
@@ -516,7 +516,7 @@ def _run(args: argparse.Namespace) -> int:
         if result.run is not None:
             _print_result(result.run)
     elif args.verb == "serve":
-        from headstart.serve import serve
+        from headstart.deploy.serve import serve
 
         serve(
             args.run,
@@ -531,7 +531,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     """Exit 1 when the artifact does not answer like model.keras (nothing is kept then)."""
-    from headstart.export import ExportCheckFailed, export
+    from headstart.deploy.export import ExportCheckFailed, export
 
     try:
         result = export(args.run, args.format, quantize=args.quantize, out=args.out)

@@ -124,11 +124,11 @@ def tune(
 def _features(config: Config, backbone, folder) -> dict[str, dict[str, np.ndarray]]:
     """{head: {split: features}} from one pass of the frozen backbone per split: the flattened
     backbone output, and its spatial mean (what GlobalAveragePooling2D gives)."""
-    from headstart.cache import EntrySpec, FeatureCache
     from headstart.extract import extract_batches
     from headstart.freeze import freeze
     from headstart.model import feature_extractor
     from headstart.train import _build, _weights_id
+    from headstart.train.cache import EntrySpec, FeatureCache
 
     flat_config = dataclasses.replace(config, head="flatten")
     model, base = _build(flat_config, backbone, len(folder.class_names))

@@ -26,8 +26,8 @@ from typing import Annotated
 import numpy as np
 
 from headstart.data import UnreadableImage, read_image
+from headstart.deploy.predictor import Predictor, load_predictor
 from headstart.errors import UsageError
-from headstart.predictor import Predictor, load_predictor
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,9 @@ def _explainer(predictor: Predictor):
 
 
 def _page() -> str:
-    return importlib.resources.files("headstart").joinpath("serve_page.html").read_text("utf-8")
+    return (
+        importlib.resources.files("headstart.deploy").joinpath("serve_page.html").read_text("utf-8")
+    )
 
 
 class _BodyLimit:

@@ -34,8 +34,7 @@ from PIL import Image
 from headstart import runs
 from headstart._version import __version__
 from headstart.data import UnreadableImage, load_image_folder, read_image
-from headstart.errors import UsageError
-from headstart.predictor import (
+from headstart.deploy.predictor import (
     EXPORT_FILE,
     RUNTIMES,
     Predictor,
@@ -43,6 +42,7 @@ from headstart.predictor import (
     load_artifact,
     require_runtime,
 )
+from headstart.errors import UsageError
 
 log = logging.getLogger(__name__)
 

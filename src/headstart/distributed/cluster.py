@@ -7,7 +7,7 @@ the i-th part of every global batch). TensorFlow's MultiWorkerMirroredStrategy i
 with Keras 3 ``fit`` it fails (keras-team/keras#20585). Only process 0 writes the run folder.
 
 Feature extraction is sharded instead: each process runs the frozen backbone over its own part
-of the images into the shared feature cache (`headstart.cache.FeatureCache.fill_part`), all
+of the images into the shared feature cache (`headstart.train.cache.FeatureCache.fill_part`), all
 wait at a `barrier`, then every process reads all rows; the head and the fine-tuned top then
 train data-parallel on the cached rows, fed as tf.data (`sampler_batches`).
 """

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from headstart.data import UnreadableImage, find_images, read_image
+from headstart.deploy.predictor import Predictor, load_predictor
 from headstart.errors import UsageError
-from headstart.predictor import Predictor, load_predictor
 from headstart.tta import check_views, tta_probabilities
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def predict(
 ) -> list[Prediction]:
     """Top-k classes for every image under ``paths`` (files, folders, globs), as one list.
 
-    ``run`` is a run directory or an exported artifact (`headstart.export`).
+    ``run`` is a run directory or an exported artifact (`headstart.deploy.export`).
 
     Unreadable files get a Prediction with ``error`` set instead of stopping the batch. For
     thousands of files, `iter_predictions` gives the same results as they are computed. With

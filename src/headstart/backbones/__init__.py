@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 from keras import layers
 
-from headstart import efficientnet_lite
+from headstart.backbones import efficientnet_lite
 from headstart.errors import UsageError
 
 DEFAULT_BACKBONE = "efficientnet_lite0"

@@ -29,11 +29,9 @@ from headstart.backbones import (
     get_backbone,
 )
 from headstart.backbones import resolve_weights as resolve_backbone_weights
-from headstart.cache import EntrySpec, FeatureCache
-from headstart.callbacks import BestModelCheckpoint, EpochTimer, RunCallback, StageCSVLogger
 from headstart.config import FEATURE_NORMS, FINE_TUNE_LR_CANDIDATES, GUIDE_FINE_TUNE_LR, Config
 from headstart.data import load_image_folder, make_dataset, split_manifest, write_skipped
-from headstart.distributed import (
+from headstart.distributed.cluster import (
     Cluster,
     barrier,
     check_batch_size,
@@ -69,7 +67,9 @@ from headstart.model import (
     summary_text,
     trainer_for,
 )
-from headstart.resume import (
+from headstart.train.cache import EntrySpec, FeatureCache
+from headstart.train.callbacks import BestModelCheckpoint, EpochTimer, RunCallback, StageCSVLogger
+from headstart.train.state import (
     ResumeCheckpoint,
     TrainingState,
     callback_state,
@@ -101,7 +101,7 @@ def train(
 
     ``callbacks``: extra Keras callbacks, given to every stage's ``fit`` (not to the candidate
     trials that choose the augmentation and the fine-tuning rate); subclass
-    `headstart.callbacks.RunCallback` to also see the whole classifier and the run folder.
+    `headstart.train.callbacks.RunCallback` to also see the whole classifier and the run folder.
     ``head_builder(features, n_classes) -> logits``: a custom head in place of the built-in
     one, on the pooled features (so it trains on the feature cache); config.json records its
     name in ``custom_head``. Neither is a Config field: callables are not JSON.
@@ -167,7 +167,7 @@ def resume(
     num_processes: int | None = None,
     process_id: int | None = None,
 ) -> TrainResult:
-    """Continue an interrupted run from its last saved epoch (see `headstart.resume`); a run
+    """Continue an interrupted run from its last saved epoch (see `headstart.train.state`); a run
     with a custom head needs its ``head_builder`` again.
 
     A ``--distributed`` run continues distributed: every process calls this, with the new
@@ -446,7 +446,7 @@ def compile_for(
     """Logit outputs: binary cross-entropy for 2 classes, sparse categorical otherwise.
 
     ``weighted``: accuracy counts sample weights (``--distributed``, where validation's padding
-    rows have weight 0, see `headstart.distributed.even_batches`; training accuracy then also
+    rows have weight 0, see `distributed.cluster.even_batches`; training accuracy then also
     counts --class-weight's weights)."""
     if n_classes == 2:
         loss = keras.losses.BinaryCrossentropy(from_logits=True)
@@ -461,7 +461,7 @@ def compile_for(
 class _Session:
     """State shared by the two stages: datasets, callbacks and the best-so-far checkpoint.
 
-    ``state`` is where a resumed run stopped (`headstart.resume`); None for a new run.
+    ``state`` is where a resumed run stopped (`headstart.train.state`); None for a new run.
     """
 
     def __init__(self, config, backbone: Backbone, folder, model, base, run_dir: Path, state):
