@@ -160,7 +160,7 @@ def test_bad_fusions_are_one_line_usage_errors(tiny_folder, capsys):
 
 def test_one_backbone_tools_refuse_a_fusion_in_one_line(fusion, tiny_folder):
     from headstart.explain import gradcam
-    from headstart.model import summary
+    from headstart.summary import summary
 
     result, _, _ = fusion
     model = keras.saving.load_model(result.run_dir / "model.keras")

@@ -11,7 +11,7 @@ from headstart.demo import demo
 from headstart.deploy.predict import predict
 from headstart.errors import UsageError
 from headstart.evaluate import evaluate
-from headstart.model import summary
+from headstart.summary import summary
 from headstart.train import train
 
 __all__ = [

@@ -429,7 +429,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             _print_cache_entries(cache.list_entries(args.cache_dir))
     elif args.verb == "summary":
-        from headstart.model import summary
+        from headstart.summary import summary
 
         print(
             summary(
