@@ -25,7 +25,7 @@ from fast_loop import _idx  # noqa: E402  (the benchmark's IDX reader)
 CHILD = """
 import sys, time
 from headstart.backbones import build_backbone, get_backbone
-from headstart.train.cache import EntrySpec, FeatureCache
+from headstart.training.cache import EntrySpec, FeatureCache
 from headstart.data import find_images
 from headstart.extract import extract_batches, split_at_cut
 from headstart.freeze import resolve_unfreeze

@@ -15,7 +15,7 @@
 # The README's figure is OUT/compare.png, copied to docs/seed_comparison.png.
 set -euo pipefail
 OUT=${1:-runs/seed_comparison}
-DATA=$(python -c "from headstart.demo import demo_data_path; print(demo_data_path())")
+DATA=$(python -c "from headstart.training.demo import demo_data_path; print(demo_data_path())")
 SIZE=128
 SCRATCH=(--backbone scratch_cnn --mode frozen --head flatten --dropout 0.5 --batch-size 8 --epochs 30 --patience 5)
 

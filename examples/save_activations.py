@@ -21,7 +21,7 @@ import numpy as np
 
 from headstart import Config, train
 from headstart.data import read_image
-from headstart.train.callbacks import RunCallback
+from headstart.training.callbacks import RunCallback
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "src/headstart/demo_data/fashion_mnist"
 

@@ -11,7 +11,7 @@ import pytest
 from headstart import Config, train
 from headstart.augment import AUTO_CANDIDATES
 from headstart.cli import main
-from headstart.train.cache import EntrySpec, FeatureCache, clear, list_entries
+from headstart.training.cache import EntrySpec, FeatureCache, clear, list_entries
 
 SPEC = EntrySpec("efficientnet_lite0", "imagenet", 64, "lite", "pooled:gap", "clean")
 
@@ -163,7 +163,7 @@ def test_ls_and_clear(tmp_path, capsys):
 def test_a_second_run_on_the_same_images_runs_the_backbone_zero_times(
     tiny_folder, tmp_path, monkeypatch
 ):
-    train_module = importlib.import_module("headstart.train")  # not the `train` function
+    train_module = importlib.import_module("headstart.training.recipe")  # not the `train` function
     calls = []
     real = train_module.extract_batches
     monkeypatch.setattr(

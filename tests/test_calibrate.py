@@ -21,7 +21,7 @@ from headstart.calibrate import (
     with_temperature,
 )
 from headstart.cli import main
-from headstart.evaluate import calibration, probabilities_from_logits
+from headstart.evaluation import calibration, probabilities_from_logits
 
 
 def _overconfident(n=4000, classes=4, scale=5.0, seed=0):

@@ -7,7 +7,7 @@ import pytest
 
 from headstart.cli import main
 from headstart.data import load_image_folder
-from headstart.demo import demo_data_path
+from headstart.training.demo import demo_data_path
 
 
 def test_demo_data_ships_with_the_package():

@@ -24,9 +24,9 @@ from headstart.cli import main
 from headstart.distributed.cluster import Cluster, check_batch_size, even_batches, initialize
 from headstart.distributed.launch import GRACE_SECONDS, POLL_SECONDS, free_port, launch
 from headstart.errors import UsageError
-from headstart.train import compile_for
-from headstart.train.cache import FeatureCache
-from headstart.train.state import read_state
+from headstart.training import compile_for
+from headstart.training.cache import FeatureCache
+from headstart.training.state import read_state
 
 needs_jax = pytest.mark.skipif(
     importlib.util.find_spec("jax") is None, reason="JAX not installed: pip install headstart[jax]"
@@ -279,7 +279,7 @@ EXTRACT = [  # Lite0 (random weights, 32 px) in extract mode: sharded extraction
 # crash both processes right after process 0 saved the state of stage 1's first epoch
 CRASH_AFTER_FIRST_EPOCH = """
 import importlib, os, sys
-resume = importlib.import_module("headstart.train.state")
+resume = importlib.import_module("headstart.training.state")
 save = resume.ResumeCheckpoint.on_epoch_end
 def crash(self, epoch, logs=None):
     save(self, epoch, logs)

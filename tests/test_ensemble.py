@@ -13,7 +13,7 @@ from headstart.check import load_split_manifest
 from headstart.cli import main
 from headstart.ensemble import build_ensemble, ensemble, fit_weights
 from headstart.errors import UsageError
-from headstart.evaluate import probabilities_from_logits
+from headstart.evaluation import probabilities_from_logits
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from headstart.evaluate import compute_metrics, format_metrics, probabilities_from_logits
+from headstart.evaluation import compute_metrics, format_metrics, probabilities_from_logits
 
 NAMES3 = ["cat", "dog", "fox"]
 
@@ -281,7 +281,7 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_images()
 
 
 def test_bootstrap_is_seeded_and_vectorised_rows_match_compute_metrics():
-    from headstart.evaluate import _macro_f1_rows, bootstrap_intervals
+    from headstart.evaluation import _macro_f1_rows, bootstrap_intervals
 
     labels, predictions = _answers(300, 0.7, n_classes=4, seed=1)
     assert bootstrap_intervals(labels, predictions, 4) == bootstrap_intervals(
@@ -301,7 +301,7 @@ def test_bootstrap_is_seeded_and_vectorised_rows_match_compute_metrics():
 
 
 def test_ece_is_zero_when_calibrated_and_large_when_over_confident():
-    from headstart.evaluate import calibration
+    from headstart.evaluation import calibration
 
     rng = np.random.default_rng(0)
     n = 20000
@@ -318,7 +318,7 @@ def test_ece_is_zero_when_calibrated_and_large_when_over_confident():
 
 
 def test_ece_hand_example():
-    from headstart.evaluate import calibration
+    from headstart.evaluation import calibration
 
     # 15 bins: 0.9 (twice, one right) falls in bin 13 = (13/15, 14/15], 0.6 (right) in bin 8
     # = (8/15, 9/15]
@@ -334,7 +334,7 @@ def test_ece_hand_example():
 
 
 def test_paired_difference_tells_noise_from_a_real_gap():
-    from headstart.evaluate import paired_difference
+    from headstart.evaluation import paired_difference
 
     rng = np.random.default_rng(0)
     a = rng.random(200) < 0.8
@@ -352,7 +352,7 @@ def test_paired_difference_tells_noise_from_a_real_gap():
 
 
 def test_format_uncertainty_line(three_class):
-    from headstart.evaluate import format_uncertainty
+    from headstart.evaluation import format_uncertainty
 
     line = format_uncertainty(three_class)
     assert line.startswith("95% bootstrap intervals: accuracy ")

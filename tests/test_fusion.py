@@ -13,9 +13,9 @@ from headstart.cli import main
 from headstart.data import find_images, load_image_folder, read_image
 from headstart.errors import UsageError
 from headstart.model import CLASSIFIER_NAME, FEATURES_NAME, feature_extractor
-from headstart.train import _build
-from headstart.train.cache import EntrySpec, FeatureCache, list_entries
-from headstart.train.callbacks import RunCallback
+from headstart.training import _build
+from headstart.training.cache import EntrySpec, FeatureCache, list_entries
+from headstart.training.callbacks import RunCallback
 
 FUSION = "efficientnet_lite0+mobilenet_v2"
 SIZE = 32
@@ -160,7 +160,7 @@ def test_bad_fusions_are_one_line_usage_errors(tiny_folder, capsys):
 
 def test_one_backbone_tools_refuse_a_fusion_in_one_line(fusion, tiny_folder):
     from headstart.explain import gradcam
-    from headstart.summary import summary
+    from headstart.summaries import summary
 
     result, _, _ = fusion
     model = keras.saving.load_model(result.run_dir / "model.keras")

@@ -10,7 +10,7 @@ import pytest
 
 from headstart import Config, train
 from headstart.errors import UsageError
-from headstart.evaluate import probabilities_from_logits
+from headstart.evaluation import probabilities_from_logits
 from headstart.extract import ViewSampler
 from headstart.imbalance import (
     IMBALANCE_THRESHOLD,
@@ -19,7 +19,7 @@ from headstart.imbalance import (
     resolve_class_weight,
 )
 from headstart.model import build_head
-from headstart.train import compile_for
+from headstart.training import compile_for
 
 
 def test_balanced_weights_are_n_over_classes_times_count_and_average_one():

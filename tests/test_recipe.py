@@ -122,7 +122,7 @@ def test_l2_feature_norm_puts_pooled_features_on_a_sphere_of_radius_sqrt_dim():
 
 
 def test_the_search_stops_at_the_first_candidate_worse_than_the_best_before_it():
-    from headstart.train import _climb
+    from headstart.training import _climb
 
     accuracy = {"a": 0.5, "b": 0.7, "c": 0.8, "d": 0.75, "e": 0.99}
     tried = []

@@ -269,7 +269,7 @@ def test_errors_are_ranked_by_confidence_and_none_is_a_message(tmp_path):
 
 
 def test_model_graph_or_the_one_line_hint(monkeypatch, tmp_path):
-    from headstart.summary import summary
+    from headstart.summaries import summary
 
     monkeypatch.setattr(figures, "graph_tools_available", lambda: False)
     text = summary("scratch_cnn", image_size=32, plot=str(tmp_path / "graph.png"))

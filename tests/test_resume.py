@@ -16,8 +16,8 @@ import pytest
 
 from headstart import Config, UsageError, train
 from headstart.cli import main
-from headstart.train import resume
-from headstart.train.state import RESUME_FILE, TrainingState, read_state, write_state
+from headstart.training import resume
+from headstart.training.state import RESUME_FILE, TrainingState, read_state, write_state
 
 # Both stages long enough that a kill lands inside the stage it aims at (an epoch here takes
 # ~0.1 s); patience never ends a stage early, so both runs do every epoch.

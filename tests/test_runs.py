@@ -203,7 +203,9 @@ def test_ctrl_c_during_train_keeps_the_run_and_exits_130(tiny_folder, tmp_path):
 
 
 def test_interrupted_message_before_any_epoch(tmp_path, monkeypatch, tiny_folder, capsys):
-    train_module = sys.modules["headstart.train"]  # `headstart.train` is also the function
+    train_module = sys.modules[
+        "headstart.training.recipe"
+    ]  # `headstart.train` is also the function
 
     def interrupted(config):
         runs.new_run_dir(config.out)

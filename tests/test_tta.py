@@ -12,7 +12,7 @@ from headstart.cli import main
 from headstart.data import load_image_folder
 from headstart.deploy.predict import predict
 from headstart.errors import UsageError
-from headstart.evaluate import evaluate, predict_split
+from headstart.evaluation import evaluate, predict_split
 from headstart.tta import MAX_VIEWS, augmented_views, check_views, describe, tta_probabilities
 
 

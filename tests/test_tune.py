@@ -28,7 +28,7 @@ def test_trials_share_one_backbone_pass(tiny_folder, tmp_path, monkeypatch):
     """Three trials, two head types: every training and validation image goes through the
     backbone exactly once, and no test image at all."""
     import headstart.extract as extract
-    from headstart.train import _load_folder
+    from headstart.training import _load_folder
 
     seen = []
     real = extract.extract_batches

@@ -13,8 +13,8 @@ from headstart import Config, runs, train
 from headstart.backbones import build_backbone, get_backbone
 from headstart.errors import UsageError
 from headstart.model import build_model
-from headstart.train import resume
-from headstart.train.state import TrainingState, write_state
+from headstart.training import resume
+from headstart.training.state import TrainingState, write_state
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -21,7 +21,7 @@ from headstart import runs
 from headstart.config import Config
 from headstart.data import Split, make_dataset
 from headstart.errors import UsageError
-from headstart.evaluate import (
+from headstart.evaluation import (
     EPSILON,
     PREDICTIONS_FILE,
     calibration,

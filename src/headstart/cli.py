@@ -332,7 +332,7 @@ def _interrupted(args: argparse.Namespace) -> str:
     the best model on validation so far (the checkpoint saves it at each improvement).
     """
     from headstart import runs
-    from headstart.train.state import RESUME_FILE
+    from headstart.training.state import RESUME_FILE
 
     if args.verb == "cv" and getattr(args, "out", None):
         return (
@@ -375,14 +375,14 @@ def _interrupted(args: argparse.Namespace) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     if args.verb == "train" and args.resume:
-        from headstart.train import resume
+        from headstart.training import resume
 
         _check_resume_arguments(args)
         args.out = args.resume
         cluster = {key: getattr(args, key) for key in CLUSTER_OPTIONS}
         _print_result(resume(args.resume, **cluster))
     elif args.verb == "train":
-        from headstart.train import train
+        from headstart.training import train
 
         if not args.data:
             raise UsageError("train needs DATA (a folder of class folders), or --resume RUN")
@@ -390,7 +390,7 @@ def _run(args: argparse.Namespace) -> int:
         result = train(_config_of(args))
         _print_result(result)
     elif args.verb == "demo":
-        from headstart.demo import demo
+        from headstart.training.demo import demo
 
         _resolve_out(args)
         _print_result(demo(args.out, quiet=args.quiet))
@@ -399,7 +399,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return launch(args.nproc, args.command)
     elif args.verb == "evaluate":
-        from headstart.evaluate import evaluate, format_metrics, format_tta, format_uncertainty
+        from headstart.evaluation import evaluate, format_metrics, format_tta, format_uncertainty
 
         metrics = evaluate(args.run, args.data, batch_size=args.batch_size, tta=args.tta)
         print(format_metrics(metrics))
@@ -422,14 +422,14 @@ def _run(args: argparse.Namespace) -> int:
 
         _print_backbones(list_backbones())
     elif args.verb == "cache":
-        from headstart.train import cache
+        from headstart.training import cache
 
         if args.action == "clear":
             print(f"freed {cache.clear(args.cache_dir) / 1e6:.1f} MB")
         else:
             _print_cache_entries(cache.list_entries(args.cache_dir))
     elif args.verb == "summary":
-        from headstart.summary import summary
+        from headstart.summaries import summary
 
         print(
             summary(
@@ -589,7 +589,7 @@ def _resolve_out(args: argparse.Namespace) -> None:
 
 
 def _print_result(result) -> None:
-    from headstart.evaluate import format_metrics, format_uncertainty
+    from headstart.evaluation import format_metrics, format_uncertainty
 
     if result.metrics.get("n_test"):
         print(format_metrics(result.metrics))

@@ -15,7 +15,7 @@ import numpy as np
 
 from headstart import figures, runs
 from headstart.errors import UsageError
-from headstart.evaluate import PREDICTIONS_FILE, paired_difference
+from headstart.evaluation import PREDICTIONS_FILE, paired_difference
 from headstart.report import read_history, stage_parameters
 
 COMPARE_TABLE = "compare.md"

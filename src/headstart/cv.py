@@ -82,7 +82,7 @@ def cross_validate(config: Config, folds: int = DEFAULT_FOLDS) -> dict:
     sample standard deviation over the folds. Every setting of ``config`` applies to every
     fold (the CLI's ``cv`` turns fine-tuning off unless ``--fine-tune`` is given)."""
     from headstart.check import write_split_manifest
-    from headstart.train import train
+    from headstart.training import train
 
     if folds < 2:
         raise UsageError("--folds must be at least 2")

@@ -27,7 +27,7 @@ from headstart import runs
 from headstart._version import __version__
 from headstart.config import Config
 from headstart.errors import UsageError
-from headstart.evaluate import (
+from headstart.evaluation import (
     EPSILON,
     PREDICTIONS_FILE,
     metrics_for_split,

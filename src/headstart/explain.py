@@ -21,7 +21,7 @@ import numpy as np
 from headstart import figures, runs
 from headstart.data import UnreadableImage, find_images, read_image
 from headstart.errors import UsageError
-from headstart.evaluate import probabilities_from_logits
+from headstart.evaluation import probabilities_from_logits
 from headstart.model import CLASSIFIER_NAME, FEATURES_NAME, backbone_layer_name
 
 log = logging.getLogger(__name__)

@@ -193,7 +193,7 @@ def reliability(calibration: dict, path: str | Path) -> Path:
     """Reliability diagram: accuracy per confidence bin against the diagonal of perfect
     calibration (bars below it: over-confident), with the images per bin underneath.
 
-    ``calibration`` is `headstart.evaluate.calibration` output (metrics.json "reliability").
+    ``calibration`` is `headstart.evaluation.calibration` output (metrics.json "reliability").
     """
     bins = int(calibration["bins"])
     count = np.asarray(calibration["count"], dtype=np.float64)

@@ -24,7 +24,7 @@ import numpy as np
 from headstart import figures, runs
 from headstart.check import CHECK_FILE, summary_line
 from headstart.config import Config
-from headstart.evaluate import PREDICTIONS_FILE
+from headstart.evaluation import PREDICTIONS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ def _predict_test(model, folder, class_names, metrics: dict, notes: _Notes) -> _
     import keras
 
     from headstart.data import make_dataset
-    from headstart.evaluate import probabilities_from_logits
+    from headstart.evaluation import probabilities_from_logits
 
     if list(folder.class_names) != list(class_names):
         raise ValueError("the data folder's classes differ from the run's labels")
@@ -321,7 +321,7 @@ def _predict_test(model, folder, class_names, metrics: dict, notes: _Notes) -> _
 
 
 def _check_against_metrics(test: _TestPredictions, class_names, metrics: dict, notes) -> None:
-    from headstart.evaluate import confusion_matrix
+    from headstart.evaluation import confusion_matrix
 
     matrix = confusion_matrix(test.labels, test.predicted, len(class_names)).tolist()
     if matrix != metrics.get("confusion_matrix"):

@@ -63,7 +63,7 @@ def tune(
     settings of ``config`` (backbone, image size, epochs, batch size, split, ...) are kept.
     """
     from headstart.backbones import check_image_size, get_backbone, resolve_weights
-    from headstart.train import _load_folder
+    from headstart.training import _load_folder
 
     if algorithm not in ALGORITHMS:
         raise UsageError(f"--algorithm must be one of {', '.join(ALGORITHMS)}")
@@ -115,7 +115,7 @@ def tune(
     runs.write_json(out / TUNE_FILE, record)
     result = None
     if train_best:
-        from headstart.train import train
+        from headstart.training import train
 
         result = train(best_config)
     return TuneResult(out, rows, best, command, result)
@@ -127,8 +127,8 @@ def _features(config: Config, backbone, folder) -> dict[str, dict[str, np.ndarra
     from headstart.extract import extract_batches
     from headstart.freeze import freeze
     from headstart.model import feature_extractor
-    from headstart.train import _build, _weights_id
-    from headstart.train.cache import EntrySpec, FeatureCache
+    from headstart.training import _build, _weights_id
+    from headstart.training.cache import EntrySpec, FeatureCache
 
     flat_config = dataclasses.replace(config, head="flatten")
     model, base = _build(flat_config, backbone, len(folder.class_names))
@@ -179,7 +179,7 @@ class _HeadModel(keras_tuner.HyperModel):
 
     def build(self, hp):
         from headstart.model import build_head
-        from headstart.train import compile_for
+        from headstart.training import compile_for
 
         head = hp.Choice("head", sorted(self.features))
         hidden = hp.Choice("hidden", list(HIDDEN_WIDTHS))

@@ -7,7 +7,7 @@ the i-th part of every global batch). TensorFlow's MultiWorkerMirroredStrategy i
 with Keras 3 ``fit`` it fails (keras-team/keras#20585). Only process 0 writes the run folder.
 
 Feature extraction is sharded instead: each process runs the frozen backbone over its own part
-of the images into the shared feature cache (`headstart.train.cache.FeatureCache.fill_part`), all
+of the images into the shared feature cache (`headstart.training.cache.FeatureCache.fill_part`), all
 wait at a `barrier`, then every process reads all rows; the head and the fine-tuned top then
 train data-parallel on the cached rows, fed as tf.data (`sampler_batches`).
 """
@@ -157,7 +157,7 @@ def even_batches(dataset, n_rows: int, batch_size: int, *, training: bool):
     reshuffled). Evaluation pads it with rows of sample weight 0 and gives the real rows the
     weight (padded rows / real rows): Keras averages a batch's weighted loss over all its rows
     and the epoch over all batches' rows, so the loss is then the mean over the real images;
-    accuracy, a weighted metric (`headstart.train.compile_for`), counts each image once.
+    accuracy, a weighted metric (`headstart.model.compile_for`), counts each image once.
     """
     import tensorflow as tf
 

@@ -2,7 +2,7 @@
 
 ``BestModelCheckpoint`` keeps the best full model across both stages, ``StageCSVLogger`` the
 history of both stages in one CSV, ``EpochTimer`` the cost of each epoch. Their state is plain
-numbers and rows, so that `headstart.train.state` can save it after every epoch and put it back.
+numbers and rows, so that `headstart.training.state` can save it after every epoch and put it back.
 """
 
 from __future__ import annotations

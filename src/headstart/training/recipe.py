@@ -43,7 +43,7 @@ from headstart.distributed.cluster import (
     weights_digest,
 )
 from headstart.errors import UsageError
-from headstart.evaluate import (
+from headstart.evaluation import (
     PREDICTIONS_FILE,
     metrics_for_split,
     predict_split,
@@ -67,9 +67,14 @@ from headstart.model import (
     summary_text,
     trainer_for,
 )
-from headstart.train.cache import EntrySpec, FeatureCache
-from headstart.train.callbacks import BestModelCheckpoint, EpochTimer, RunCallback, StageCSVLogger
-from headstart.train.state import (
+from headstart.training.cache import EntrySpec, FeatureCache
+from headstart.training.callbacks import (
+    BestModelCheckpoint,
+    EpochTimer,
+    RunCallback,
+    StageCSVLogger,
+)
+from headstart.training.state import (
     ResumeCheckpoint,
     TrainingState,
     callback_state,
@@ -101,7 +106,7 @@ def train(
 
     ``callbacks``: extra Keras callbacks, given to every stage's ``fit`` (not to the candidate
     trials that choose the augmentation and the fine-tuning rate); subclass
-    `headstart.train.callbacks.RunCallback` to also see the whole classifier and the run folder.
+    `headstart.training.callbacks.RunCallback` to also see the whole classifier and the run folder.
     ``head_builder(features, n_classes) -> logits``: a custom head in place of the built-in
     one, on the pooled features (so it trains on the feature cache); config.json records its
     name in ``custom_head``. Neither is a Config field: callables are not JSON.
@@ -167,7 +172,7 @@ def resume(
     num_processes: int | None = None,
     process_id: int | None = None,
 ) -> TrainResult:
-    """Continue an interrupted run from its last saved epoch (see `headstart.train.state`); a run
+    """Continue an interrupted run from its last saved epoch (see `headstart.training.state`); a run
     with a custom head needs its ``head_builder`` again.
 
     A ``--distributed`` run continues distributed: every process calls this, with the new
@@ -212,7 +217,7 @@ def resume(
     if config.custom_head and head_builder is None:
         raise UsageError(
             f"--resume {run_dir}: the run has a custom head ({config.custom_head}): resume it "
-            f"from Python, headstart.train.resume(run, head_builder={config.custom_head})"
+            f"from Python, headstart.training.resume(run, head_builder={config.custom_head})"
         )
     model, base = _build(config, backbone, len(folder.class_names), head_builder)
     log.info("resuming %s at stage %s, epoch %d", run_dir, state.stage, state.next_epoch + 1)
@@ -461,7 +466,7 @@ def compile_for(
 class _Session:
     """State shared by the two stages: datasets, callbacks and the best-so-far checkpoint.
 
-    ``state`` is where a resumed run stopped (`headstart.train.state`); None for a new run.
+    ``state`` is where a resumed run stopped (`headstart.training.state`); None for a new run.
     """
 
     def __init__(self, config, backbone: Backbone, folder, model, base, run_dir: Path, state):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 
 from headstart.config import Config
-from headstart.train import TrainResult, train
+from headstart.training import TrainResult, train
 
 DEMO_IMAGE_SIZE = 128  # Fashion-MNIST is 28x28: 128 px keeps the demo to minutes on 2 CPU cores
 
