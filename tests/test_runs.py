@@ -4,6 +4,7 @@ errors for run folders and model files headstart cannot use."""
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import shutil
@@ -203,9 +204,7 @@ def test_ctrl_c_during_train_keeps_the_run_and_exits_130(tiny_folder, tmp_path):
 
 
 def test_interrupted_message_before_any_epoch(tmp_path, monkeypatch, tiny_folder, capsys):
-    train_module = sys.modules[
-        "headstart.training.recipe"
-    ]  # `headstart.train` is also the function
+    train_module = importlib.import_module("headstart.training")  # what the CLI calls
 
     def interrupted(config):
         runs.new_run_dir(config.out)
