@@ -53,9 +53,9 @@ def features(data: Path, size: int, views: int) -> dict[str, list[np.ndarray]]:
     """Pooled features of every split: view 0 clean, then ``views`` flipped training views."""
     from headstart.augment import build_augmenter
     from headstart.backbones import build_backbone, get_backbone, resolve_weights
-    from headstart.data import load_image_folder
     from headstart.extract import extract_batches
     from headstart.model import build_model, feature_extractor
+    from headstart.splits import load_image_folder
 
     spec = get_backbone("efficientnet_lite0")
     base = build_backbone(spec, size, resolve_weights(spec, "default"))

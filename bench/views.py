@@ -40,9 +40,9 @@ def extract_views(data: Path, size: int, policies, max_views: int) -> dict:
     split, each view a fresh draw of the policy (as headstart's cache keys them)."""
     from headstart.augment import build_augmenter
     from headstart.backbones import build_backbone, get_backbone, resolve_weights
-    from headstart.data import load_image_folder
     from headstart.extract import extract_batches
     from headstart.model import build_model, feature_extractor
+    from headstart.splits import load_image_folder
 
     spec = get_backbone("efficientnet_lite0")
     base = build_backbone(spec, size, resolve_weights(spec, "default"))

@@ -12,16 +12,15 @@ import pytest
 
 from headstart import Config, train
 from headstart.calibrate import (
-    TEMPERATURE_NAME,
     choose_temperature,
     fit_temperature,
     logits_model,
     nll,
-    temperature_of,
     with_temperature,
 )
 from headstart.cli import main
-from headstart.evaluation import calibration, probabilities_from_logits
+from headstart.metrics import calibration, probabilities_from_logits
+from headstart.model import TEMPERATURE_NAME, temperature_of
 
 
 def _overconfident(n=4000, classes=4, scale=5.0, seed=0):

@@ -22,16 +22,14 @@ from headstart.check import (
     correlated_pairs,
     default_out,
     inspect_image,
-    load_split_manifest,
     near_pairs,
     perceptual_hash,
     summary_line,
     thumbnail,
-    write_split_manifest,
 )
 from headstart.cli import main
-from headstart.data import load_image_folder
 from headstart.errors import UsageError
+from headstart.splits import load_image_folder, load_split_manifest, write_split_manifest
 
 CLASSES = ("cat", "dog", "fox")
 

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 from headstart.cli import main
-from headstart.cv import fold_folder, fold_of
-from headstart.data import load_image_folder
 from headstart.errors import UsageError
+from headstart.splits import fold_folder, fold_of, load_image_folder
 
 
 @pytest.fixture(scope="module")

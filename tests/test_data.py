@@ -17,12 +17,12 @@ from headstart.data import (
     Split,
     UnreadableImage,
     find_images,
-    load_image_folder,
     make_dataset,
     read_image,
     write_skipped,
 )
 from headstart.errors import UsageError
+from headstart.splits import load_image_folder
 
 SMALL = (8, 10)  # (height, width): enough to decode, cheap to write
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from headstart.cli import main
-from headstart.data import load_image_folder
+from headstart.splits import load_image_folder
 from headstart.training.demo import demo_data_path
 
 

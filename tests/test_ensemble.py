@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from headstart import Config, runs, train
-from headstart.check import load_split_manifest
 from headstart.cli import main
 from headstart.ensemble import build_ensemble, ensemble, fit_weights
 from headstart.errors import UsageError
-from headstart.evaluation import probabilities_from_logits
+from headstart.metrics import probabilities_from_logits
+from headstart.splits import load_split_manifest
 
 
 @pytest.fixture(scope="module")

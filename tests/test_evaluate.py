@@ -9,7 +9,8 @@ import warnings
 import numpy as np
 import pytest
 
-from headstart.evaluation import compute_metrics, format_metrics, probabilities_from_logits
+from headstart.evaluation import format_metrics
+from headstart.metrics import compute_metrics, probabilities_from_logits
 
 NAMES3 = ["cat", "dog", "fox"]
 
@@ -281,7 +282,7 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_images()
 
 
 def test_bootstrap_is_seeded_and_vectorised_rows_match_compute_metrics():
-    from headstart.evaluation import _macro_f1_rows, bootstrap_intervals
+    from headstart.metrics import bootstrap_intervals, macro_f1_rows
 
     labels, predictions = _answers(300, 0.7, n_classes=4, seed=1)
     assert bootstrap_intervals(labels, predictions, 4) == bootstrap_intervals(
@@ -297,11 +298,11 @@ def test_bootstrap_is_seeded_and_vectorised_rows_match_compute_metrics():
         compute_metrics(y, one_hot_ish(p.tolist(), 4), ["a", "b", "c", "d"])["macro_f1"]
         for y, p in zip(rows_labels, rows_predictions, strict=True)
     ]
-    np.testing.assert_allclose(_macro_f1_rows(rows_labels, rows_predictions, 4), expected)
+    np.testing.assert_allclose(macro_f1_rows(rows_labels, rows_predictions, 4), expected)
 
 
 def test_ece_is_zero_when_calibrated_and_large_when_over_confident():
-    from headstart.evaluation import calibration
+    from headstart.metrics import calibration
 
     rng = np.random.default_rng(0)
     n = 20000
@@ -318,7 +319,7 @@ def test_ece_is_zero_when_calibrated_and_large_when_over_confident():
 
 
 def test_ece_hand_example():
-    from headstart.evaluation import calibration
+    from headstart.metrics import calibration
 
     # 15 bins: 0.9 (twice, one right) falls in bin 13 = (13/15, 14/15], 0.6 (right) in bin 8
     # = (8/15, 9/15]
@@ -334,7 +335,7 @@ def test_ece_hand_example():
 
 
 def test_paired_difference_tells_noise_from_a_real_gap():
-    from headstart.evaluation import paired_difference
+    from headstart.metrics import paired_difference
 
     rng = np.random.default_rng(0)
     a = rng.random(200) < 0.8

@@ -10,9 +10,10 @@ import pytest
 from headstart import Config, evaluate, predict, train
 from headstart.backbones import default_unfreeze, get_backbone
 from headstart.cli import main
-from headstart.data import find_images, load_image_folder, read_image
+from headstart.data import find_images, read_image
 from headstart.errors import UsageError
 from headstart.model import CLASSIFIER_NAME, FEATURES_NAME, feature_extractor
+from headstart.splits import load_image_folder
 from headstart.training import _build
 from headstart.training.cache import EntrySpec, FeatureCache, list_entries
 from headstart.training.callbacks import RunCallback

@@ -21,10 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from headstart import Config, runs, train
+from headstart import Config, files, runs, train
 from headstart.cli import main
-from headstart.data import UnreadableImage, load_image_folder, read_image
+from headstart.data import UnreadableImage, read_image
 from headstart.errors import UsageError
+from headstart.splits import load_image_folder
 
 # Expected here: PIL warns about decompression bombs before read_image refuses them, and about
 # the corrupt EXIF blocks the fuzzer makes (the image itself is still read).
@@ -186,7 +187,7 @@ def test_training_on_a_hostile_folder(hostile, image_folder_factory, tmp_path, c
     # a complete run, nothing half-written, and the data folder untouched to the byte
     rows = list(csv.DictReader((run / "history.csv").open(encoding="utf-8")))
     assert [row["stage"] for row in rows] == ["head"]
-    assert not [p.name for p in run.iterdir() if runs.is_temp_file(p.name)]
+    assert not [p.name for p in run.iterdir() if files.is_temp_file(p.name)]
     assert _fingerprint(hostile) == before
 
 

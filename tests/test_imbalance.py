@@ -10,7 +10,6 @@ import pytest
 
 from headstart import Config, train
 from headstart.errors import UsageError
-from headstart.evaluation import probabilities_from_logits
 from headstart.extract import ViewSampler
 from headstart.imbalance import (
     IMBALANCE_THRESHOLD,
@@ -18,6 +17,7 @@ from headstart.imbalance import (
     class_weights,
     resolve_class_weight,
 )
+from headstart.metrics import probabilities_from_logits
 from headstart.model import build_head
 from headstart.training import compile_for
 

@@ -16,8 +16,8 @@ from PIL import Image
 
 from headstart import Config, figures, train
 from headstart.cli import main
-from headstart.data import load_image_folder
 from headstart.report import ranked_errors, report, stage_parameters
+from headstart.splits import load_image_folder
 
 LONG_NAME = "fox_with_a_really_long_class_name"
 CLASSES = ("cat", "dog", LONG_NAME)

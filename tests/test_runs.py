@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import pytest
 
-from headstart import __version__, runs
+from headstart import __version__, files, runs
 from headstart.cli import main
 from headstart.deploy.predict import predict
 from headstart.errors import UsageError
@@ -31,7 +31,7 @@ def run_dir(tiny_run) -> Path:
 
 
 def _temp_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if runs.is_temp_file(p.name))
+    return sorted(p.name for p in folder.iterdir() if files.is_temp_file(p.name))
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -61,21 +61,21 @@ def test_a_crash_inside_model_save_keeps_the_previous_model(run_dir, tmp_path):
             raise OSError("No space left on device")
 
     with pytest.raises(OSError, match="No space"):
-        runs.save_model_atomic(CrashingModel(), target)
+        files.save_model_atomic(CrashingModel(), target)
     assert target.read_bytes() == before and _temp_files(tmp_path) == []
     keras.saving.load_model(target)
 
 
 def test_an_interrupted_text_write_keeps_the_previous_file(tmp_path, monkeypatch):
     target = tmp_path / "metrics.json"
-    runs.write_json(target, {"accuracy": 0.5})
+    files.write_json(target, {"accuracy": 0.5})
 
     def interrupted(src, dst):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        runs.write_json(target, {"accuracy": 0.9})
+        files.write_json(target, {"accuracy": 0.9})
     assert json.loads(target.read_text()) == {"accuracy": 0.5}
     assert _temp_files(tmp_path) == []
 
@@ -96,8 +96,8 @@ def write_forever(version, ready):
     while True:
         for weight in model.weights:
             weight.assign(keras.ops.full(weight.shape, float(version)))
-        runs.save_model_atomic(model, model_file)
-        runs.write_json(state_file, {"version": version, "padding": "x" * 300_000})
+        files.save_model_atomic(model, model_file)
+        files.write_json(state_file, {"version": version, "padding": "x" * 300_000})
         version += 1
 
 rng, caught_mid_write = random.Random(0), 0
@@ -118,7 +118,7 @@ for kill in range(kills):
     time.sleep(rng.uniform(0.0, 0.15))
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
-    temps = [n for n in os.listdir(run) if runs.is_temp_file(n)]
+    temps = [n for n in os.listdir(run) if files.is_temp_file(n)]
     caught_mid_write += bool(temps)
     for name in temps:  # what a crashed run leaves: a hidden temp file, never a broken target
         os.unlink(os.path.join(run, name))

@@ -11,9 +11,10 @@ import pytest
 
 from headstart import Config, evaluate, predict, train
 from headstart.cli import main
-from headstart.data import find_images, load_image_folder, read_image
+from headstart.data import find_images, read_image
 from headstart.errors import UsageError
 from headstart.model import classifier_of, feature_extractor
+from headstart.splits import load_image_folder
 
 RUN_FILES = {
     "model.keras",

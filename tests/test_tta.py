@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from headstart.cli import main
-from headstart.data import load_image_folder
 from headstart.deploy.predict import predict
 from headstart.errors import UsageError
 from headstart.evaluation import evaluate, predict_split
+from headstart.splits import load_image_folder
 from headstart.tta import MAX_VIEWS, augmented_views, check_views, describe, tta_probabilities
 
 

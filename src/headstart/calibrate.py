@@ -17,23 +17,22 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from headstart import runs
+from headstart import files, runs
 from headstart.config import Config
 from headstart.data import Split, make_dataset
 from headstart.errors import UsageError
 from headstart.evaluation import (
-    EPSILON,
     PREDICTIONS_FILE,
-    calibration,
     metrics_for_split,
     predict_split,
-    probabilities_from_logits,
     write_predictions,
 )
+from headstart.metrics import EPSILON, calibration, probabilities_from_logits
+from headstart.model import TEMPERATURE_NAME
+from headstart.splits import run_split
 
 log = logging.getLogger(__name__)
 
-TEMPERATURE_NAME = "temperature"  # the Rescaling layer that divides the logits by T
 T_RANGE = (0.05, 20.0)  # searched on a log scale; the NLL has one minimum in 1/T (convex)
 _GOLDEN = (math.sqrt(5) - 1) / 2
 _STEPS = 60  # golden-section steps: the bracket shrinks to 1e-12 of its log width
@@ -89,13 +88,6 @@ def with_temperature(model: keras.Model, temperature: float) -> keras.Model:
     return keras.Model(plain.input, scaled, name=plain.name)
 
 
-def temperature_of(model: keras.Model) -> float:
-    """The model's temperature: 1.0 when it is not calibrated."""
-    if TEMPERATURE_NAME not in [layer.name for layer in model.layers]:
-        return 1.0
-    return 1.0 / float(model.get_layer(TEMPERATURE_NAME).scale)
-
-
 def predict_logits(model: keras.Model, split: Split, batch_size: int = 32) -> np.ndarray:
     size = tuple(model.input_shape[1:3])
     return np.asarray(model.predict(make_dataset(split, size, batch_size=batch_size), verbose=0))
@@ -143,19 +135,16 @@ def calibrate_model(
 def calibrate(run: str | Path, *, batch_size: int = 32) -> dict:
     """``headstart calibrate RUN``: temperature-scale a finished run on its own validation
     split (from split.json) and rescore its test split; model.keras, metrics.json,
-    predictions.csv, config.json (``calibrate: true``) and the report are rewritten.
+    predictions.csv and config.json (``calibrate: true``) are rewritten (the caller redraws the
+    report: `headstart.report.redraw`).
     Accuracy is unchanged; the confidences, loss and ECE are those of the calibrated model."""
-    from headstart.check import load_split_manifest
-
     run_dir = runs.open_run_dir(run)
-    if not (run_dir / runs.SPLIT_FILE).is_file():
-        raise UsageError(f"{run_dir} has no {runs.SPLIT_FILE}: train it again to calibrate it")
     config = Config.load(run_dir / runs.CONFIG_FILE)
     class_names = runs.read_labels(run_dir)
-    folder = load_split_manifest(run_dir / runs.SPLIT_FILE, data=config.data)
+    folder = run_split(run_dir, config.data)
     model = runs.load_model(run_dir, len(class_names))
     model, record = calibrate_model(model, folder.val, batch_size)
-    runs.save_model_atomic(model, run_dir / runs.MODEL_FILE)
+    files.save_model_atomic(model, run_dir / runs.MODEL_FILE)
     metrics_file = run_dir / runs.METRICS_FILE
     metrics = runs.read_json(metrics_file) if metrics_file.is_file() else {}
     if len(folder.test):
@@ -165,15 +154,9 @@ def calibrate(run: str | Path, *, batch_size: int = 32) -> dict:
         )
         write_predictions(run_dir / PREDICTIONS_FILE, folder.test, class_names, probabilities)
     metrics["calibration"] = record
-    runs.write_json(metrics_file, metrics)
+    files.write_json(metrics_file, metrics)
     config.calibrate = True
     config.save(run_dir / runs.CONFIG_FILE)
-    try:  # the figures follow the new confidences; a failure to draw loses nothing
-        from headstart.report import report
-
-        report(run_dir)
-    except Exception as error:
-        log.warning("report not redrawn: %s", error, exc_info=log.isEnabledFor(logging.DEBUG))
     return metrics
 
 

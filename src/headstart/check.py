@@ -16,7 +16,6 @@ Library surface for training: `check_folder(folder)` -> report dict, `summary_li
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -28,22 +27,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from headstart import runs
-from headstart.data import (
-    _PIL_FORMATS,
-    ImageFolder,
-    Split,
-    UnreadableImage,
-    load_image_folder,
-    read_image,
-    split_manifest,
-)
+from headstart.data import PIL_FORMATS, ImageFolder, UnreadableImage, read_image
 from headstart.errors import UsageError
+from headstart.files import write_ascii_json
+from headstart.splits import (
+    SPLITS,
+    load_image_folder,
+    sorted_split,
+    write_split_manifest,
+)
 
 log = logging.getLogger(__name__)
 
 CHECK_FILE = "check.json"
-SPLITS = ("train", "val", "test")
 
 # Perceptual hash: 16x16 lowest DCT frequencies of a 32x32 grey image, each bit = above median.
 HASH_SIDE = 32
@@ -142,7 +138,7 @@ def inspect_image(path: str) -> ImageFacts:
     with open(path, "rb") as handle:
         sha1 = hashlib.file_digest(handle, "sha1").hexdigest()
     try:
-        with Image.open(path, formats=_PIL_FORMATS) as img:
+        with Image.open(path, formats=PIL_FORMATS) as img:
             width, height, mode, fmt = img.width, img.height, img.mode, img.format or "?"
             frames = getattr(img, "n_frames", 1)
     except Exception as exc:  # read_image below gives the stable reason
@@ -570,125 +566,8 @@ def leakage_free(folder: ImageFolder, report: dict) -> tuple[ImageFolder, int]:
     parts: dict[str, list[tuple[int, str]]] = {s: [] for s in SPLITS}
     for path, split, label in _entries(folder):
         parts[target.get(_relative(path, folder.root), split)].append((label, path))
-    splits = {s: _split(pairs) for s, pairs in parts.items()}
+    splits = {s: sorted_split(pairs) for s, pairs in parts.items()}
     return replace(folder, **splits), len(target)
-
-
-def _split(pairs: list[tuple[int, str]]) -> Split:
-    pairs = sorted(pairs)  # the order load_image_folder uses: by label, then path
-    return Split(tuple(p for _, p in pairs), tuple(label for label, _ in pairs))
-
-
-def write_split_manifest(folder: ImageFolder, path: str | Path, *, note: str = "") -> Path:
-    """Write the folder's exact train/val/test file lists, in the format of a run's split.json
-    (`headstart.data.split_manifest`: paths relative to DATA, each with its class).
-
-    `load_split_manifest` reads it back, so another run can use the very same split.
-    """
-    manifest = split_manifest(folder)
-    if note:
-        manifest["note"] = note
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, manifest)
-    return path
-
-
-def _write_json(path: Path, value: object) -> None:
-    """ASCII JSON: file names that are not valid UTF-8 (surrogate escapes) survive the round
-    trip as \\udcXX escapes, where UTF-8 output would fail to encode them."""
-    runs.write_text_atomic(path, json.dumps(value, indent=2) + "\n")
-
-
-def load_split_manifest(
-    path: str | Path, data: str | Path | None = None, *, workers: int | None = None
-) -> ImageFolder:
-    """An `ImageFolder` from a split manifest (a run's split.json, or `--fix-split` output), as
-    `load_image_folder` would have built it.
-
-    ``data`` is the folder the relative paths start from (default: the manifest's ``root``, so a
-    moved data folder needs it). Files missing or unreadable now are skipped with their reason,
-    as `load_image_folder` does; a file listed twice, an unknown class, or a manifest with no
-    readable file is a `UsageError`.
-    """
-    manifest = _read_manifest(Path(path))
-    root = os.path.abspath(os.fspath(data if data is not None else manifest["root"]))
-    if not os.path.isdir(root):
-        raise UsageError(f"{path}: data folder {root} not found: pass the data folder")
-    names = tuple(manifest["class_names"])
-    index = {name: i for i, name in enumerate(names)}
-    listed: dict[str, tuple[str, int]] = {}
-    for split in SPLITS:
-        for rel, name in manifest[split]:
-            if name not in index:
-                raise UsageError(f"{path}: class '{name}' of {rel} is not in its class_names")
-            if rel in listed:
-                raise UsageError(f"{path}: {rel} is listed in {listed[rel][0]} and in {split}")
-            listed[rel] = (split, index[name])
-    absolute = {rel: os.path.join(root, rel) for rel in listed}
-    bad = _unreadable(list(absolute.values()), workers)
-    if len(bad) == len(absolute):
-        raise UsageError(
-            f"{path}: none of its {len(absolute)} files can be read under {root}: pass the data "
-            "folder the manifest was written for"
-        )
-    parts: dict[str, list[tuple[int, str]]] = {s: [] for s in SPLITS}
-    for rel, (split, label) in listed.items():
-        if absolute[rel] not in bad:
-            parts[split].append((label, absolute[rel]))
-    return ImageFolder(
-        root=root,
-        class_names=names,
-        train=_split(parts["train"]),
-        val=_split(parts["val"]),
-        test=_split(parts["test"]),
-        skipped=tuple(sorted(bad.items())),
-        layout="manifest",
-    )
-
-
-def _read_manifest(path: Path) -> dict:
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"split manifest not found: {path}") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path} is not a readable split manifest: {exc}") from None
-    names = manifest.get("class_names") if isinstance(manifest, dict) else None
-    pairs = [manifest.get(split) for split in SPLITS] if names else []
-    if not (
-        isinstance(names, list)
-        and names
-        and all(isinstance(n, str) for n in names)
-        and isinstance(manifest.get("root"), str)
-        and all(
-            isinstance(part, list)
-            and all(
-                isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
-                for p in part
-            )
-            for part in pairs
-        )
-    ):
-        raise UsageError(
-            f"{path} is not a headstart split manifest (a run's split.json, or the output of "
-            "`headstart check DATA --fix-split PATH`)"
-        )
-    return manifest
-
-
-def _unreadable(paths: list[str], workers: int | None) -> dict[str, str]:
-    def reason(path: str) -> str | None:
-        try:
-            read_image(path, (HASH_SIDE, HASH_SIDE))
-        except UnreadableImage as exc:
-            return str(exc)
-        return None
-
-    workers = workers or min(32, (os.cpu_count() or 1) + 4)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="headstart-split") as pool:
-        reasons = list(pool.map(reason, paths))
-    return {p: r for p, r in zip(paths, reasons, strict=True) if r is not None}
 
 
 # ----------------------------------------------------------------------------- the verb
@@ -733,7 +612,7 @@ def check(
         write_split_manifest(fixed, fix_split, note=note)
         report["fixed_split"] = {"path": str(Path(fix_split).resolve()), "moved": moved}
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(out, report)
+    write_ascii_json(out, report)
     report["out"] = str(out)
     return report
 

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart import figures, runs
+from headstart import figures, files, runs
+from headstart.backbones import get_backbone
 from headstart.errors import UsageError
-from headstart.evaluation import PREDICTIONS_FILE, paired_difference
+from headstart.evaluation import PREDICTIONS_FILE
+from headstart.metrics import paired_difference
 from headstart.report import read_history, stage_parameters
 
 COMPARE_TABLE = "compare.md"
@@ -62,7 +64,7 @@ def compare(run_dirs: list[str | Path], *, out: str | Path | None = None) -> Com
     out_dir = Path(out or DEFAULT_OUT)
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown = out_dir / COMPARE_TABLE
-    runs.write_text_atomic(markdown, _markdown(rows, paths, noise))
+    files.write_text_atomic(markdown, _markdown(rows, paths, noise))
     figure = figures.compare_curves(curves, out_dir / COMPARE_FIGURE)
     return Comparison(rows, _text(rows), markdown, figure, noise)
 
@@ -208,7 +210,6 @@ def _metrics(run: Path) -> dict:
 
 
 def _pretrained(config: dict) -> bool:
-    from headstart.backbones import get_backbone
 
     try:
         return get_backbone(config.get("backbone", "")).pretrained

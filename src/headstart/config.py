@@ -11,6 +11,7 @@ from typing import Literal
 
 from headstart._version import __version__
 from headstart.errors import UsageError
+from headstart.files import write_text_atomic
 from headstart.imbalance import CLASS_WEIGHT_CHOICES
 
 Mode = Literal["extract", "frozen"]
@@ -131,8 +132,6 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write config.json, stamped with the headstart version that is writing it."""
-        from headstart.runs import write_text_atomic
-
         stamped = dataclasses.replace(self, headstart_version=__version__)
         write_text_atomic(path, stamped.to_json() + "\n")
 

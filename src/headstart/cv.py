@@ -19,16 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart import runs
+from headstart import files, runs
 from headstart.config import Config
-from headstart.data import (
-    ImageFolder,
-    _make_split,
-    _shuffle_class,
-    _stratify,
-    load_image_folder,
-)
+from headstart.data import ImageFolder
 from headstart.errors import UsageError
+from headstart.splits import fold_folder, fold_of, load_image_folder
 
 log = logging.getLogger(__name__)
 
@@ -37,51 +32,12 @@ DEFAULT_FOLDS = 5
 SCORES = ("accuracy", "macro_f1", "balanced_accuracy")
 
 
-def fold_of(folder: ImageFolder, folds: int, seed: int) -> dict[str, int]:
-    """Each image's fold (0..K-1): every class is shuffled by the seed (as `train` splits
-    it) and dealt round the folds, continuing where the previous class stopped, so every fold
-    holds 1/K of each class and the folds' sizes differ by at most one."""
-    where, start = {}, 0
-    paths, labels = _pooled(folder)
-    for label, name in enumerate(folder.class_names):
-        files = [p for p, y in zip(paths, labels, strict=True) if y == label]
-        if len(files) < folds:
-            raise UsageError(
-                f"class '{name}' has {len(files)} image(s): --folds {folds} needs at least "
-                f"{folds} per class (each fold tests 1/{folds} of every class); lower --folds"
-            )
-        for i, path in enumerate(_shuffle_class(files, name, seed)):
-            where[path] = (start + i) % folds
-        start += len(files)
-    return where
-
-
-def fold_folder(folder: ImageFolder, where: dict[str, int], fold: int, val_split: float, seed: int):
-    """Fold ``fold`` as an ImageFolder: its images are the test split; every class's other
-    images are split into train and validation (``val_split`` of them) as `train` does."""
-    parts: tuple[dict, dict, dict] = ({}, {}, {})
-    paths, labels = _pooled(folder)
-    for label, name in enumerate(folder.class_names):
-        files = [p for p, y in zip(paths, labels, strict=True) if y == label]
-        rest = [p for p in files if where[p] != fold]
-        train, val, _ = _stratify(rest, name, val_split, 0.0, seed, f" outside fold {fold + 1}")
-        parts[0][name], parts[1][name] = train, val
-        parts[2][name] = [p for p in files if where[p] == fold]
-    splits = [_make_split(part, folder.class_names) for part in parts]
-    return dataclasses.replace(folder, train=splits[0], val=splits[1], test=splits[2])
-
-
-def _pooled(folder: ImageFolder) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    parts = (folder.train, folder.val, folder.test)
-    return sum((p.paths for p in parts), ()), sum((p.labels for p in parts), ())
-
-
 def cross_validate(config: Config, folds: int = DEFAULT_FOLDS) -> dict:
     """Train ``folds`` runs of ``config`` (one per fold, into ``config.out``) and write
     ``cv.json``: each fold's test accuracy, macro-F1 and balanced accuracy, and their mean and
     sample standard deviation over the folds. Every setting of ``config`` applies to every
     fold (the CLI's ``cv`` turns fine-tuning off unless ``--fine-tune`` is given)."""
-    from headstart.check import write_split_manifest
+    from headstart.splits import write_split_manifest
     from headstart.training import train
 
     if folds < 2:
@@ -116,7 +72,7 @@ def cross_validate(config: Config, folds: int = DEFAULT_FOLDS) -> dict:
         "skipped": len(pooled.skipped),
         "out": str(out),
     }
-    runs.write_json(out / CV_FILE, summary)
+    files.write_json(out / CV_FILE, summary)
     return summary
 
 

@@ -1,9 +1,9 @@
-"""Turn a folder of labelled images into checked, split file lists and tf.data pipelines.
+"""Read images and folders of labelled images, and feed them to Keras as tf.data pipelines.
 
-Two layouts are accepted: ``DATA/<class>/*`` (split here, stratified and seeded) and
-``DATA/{train,val,test}/<class>/*`` (the user's split is kept). Every image is decoded once up
-front so broken files are reported before training instead of killing it halfway. The data
-folder is only ever read, never written.
+Two layouts are accepted: ``DATA/<class>/*`` (split by `headstart.splits`, stratified and
+seeded) and ``DATA/{train,val,test}/<class>/*`` (the user's split is kept). Every image is
+decoded once up front so broken files are reported before training instead of killing it
+halfway. The data folder is only ever read, never written.
 
 Pixel conventions (identical for training and prediction, since both go through `read_image`):
 transparent images are composited on white, 16-bit images are scaled to 8 bits, EXIF
@@ -17,7 +17,6 @@ import glob
 import logging
 import os
 import time
-import zlib
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,8 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from headstart import runs
 from headstart.errors import UsageError
+from headstart.files import write_text_atomic
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -38,10 +37,10 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", "
 # The PIL decoders for those formats (JPEG includes cameras' multi-picture MPO files), whatever
 # the file's extension says. Other contents are refused: PIL's other plugins would hand
 # PostScript to Ghostscript, and accept almost any bytes as TGA.
-_PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")
+PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")
 
-_CLASS_FOLDERS = "class_folders"
-_SPLIT_FOLDERS = "split_folders"
+CLASS_FOLDERS = "class_folders"
+SPLIT_FOLDERS = "split_folders"
 
 _SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 _CACHE_BUDGET_BYTES = 2 * 1024**3
@@ -96,7 +95,7 @@ def read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
     try:
         if os.path.getsize(path) == 0:
             raise UnreadableImage("empty file")
-        with Image.open(path, formats=_PIL_FORMATS) as img:
+        with Image.open(path, formats=PIL_FORMATS) as img:
             _refuse_bombs(img)
             if size is not None:
                 # JPEG only: decode at 1/2, 1/4 or 1/8 scale, still >= size (square, so that an
@@ -245,7 +244,7 @@ def _detect_layout(root: str) -> tuple[str, dict[str, dict[str, list[str]]]]:
     """Layout name and {split: {class: paths}}; splits absent from the folder are absent here."""
     folders = _subfolders(root)
     if not any(name.lower() == "train" for name, _ in folders):
-        return _CLASS_FOLDERS, {"all": _scan_classes(root, folders)}
+        return CLASS_FOLDERS, {"all": _scan_classes(root, folders)}
     splits: dict[str, dict[str, list[str]]] = {}
     for name, path in folders:
         split = _SPLIT_NAMES.get(name.lower())
@@ -258,7 +257,7 @@ def _detect_layout(root: str) -> tuple[str, dict[str, dict[str, list[str]]]]:
         if split in splits:
             raise UsageError(f"{root} has both 'val' and 'validation' folders: keep only one")
         splits[split] = _scan_classes(path)
-    return _SPLIT_FOLDERS, splits
+    return SPLIT_FOLDERS, splits
 
 
 # ----------------------------------------------------------------------------- checking
@@ -297,65 +296,36 @@ def _check_one(path: str, check_size: int) -> str | None:
     return None
 
 
-# ----------------------------------------------------------------------------- splitting
+# ----------------------------------------------------------------------------- scanning
 
 
-def _validate_fractions(val_split: float, test_split: float) -> None:
-    for option, value in (("--val-split", val_split), ("--test-split", test_split)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise UsageError(f"{option} must be a fraction in [0, 1), got {value!r}")
-    if val_split + test_split >= 1:
-        raise UsageError(
-            f"--val-split {val_split} + --test-split {test_split} must be below 1 "
-            f"to leave images for training"
-        )
+@dataclass(frozen=True)
+class Scan:
+    """A data folder as found on disk, before any split: its layout, the readable images of
+    each split folder ("all" for the class-folder layout) by class, and the unreadable ones."""
+
+    root: str
+    layout: str
+    found: dict[str, dict[str, list[str]]]
+    unreadable: dict[str, str]
 
 
-def _split_sizes(n: int, val_split: float, test_split: float) -> tuple[int, int]:
-    """(n_val, n_test): rounded, at least 1 each when the fraction is > 0."""
-    n_val = max(1, round(n * val_split)) if val_split > 0 else 0
-    n_test = max(1, round(n * test_split)) if test_split > 0 else 0
-    return n_val, n_test
-
-
-def _min_class_size(val_split: float, test_split: float) -> int:
-    """Smallest class size that leaves at least one training image (fractions sum to < 1)."""
-    n = 1
-    while n - sum(_split_sizes(n, val_split, test_split)) < 1:
-        n += 1
-    return n
-
-
-def _shuffle_class(files: list[str], name: str, seed: int) -> list[str]:
-    """Seeded per class *name*, so adding a class never reshuffles the others."""
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8", "surrogatepass"))])
-    ordered = sorted(files)
-    return [ordered[i] for i in rng.permutation(len(ordered))]
-
-
-def _stratify(
-    files: list[str], name: str, val_split: float, test_split: float, seed: int, where: str
-) -> tuple[list[str], list[str], list[str]]:
-    """(train, val, test) for one class."""
-    n = len(files)
-    n_val, n_test = _split_sizes(n, val_split, test_split)
-    if n - n_val - n_test < 1:
-        need = _min_class_size(val_split, test_split)
-        options = f"--val-split {val_split}"
-        if test_split:
-            options += f" and --test-split {test_split}"
-        raise UsageError(
-            f"class '{name}' has {n} usable image(s){where}; with {options} each class needs at "
-            f"least {need}: add images or lower the split fractions"
-        )
-    shuffled = _shuffle_class(files, name, seed)
-    return shuffled[n_test + n_val :], shuffled[n_test : n_test + n_val], shuffled[:n_test]
-
-
-def _make_split(by_class: dict[str, list[str]], class_names: tuple[str, ...]) -> Split:
-    index = {name: i for i, name in enumerate(class_names)}
-    pairs = sorted((index[name], path) for name, files in by_class.items() for path in files)
-    return Split(tuple(p for _, p in pairs), tuple(label for label, _ in pairs))
+def scan_folder(root: str, *, check_size: int = 64, workers: int | None = None) -> Scan:
+    """Find the class folders under ``root`` and decode every image once (unreadable files
+    are recorded with their reason, never fatal); `headstart.splits` splits the result."""
+    if workers is not None and workers < 1:
+        raise UsageError(f"workers must be at least 1, got {workers!r}")
+    if check_size < 1:
+        raise UsageError(f"check_size must be at least 1, got {check_size!r}")
+    root = _existing_folder(root)
+    layout, found = _detect_layout(root)
+    paths = [p for classes in found.values() for files in classes.values() for p in files]
+    bad = _check_images(paths, check_size, workers)
+    found = {
+        split: _drop_unreadable(classes, bad, "" if split == "all" else f" in {split}/")
+        for split, classes in found.items()
+    }
+    return Scan(root, layout, found, bad)
 
 
 def _drop_unreadable(
@@ -373,68 +343,6 @@ def _drop_unreadable(
     return kept
 
 
-# ----------------------------------------------------------------------------- public entry
-
-
-def load_image_folder(
-    root: str,
-    *,
-    val_split: float = 0.2,
-    test_split: float = 0.1,
-    seed: int = 0,
-    check_size: int = 64,
-    workers: int | None = None,
-    min_classes: int = 2,
-) -> ImageFolder:
-    """Scan, check every image (skipped files recorded, never fatal), split.
-
-    `min_classes` is 2 for training; scoring a run on new images of one class needs only 1.
-
-    In the train/val/test layout the user's split wins: `test_split` is ignored, and
-    `val_split` is only used to carve a missing val folder out of train.
-    """
-    _validate_fractions(val_split, test_split)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UsageError(f"--seed must be a non-negative integer, got {seed!r}")
-    if workers is not None and workers < 1:
-        raise UsageError(f"workers must be at least 1, got {workers!r}")
-    if check_size < 1:
-        raise UsageError(f"check_size must be at least 1, got {check_size!r}")
-    root = _existing_folder(root)
-    layout, found = _detect_layout(root)
-    paths = [p for classes in found.values() for files in classes.values() for p in files]
-    bad = _check_images(paths, check_size, workers)
-    found = {
-        split: _drop_unreadable(classes, bad, "" if split == "all" else f" in {split}/")
-        for split, classes in found.items()
-    }
-    if layout == _CLASS_FOLDERS:
-        class_names, parts = _split_class_folders(
-            root, found["all"], val_split, test_split, seed, min_classes
-        )
-    else:
-        class_names, parts = _split_split_folders(root, found, val_split, seed, min_classes)
-    folder = ImageFolder(
-        root=root,
-        class_names=class_names,
-        train=_make_split(parts[0], class_names),
-        val=_make_split(parts[1], class_names),
-        test=_make_split(parts[2], class_names),
-        skipped=tuple(sorted(bad.items())),
-        layout=layout,
-    )
-    logger.info(
-        "%s: %d classes, %d train / %d val / %d test images, %d unreadable files skipped",
-        root,
-        len(class_names),
-        len(folder.train),
-        len(folder.val),
-        len(folder.test),
-        len(bad),
-    )
-    return folder
-
-
 def _existing_folder(root: str) -> str:
     path = os.path.abspath(os.fspath(root))
     if not os.path.exists(path):
@@ -444,7 +352,7 @@ def _existing_folder(root: str) -> str:
     return path
 
 
-def _require_classes(root: str, names: Iterable[str], minimum: int) -> tuple[str, ...]:
+def require_classes(root: str, names: Iterable[str], minimum: int) -> tuple[str, ...]:
     class_names = tuple(sorted(names))
     for name in class_names:
         try:
@@ -462,52 +370,6 @@ def _require_classes(root: str, names: Iterable[str], minimum: int) -> tuple[str
             f"need at least {max(1, minimum)}: put each class's images in its own subfolder"
         )
     return class_names
-
-
-_Parts = tuple[dict[str, list[str]], dict[str, list[str]], dict[str, list[str]]]
-
-
-def _split_class_folders(
-    root: str,
-    classes: dict[str, list[str]],
-    val_split: float,
-    test_split: float,
-    seed: int,
-    min_classes: int,
-) -> tuple[tuple[str, ...], _Parts]:
-    class_names = _require_classes(root, classes, min_classes)
-    parts: _Parts = ({}, {}, {})
-    for name in class_names:
-        for part, files in zip(
-            parts, _stratify(classes[name], name, val_split, test_split, seed, ""), strict=True
-        ):
-            part[name] = files
-    return class_names, parts
-
-
-def _split_split_folders(
-    root: str,
-    found: dict[str, dict[str, list[str]]],
-    val_split: float,
-    seed: int,
-    min_classes: int,
-) -> tuple[tuple[str, ...], _Parts]:
-    train = found["train"]
-    class_names = _require_classes(os.path.join(root, "train"), train, min_classes)
-    for split in ("val", "test"):
-        extra = sorted(set(found.get(split, {})) - set(train))
-        if extra:
-            raise UsageError(
-                f"class '{extra[0]}' is in {split}/ but has no readable images in train/ "
-                f"({os.path.join(root, 'train')}): add it to train/ or remove it from {split}/"
-            )
-    if "val" in found:
-        return class_names, (train, found["val"], found.get("test", {}))
-    carved: _Parts = ({}, {}, found.get("test", {}))
-    for name in class_names:
-        kept, val, _ = _stratify(train[name], name, val_split, 0.0, seed, " in train/")
-        carved[0][name], carved[1][name] = kept, val
-    return class_names, carved
 
 
 # ----------------------------------------------------------------------------- tf.data
@@ -650,31 +512,9 @@ def write_skipped(skipped: Iterable[tuple[str, str]], path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     text = "".join(f"{_one_line(file)}\t{_one_line(reason)}\n" for file, reason in skipped)
-    runs.write_text_atomic(path, text, errors="backslashreplace")
+    write_text_atomic(path, text, errors="backslashreplace")
 
 
 def _one_line(text: str) -> str:
     """Keep the TAB/newline format parseable even for odd file names."""
     return text.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-
-
-# ----------------------------------------------------------------------------- split manifest
-
-
-def split_manifest(folder: ImageFolder) -> dict:
-    """The exact split as JSON (paths relative to the data folder): what ``split.json`` holds,
-    so that a run records which images it trained, validated and tested on."""
-
-    def files(split: Split) -> list[list]:
-        return [
-            [os.path.relpath(path, folder.root), folder.class_names[label]]
-            for path, label in zip(split.paths, split.labels, strict=True)
-        ]
-
-    return {
-        "root": folder.root,
-        "class_names": list(folder.class_names),
-        "train": files(folder.train),
-        "val": files(folder.val),
-        "test": files(folder.test),
-    }

@@ -23,52 +23,23 @@ import keras
 import numpy as np
 from keras import layers
 
-from headstart import runs
+from headstart import files, runs
 from headstart._version import __version__
 from headstart.config import Config
 from headstart.errors import UsageError
 from headstart.evaluation import (
-    EPSILON,
     PREDICTIONS_FILE,
     metrics_for_split,
     predict_split,
     write_predictions,
 )
+from headstart.layers import ProbabilityAverage
+from headstart.metrics import EPSILON
+from headstart.splits import run_split
 
 log = logging.getLogger(__name__)
 
 ENSEMBLE_BACKBONE = "ensemble"  # config.json's backbone for an ensemble run
-_LOG_FLOOR = 1e-12  # probabilities are floored here before the log: logits stay finite
-
-
-@keras.saving.register_keras_serializable(package="headstart")
-class ProbabilityAverage(layers.Layer):
-    """Members' logits in, the logits of their weighted mean class probability out.
-
-    Multi-class: ``log(sum_i w_i softmax(l_i))``, whose softmax is the mean itself. Two classes
-    (one sigmoid logit each): ``logit(sum_i w_i sigmoid(l_i))``. Keras has no built-in layer
-    for the log, hence this one (registered, so ``.keras`` files load with ``safe_mode``).
-    """
-
-    def __init__(self, member_weights: Sequence[float], **kwargs):
-        super().__init__(**kwargs)
-        self.member_weights = [float(w) for w in member_weights]
-
-    def call(self, member_logits):
-        ops = keras.ops
-        binary = member_logits[0].shape[-1] == 1
-        squash = ops.sigmoid if binary else ops.softmax
-        mean = sum(w * squash(x) for w, x in zip(self.member_weights, member_logits, strict=True))
-        if binary:
-            mean = ops.clip(mean, EPSILON, 1 - EPSILON)  # float32 cannot hold 1 - p nearer 1
-            return ops.log(mean) - ops.log(1 - mean)
-        return ops.log(ops.maximum(mean, _LOG_FLOOR))
-
-    def compute_output_shape(self, input_shape):
-        return input_shape[0]
-
-    def get_config(self):
-        return {**super().get_config(), "member_weights": self.member_weights}
 
 
 @dataclass
@@ -112,7 +83,7 @@ def ensemble(
         }
     model = build_ensemble(models, given)
     run_dir = runs.new_run_dir(out)
-    runs.save_model_atomic(model, run_dir / runs.MODEL_FILE)
+    files.save_model_atomic(model, run_dir / runs.MODEL_FILE)
     size = int(model.input_shape[1])
     record = {
         "members": [str(run.resolve()) for run in run_dirs],
@@ -121,17 +92,11 @@ def ensemble(
         **fitted,
     }
     _write_config(run_dir, config, size, record)
-    runs.write_json(run_dir / runs.LABELS_FILE, class_names)
-    runs.write_json(run_dir / runs.SPLIT_FILE, manifest)
+    files.write_json(run_dir / runs.LABELS_FILE, class_names)
+    files.write_json(run_dir / runs.SPLIT_FILE, manifest)
     metrics = _score(run_dir, model, folder, class_names, batch_size)
     metrics["ensemble"] = {**record, "member_accuracy": _member_accuracies(run_dirs)}
-    runs.write_json(run_dir / runs.METRICS_FILE, metrics)
-    try:  # figures + report.html; a failure to draw must never lose the ensemble
-        from headstart.report import report
-
-        report(run_dir, folder=folder)
-    except Exception as error:
-        log.warning("report not written (the ensemble itself is complete): %s", error)
+    files.write_json(run_dir / runs.METRICS_FILE, metrics)
     return EnsembleResult(run_dir, metrics, list(given))
 
 
@@ -228,11 +193,7 @@ def _shared(run_dirs: list[Path], name: str, what: str):
 def _load_split(run: Path, config: Config):
     """The members' exact split, from the first member's split.json: the same file paths as in
     their predictions.csv (so `compare` pairs them), unless the folder has moved since."""
-    from headstart.check import load_split_manifest
-
-    root = runs.read_json(run / runs.SPLIT_FILE).get("root")
-    data = root if isinstance(root, str) and Path(root).is_dir() else config.data
-    folder = load_split_manifest(run / runs.SPLIT_FILE, data=data)
+    folder = run_split(run, config.data)
     if len(folder.val) == 0:
         raise UsageError(f"{run}: its split has no validation images")
     return folder
@@ -246,7 +207,7 @@ def _write_config(run_dir: Path, config: Config, size: int, record: dict) -> Non
     )
     values = {**dataclasses.asdict(config), "ensemble": record}
     values["headstart_version"] = __version__
-    runs.write_json(run_dir / runs.CONFIG_FILE, values)
+    files.write_json(run_dir / runs.CONFIG_FILE, values)
 
 
 def _score(run_dir: Path, model, folder, class_names, batch_size: int) -> dict:

@@ -21,8 +21,8 @@ import numpy as np
 from headstart import figures, runs
 from headstart.data import UnreadableImage, find_images, read_image
 from headstart.errors import UsageError
-from headstart.evaluation import probabilities_from_logits
-from headstart.model import CLASSIFIER_NAME, FEATURES_NAME, backbone_layer_name
+from headstart.metrics import probabilities_from_logits
+from headstart.model import CLASSIFIER_NAME, FEATURES_NAME, backbone_layer_name, temperature_of
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,6 @@ def gradcam(model: keras.Model, images: np.ndarray, classes=None) -> Explanation
     gap = isinstance(pool, keras.layers.GlobalAveragePooling2D)
     features = maps.mean(axis=(1, 2)) if gap else maps.reshape(n, -1)  # the pooling layer
     logits, backward = _dense_stack(head, features)
-    from headstart.calibrate import temperature_of  # --calibrate: as model.keras answers
 
     probabilities = probabilities_from_logits(logits / temperature_of(model))
     if classes is None:

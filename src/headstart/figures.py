@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from headstart import runs
+from headstart import files
 
 DPI = 100
 _NAME_LIMIT = 18  # characters of a class name shown in image titles and on axes
@@ -34,7 +34,7 @@ def _save(fig: Figure, path: str | Path, *, tight: bool = True) -> Path:
     bbox = "tight" if tight else None
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=DPI, format="png", bbox_inches=bbox, pad_inches=0.15)
-    runs.write_bytes_atomic(path, buffer.getvalue())  # a killed run never leaves half a PNG
+    files.write_bytes_atomic(path, buffer.getvalue())  # a killed run never leaves half a PNG
     return path
 
 

@@ -17,6 +17,7 @@ from headstart.errors import UsageError
 
 CLASSIFIER_NAME = "classifier"
 FEATURES_NAME = "features"
+TEMPERATURE_NAME = "temperature"  # --calibrate: the Rescaling layer that divides logits by T
 
 
 def output_units(n_classes: int) -> int:
@@ -197,3 +198,10 @@ def summary_text(model: keras.Model) -> str:
         f"non_trainable={counts['non_trainable']}\n"
     )
     return buffer.getvalue()
+
+
+def temperature_of(model: keras.Model) -> float:
+    """The model's temperature: 1.0 when it is not calibrated."""
+    if TEMPERATURE_NAME not in [layer.name for layer in model.layers]:
+        return 1.0
+    return 1.0 / float(model.get_layer(TEMPERATURE_NAME).scale)

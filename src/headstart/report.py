@@ -21,10 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart import figures, runs
+from headstart import figures, files, runs
+from headstart.augment import build_augmenter
 from headstart.check import CHECK_FILE, summary_line
 from headstart.config import Config
+from headstart.data import make_dataset, read_image
 from headstart.evaluation import PREDICTIONS_FILE
+from headstart.explain import gradcam
+from headstart.metrics import confusion_matrix, probabilities_from_logits
+from headstart.splits import run_split
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +152,7 @@ def write_figures(run_dir: Path, folder=None) -> _Notes:
         for name in _TEST_FIGURES:
             notes.missing[name] = "the run has no test images"
 
-    folder = _load_folder(config, notes, folder)
+    folder = _load_folder(run_dir, config, notes, folder)
     if folder is not None:
         attempt("samples.png", lambda: _samples(folder, config, run_dir))
         attempt("augmentations.png", lambda: _augmentations(folder, config, run_dir))
@@ -181,10 +186,10 @@ def _saved_epoch(history: list[dict], saved_from: dict) -> int | None:
     return position if position <= len(history) else None
 
 
-def _load_folder(config: Config, notes: _Notes, folder=None):
-    """The run's data split: ``folder`` when the caller (train) already has it, else re-read."""
-    from headstart.data import load_image_folder
-
+def _load_folder(run_dir: Path, config: Config, notes: _Notes, folder=None):
+    """The run's own data split: ``folder`` when the caller (train) already has it, else the
+    files its split.json lists (`headstart.splits.run_split`), as trained: by the seed or by
+    ``--split-from``."""
     reason = None
     if folder is None and not Path(config.data).is_dir():
         reason = f"the data folder {config.data} is not there any more"
@@ -193,12 +198,7 @@ def _load_folder(config: Config, notes: _Notes, folder=None):
         level = data_log.level
         data_log.setLevel(max(level, logging.ERROR))  # its summary and skip lines: train gave them
         try:
-            folder = load_image_folder(
-                config.data,
-                val_split=config.val_split,
-                test_split=config.test_split,
-                seed=config.seed,
-            )
+            folder = run_split(run_dir, config.data)
         except Exception as error:
             reason = f"the data folder {config.data} could not be read: {error}"
         finally:
@@ -224,7 +224,6 @@ def _size(config: Config) -> tuple[int, int]:
 
 def _samples(folder, config: Config, run_dir: Path) -> None:
     """Training images taken round-robin over the classes: 9 (3x3) or 20 for many classes."""
-    from headstart.data import read_image
 
     n_classes = len(folder.class_names)
     count, columns = (9, 3) if n_classes <= 4 else (20, 5)
@@ -244,9 +243,6 @@ def _samples(folder, config: Config, run_dir: Path) -> None:
 def _augmentations(folder, config: Config, run_dir: Path) -> None:
     """The first training image and 9 versions through the run's own augmentation layers."""
     import keras
-
-    from headstart.augment import build_augmenter
-    from headstart.data import read_image
 
     image = read_image(folder.train.paths[0], _size(config))
     augmenter = build_augmenter(config.augment, config.seed)
@@ -296,9 +292,6 @@ def _predict_test(model, folder, class_names, metrics: dict, notes: _Notes) -> _
     """The saved model on the re-created test split, checked against metrics.json."""
     import keras
 
-    from headstart.data import make_dataset
-    from headstart.evaluation import probabilities_from_logits
-
     if list(folder.class_names) != list(class_names):
         raise ValueError("the data folder's classes differ from the run's labels")
     size = tuple(model.input_shape[1:3])
@@ -321,7 +314,6 @@ def _predict_test(model, folder, class_names, metrics: dict, notes: _Notes) -> _
 
 
 def _check_against_metrics(test: _TestPredictions, class_names, metrics: dict, notes) -> None:
-    from headstart.evaluation import confusion_matrix
 
     matrix = confusion_matrix(test.labels, test.predicted, len(class_names)).tolist()
     if matrix != metrics.get("confusion_matrix"):
@@ -332,7 +324,6 @@ def _check_against_metrics(test: _TestPredictions, class_names, metrics: dict, n
 
 
 def _errors(test: _TestPredictions, class_names, run_dir: Path) -> None:
-    from headstart.data import read_image
 
     shown = ranked_errors(test.labels, test.predicted, test.confidence)[:_ERRORS_SHOWN]
     figures.errors(
@@ -347,8 +338,6 @@ def _errors(test: _TestPredictions, class_names, run_dir: Path) -> None:
 
 def _gradcam(model, test: _TestPredictions, class_names, run_dir: Path, notes: _Notes) -> None:
     """Grad-CAM of the most confident right answers (one per class first) and wrong ones."""
-    from headstart.data import read_image
-    from headstart.explain import gradcam
 
     labels, predicted, confidence = test.labels, test.predicted, test.confidence
     right = _one_per_class(np.flatnonzero(predicted == labels), labels, confidence)
@@ -397,6 +386,17 @@ def _graph(load_model, run_dir: Path, notes: _Notes) -> str | None:
 # ----------------------------------------------------------------------------- HTML
 
 
+def redraw(run_dir: str | Path, *, folder=None) -> Path | None:
+    """`report`, for a verb that has just changed a run (train, calibrate, ensemble): a failure
+    to draw is logged as a warning and never loses the run itself."""
+    try:
+        return report(run_dir, folder=folder)
+    except Exception as error:
+        debug = log.isEnabledFor(logging.DEBUG)
+        log.warning("report not written (the run itself is complete): %s", error, exc_info=debug)
+        return None
+
+
 def report(run: str | Path, *, folder=None) -> Path:
     """Draw the run's figures and write ``RUN/report.html``; returns the report's path.
 
@@ -406,7 +406,7 @@ def report(run: str | Path, *, folder=None) -> Path:
     notes = write_figures(run_dir, folder)
     page = _html(run_dir, notes)
     path = run_dir / REPORT_FILE
-    runs.write_text_atomic(path, page)
+    files.write_text_atomic(path, page)
     return path
 
 

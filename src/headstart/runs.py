@@ -1,24 +1,23 @@
-"""The run directory: where a run's files go, written atomically (never half a file).
+"""The run directory: the files a run holds, and opening one safely (version, model file).
 
-Every file headstart writes into a run goes through `write_text_atomic` or `save_model_atomic`:
-the new content goes to a hidden temporary file in the same folder, is flushed to disk, then
-renamed over the old file (``os.replace`` is atomic). A run killed at any moment leaves the
-previous complete file or the new one, never a mix; at worst a hidden
-``.<name>.<pid>-<random>.tmp`` file stays behind (`is_temp_file`).
+Every file of a run is written atomically (`headstart.files`): a run killed at any moment
+holds complete files only.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import time
 import zipfile
 from pathlib import Path
 
+import keras
+
+from headstart import layers  # noqa: F401  registers the custom layers saved models hold
 from headstart._version import __version__
 from headstart.errors import UsageError
+from headstart.splits import SPLIT_FILE  # noqa: F401  a run's exact train/val/test file lists
 
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.json"
@@ -27,10 +26,8 @@ HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.txt"
 SKIPPED_FILE = "skipped.txt"
-SPLIT_FILE = "split.json"  # the exact train/val/test file lists of the run
 
 
-TEMP_MARK = ".tmp"  # in the name of every temporary file, which also starts with "."
 _KERAS_ARCHIVE = {"config.json", "metadata.json"}  # members every .keras zip holds
 
 
@@ -120,10 +117,6 @@ def check_model_file(path: Path) -> None:
 def load_model(run: Path, n_classes: int):
     """The run's model, checked to be a headstart classifier: RGB images in, one logit per class
     (one in all for two classes) out. Anything else is a UsageError naming the file."""
-    import keras
-
-    import headstart.ensemble  # noqa: F401  registers its layer, which ensemble runs' models hold
-
     path = Path(run) / MODEL_FILE
     check_model_file(path)
     try:
@@ -163,91 +156,6 @@ def read_labels(run: Path) -> list[str]:
     if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
         raise UsageError(f"{path} must be a JSON list of class names: the run folder is damaged")
     return labels
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def write_text_atomic(path: str | Path, text: str, *, errors: str = "strict") -> None:
-    """Write a temporary file beside ``path``, then rename: readers see old or new, never half.
-
-    UTF-8; ``errors`` is the encoding error handler (e.g. "backslashreplace" for file names that
-    are not valid UTF-8).
-    """
-    write_bytes_atomic(path, text.encode("utf-8", errors))
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """`write_text_atomic` for bytes (e.g. a PNG rendered into memory)."""
-    path = Path(path)
-    tmp = _temp_beside(path)
-    try:
-        # os.open with 0o666 lets the umask decide the mode, like a plain open() would
-        # (tempfile.mkstemp would leave every run file readable by its owner only).
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-        fd = os.open(tmp, flags, 0o666)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-
-
-def write_json(path: str | Path, value: object) -> None:
-    """Readable UTF-8 JSON; ASCII escapes when a string (a file name that is not valid UTF-8,
-    read by Python as surrogates) cannot be UTF-8, so that it survives the round trip."""
-    text = json.dumps(value, indent=2, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = json.dumps(value, indent=2)
-    write_text_atomic(path, text + "\n")
-
-
-def save_model_atomic(model, path: str | Path) -> None:
-    """``model.save`` to a temporary ``.keras`` file beside ``path``, then rename."""
-    path = Path(path)
-    tmp = _temp_beside(path, ".keras")  # Keras insists on the extension
-    try:
-        model.save(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-
-
-def is_temp_file(name: str) -> bool:
-    """True for the hidden temporary files of the atomic writes (left only by a killed run)."""
-    return name.startswith(".") and TEMP_MARK in name
-
-
-def _temp_beside(path: Path, suffix: str = "") -> Path:
-    """A unique hidden name in the same folder, so that the rename never crosses file systems."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_MARK}{suffix}")
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); not possible, nor needed, everywhere."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _shorten(exc: BaseException, limit: int = 100) -> str:

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from headstart.errors import UsageError
-from headstart.evaluation import probabilities_from_logits
+from headstart.metrics import probabilities_from_logits
 
 CROP = 0.9  # side of a cropped view, as a fraction of the image
 # (mirror?, crop position or None for the whole image), in the order views are added

@@ -24,7 +24,7 @@ import keras
 import keras_tuner
 import numpy as np
 
-from headstart import runs
+from headstart import files, runs
 from headstart.config import Config
 from headstart.errors import UsageError
 
@@ -112,7 +112,7 @@ def tune(
         "best": best,
         "command": command,
     }
-    runs.write_json(out / TUNE_FILE, record)
+    files.write_json(out / TUNE_FILE, record)
     result = None
     if train_best:
         from headstart.training import train
@@ -276,7 +276,7 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buffer, columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    runs.write_text_atomic(path, buffer.getvalue())
+    files.write_text_atomic(path, buffer.getvalue())
 
 
 def _given(config: Config) -> set[str]:

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from headstart import runs
+from headstart import files, runs
 from headstart._version import __version__
-from headstart.data import UnreadableImage, load_image_folder, read_image
+from headstart.data import UnreadableImage, read_image
 from headstart.deploy.predictor import (
     EXPORT_FILE,
     RUNTIMES,
@@ -43,6 +43,7 @@ from headstart.deploy.predictor import (
     require_runtime,
 )
 from headstart.errors import UsageError
+from headstart.splits import load_image_folder
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def export(
     expected = _probabilities(reference, check.images)  # also builds the model, as export needs
     destination.parent.mkdir(parents=True, exist_ok=True)
     building = destination.with_name(
-        f".{destination.name}.{os.getpid()}-{secrets.token_hex(4)}{runs.TEMP_MARK}"
+        f".{destination.name}.{os.getpid()}-{secrets.token_hex(4)}{files.TEMP_MARK}"
     )
     building.mkdir()
     try:
@@ -119,9 +120,9 @@ def export(
         artifact = _build(
             reference.model, format, quantize, building / _ARTIFACT[format], calibration
         )
-        runs.write_json(building / runs.LABELS_FILE, reference.class_names)
+        files.write_json(building / runs.LABELS_FILE, reference.class_names)
         record = _record(run_dir, reference, format, quantize, artifact, calibration)
-        runs.write_json(building / EXPORT_FILE, record)  # the artifact's loader reads it
+        files.write_json(building / EXPORT_FILE, record)  # the artifact's loader reads it
         figures = _compare(expected, _probabilities(load_artifact(building), check.images), check)
         failures = _failures(figures, quantized=quantize != "none")
         if failures:
@@ -130,7 +131,7 @@ def export(
                 f"{'; '.join(failures)}; nothing was written"
             )
         record["check"] = {**figures, "passed": True}
-        runs.write_json(building / EXPORT_FILE, record)
+        files.write_json(building / EXPORT_FILE, record)
         os.replace(building, destination)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)

@@ -20,7 +20,7 @@ import numpy as np
 
 from headstart import runs
 from headstart.errors import UsageError
-from headstart.evaluation import probabilities_from_logits
+from headstart.metrics import probabilities_from_logits
 
 EXPORT_FILE = "export.json"
 EXPORT_EXTRA = "pip install 'headstart[export]'"

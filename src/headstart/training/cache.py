@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.runs import write_json, write_text_atomic
+from headstart.files import write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from headstart import runs
+from headstart import files
 
 
 class RunCallback(keras.callbacks.Callback):
@@ -98,7 +98,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         variables = self.full_model.variables
         self.best_values = {i: np.array(variables[i].numpy()) for i in self.tracked}
         if self.path is not None:  # None: only keep score and values (choosing a recipe)
-            runs.save_model_atomic(self.full_model, self.path)
+            files.save_model_atomic(self.full_model, self.path)
 
     def restore_best(self) -> None:
         """Put the stage's best values back (what ``restore_best_weights`` would do)."""
@@ -142,7 +142,7 @@ class StageCSVLogger(keras.callbacks.Callback):
         writer = csv.DictWriter(text, columns, restval="", lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
-        runs.write_text_atomic(self.filename, text.getvalue())
+        files.write_text_atomic(self.filename, text.getvalue())
 
 
 def _csv_number(value):

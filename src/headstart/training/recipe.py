@@ -19,7 +19,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from headstart import runs
+from headstart import files, runs
 from headstart.augment import AUTO, AUTO_CANDIDATES, SEEDS_POLICY, build_augmenter, parse_augment
 from headstart.backbones import (
     FUSION_SEPARATOR,
@@ -30,7 +30,7 @@ from headstart.backbones import (
 )
 from headstart.backbones import resolve_weights as resolve_backbone_weights
 from headstart.config import FEATURE_NORMS, FINE_TUNE_LR_CANDIDATES, GUIDE_FINE_TUNE_LR, Config
-from headstart.data import load_image_folder, make_dataset, split_manifest, write_skipped
+from headstart.data import make_dataset, write_skipped
 from headstart.distributed.cluster import (
     Cluster,
     barrier,
@@ -67,6 +67,8 @@ from headstart.model import (
     summary_text,
     trainer_for,
 )
+from headstart.report import redraw
+from headstart.splits import folder_for, split_manifest
 from headstart.training.cache import EntrySpec, FeatureCache
 from headstart.training.callbacks import (
     BestModelCheckpoint,
@@ -128,7 +130,7 @@ def train(
     choose_norm = mode == "extract" and head_builder is None
     feature_norm = "none" if config.feature_norm == AUTO and not choose_norm else None
     augments = augment == AUTO or parse_augment(augment)  # a bad spec fails before slow work
-    folder = _load_folder(config)
+    folder = folder_for(config)
     run_dir = runs.new_run_dir(config.out) if cluster.writes else Path(tempfile.mkdtemp())
     config = dataclasses.replace(
         config,
@@ -151,15 +153,15 @@ def train(
     unfreeze = _resolve_unfreeze(config.unfreeze, backbone, base) if backbone.pretrained else "0"
     config = dataclasses.replace(config, unfreeze=unfreeze)
     config.save(run_dir / runs.CONFIG_FILE)
-    runs.write_json(run_dir / runs.LABELS_FILE, list(folder.class_names))
-    runs.write_json(run_dir / runs.SPLIT_FILE, split_manifest(folder))
+    files.write_json(run_dir / runs.LABELS_FILE, list(folder.class_names))
+    files.write_json(run_dir / runs.SPLIT_FILE, split_manifest(folder))
     write_skipped(folder.skipped, str(run_dir / runs.SKIPPED_FILE))
     if config.check:
         from headstart.check import CHECK_FILE, check_folder, summary_line
 
         report = check_folder(folder)  # counts, imbalance, duplicates and leakage across splits
         log.info(summary_line(report))
-        runs.write_json(run_dir / CHECK_FILE, report)
+        files.write_json(run_dir / CHECK_FILE, report)
     return _run(config, backbone, folder, model, base, run_dir, None, callbacks)
 
 
@@ -207,7 +209,7 @@ def resume(
         )
     config.validate()
     backbone = get_backbone(config.backbone)
-    folder = _load_folder(config)
+    folder = folder_for(config)
     recorded = runs.read_json(run_dir / runs.SPLIT_FILE)
     if split_manifest(folder) != recorded:
         raise UsageError(
@@ -258,29 +260,6 @@ def _placed(config: Config, cluster: Cluster) -> Config:
         process_id=cluster.process_id,
         quiet=config.quiet or not cluster.writes,
     )
-
-
-def _load_folder(config: Config):
-    """The data, split by the seed, or exactly as a manifest says (``--split-from``)."""
-    if config.split_from:
-        from headstart.check import load_split_manifest
-
-        manifest = Path(config.split_from)
-        if manifest.is_dir():
-            manifest = manifest / runs.SPLIT_FILE
-        if not manifest.is_file():
-            raise UsageError(
-                f"--split-from {config.split_from}: give a run folder (with {runs.SPLIT_FILE}) or "
-                f"a split manifest written by `headstart check --fix-split`"
-            )
-        folder = load_split_manifest(manifest, data=config.data)
-    else:
-        folder = load_image_folder(
-            config.data, val_split=config.val_split, test_split=config.test_split, seed=config.seed
-        )
-    if len(folder.val) == 0:
-        raise UsageError("no validation images: give DATA/val or a positive --val-split")
-    return folder
 
 
 def _build(config: Config, backbone: Backbone, n_classes: int, head_builder=None):
@@ -380,7 +359,7 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state, callbacks=
         from headstart.calibrate import calibrate_model
 
         model, calibration = calibrate_model(model, folder.val, config.batch_size)
-        runs.save_model_atomic(model, run_dir / runs.MODEL_FILE)
+        files.save_model_atomic(model, run_dir / runs.MODEL_FILE)
     if len(folder.test):
         probabilities = predict_split(model, folder.test, config.batch_size)
         metrics = metrics_for_split(
@@ -414,7 +393,7 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state, callbacks=
         metrics["fine_tune_lr"] = session.config.fine_tune_lr
         if session.config.fine_tune_lr_scores:
             metrics["fine_tune_lr_scores"] = session.config.fine_tune_lr_scores
-    runs.write_json(run_dir / runs.METRICS_FILE, metrics)
+    files.write_json(run_dir / runs.METRICS_FILE, metrics)
     if fine_tune and not metrics["fine_tune_kept"]:
         log.info(
             "fine-tuning did not beat stage 1's validation accuracy (%.4f): model.keras is the "
@@ -422,14 +401,8 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state, callbacks=
             checkpoint.accuracy_floor,
         )
     if session.summaries:  # a resumed run keeps the summaries written when it started
-        runs.write_text_atomic(run_dir / runs.SUMMARY_FILE, "\n".join(session.summaries))
-    try:  # figures + report.html; a failure to draw must never lose the trained run
-        from headstart.report import report
-
-        report(run_dir, folder=folder)
-    except Exception as error:
-        debug = log.isEnabledFor(logging.DEBUG)
-        log.warning("report not written (the run itself is complete): %s", error, exc_info=debug)
+        files.write_text_atomic(run_dir / runs.SUMMARY_FILE, "\n".join(session.summaries))
+    redraw(run_dir, folder=folder)  # figures + report.html
     remove_state(run_dir)
     return TrainResult(run_dir, metrics, session.config)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from headstart import runs
+from headstart import files
 from headstart.errors import UsageError
 
 RESUME_FILE = "resume.npz"
@@ -75,7 +75,7 @@ def write_state(run_dir: Path, state: TrainingState) -> None:
     arrays["meta"] = np.array(json.dumps(meta))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    runs.write_bytes_atomic(Path(run_dir) / RESUME_FILE, buffer.getvalue())
+    files.write_bytes_atomic(Path(run_dir) / RESUME_FILE, buffer.getvalue())
 
 
 def read_state(run_dir: Path) -> TrainingState | None:
