@@ -163,7 +163,7 @@ def test_ls_and_clear(tmp_path, capsys):
 def test_a_second_run_on_the_same_images_runs_the_backbone_zero_times(
     tiny_folder, tmp_path, monkeypatch
 ):
-    train_module = importlib.import_module("headstart.training.recipe")  # not the `train` function
+    train_module = importlib.import_module("headstart.training.views")  # not the `train` function
     calls = []
     real = train_module.extract_batches
     monkeypatch.setattr(

@@ -56,7 +56,7 @@ def test_too_few_images_for_the_folds_is_a_usage_error(three_classes):
 def test_cv_trains_one_run_per_fold_on_features_extracted_once(
     tiny_folder, tmp_path, monkeypatch, capsys
 ):
-    train_module = importlib.import_module("headstart.training.recipe")
+    train_module = importlib.import_module("headstart.training.views")
     extracted = []
     real = train_module.extract_batches
     monkeypatch.setattr(

@@ -12,9 +12,8 @@ from headstart.backbones import default_unfreeze, get_backbone
 from headstart.cli import main
 from headstart.data import find_images, read_image
 from headstart.errors import UsageError
-from headstart.model import CLASSIFIER_NAME, FEATURES_NAME, feature_extractor
+from headstart.model import CLASSIFIER_NAME, FEATURES_NAME, build_from_config, feature_extractor
 from headstart.splits import load_image_folder
-from headstart.training import _build
 from headstart.training.cache import EntrySpec, FeatureCache, list_entries
 from headstart.training.callbacks import RunCallback
 
@@ -110,7 +109,7 @@ def test_cache_holds_each_backbone_under_its_own_key(fusion, tiny_folder):
     assert names == ["efficientnet_lite0", "mobilenet_v2"]  # never under the fused name
     # A single-backbone run of lite0 reads the fusion's entry: the rows are its own features.
     single = Config(data="", backbone="efficientnet_lite0", weights="none", image_size=SIZE)
-    model, _ = _build(single, get_backbone("efficientnet_lite0"), 2)
+    model, _ = build_from_config(single, get_backbone("efficientnet_lite0"), 2)
     paths = list(load_image_folder(str(tiny_folder), seed=0).train.paths[:6])  # the run's split
     spec = EntrySpec("efficientnet_lite0", "none:0", SIZE, "lite", "pooled:gap", "clean")
 

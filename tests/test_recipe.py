@@ -122,7 +122,7 @@ def test_l2_feature_norm_puts_pooled_features_on_a_sphere_of_radius_sqrt_dim():
 
 
 def test_the_search_stops_at_the_first_candidate_worse_than_the_best_before_it():
-    from headstart.training import _climb
+    from headstart.training.choose import climb
 
     accuracy = {"a": 0.5, "b": 0.7, "c": 0.8, "d": 0.75, "e": 0.99}
     tried = []
@@ -131,9 +131,9 @@ def test_the_search_stops_at_the_first_candidate_worse_than_the_best_before_it()
         tried.append(name)
         return {"val_accuracy": accuracy[name], "val_loss": 1.0}
 
-    scores = _climb(list(accuracy), score)
+    scores = climb(list(accuracy), score)
     assert tried == ["a", "b", "c", "d"] and list(scores) == tried  # "e" is never extracted
-    tie = _climb(["a", "b", "c"], lambda name: {"val_accuracy": 0.5, "val_loss": 1.0})
+    tie = climb(["a", "b", "c"], lambda name: {"val_accuracy": 0.5, "val_loss": 1.0})
     assert list(tie) == ["a", "b"]  # an exact tie is not an improvement
 
 

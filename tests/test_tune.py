@@ -28,7 +28,7 @@ def test_trials_share_one_backbone_pass(tiny_folder, tmp_path, monkeypatch):
     """Three trials, two head types: every training and validation image goes through the
     backbone exactly once, and no test image at all."""
     import headstart.extract as extract
-    from headstart.training import _load_folder
+    from headstart.splits import folder_for
 
     seen = []
     real = extract.extract_batches
@@ -40,7 +40,7 @@ def test_trials_share_one_backbone_pass(tiny_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(extract, "extract_batches", counting)
     config = Config(data=str(tiny_folder), out=str(tmp_path / "tune"), **FIXED)
     result = tune(config, trials=3, algorithm="random", train_best=False)
-    folder = _load_folder(config)
+    folder = folder_for(config)
     assert sorted(seen) == sorted(folder.train.paths + folder.val.paths)
 
     with (result.out / "trials.csv").open(newline="") as handle:

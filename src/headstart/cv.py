@@ -23,7 +23,8 @@ from headstart import files, runs
 from headstart.config import Config
 from headstart.data import ImageFolder
 from headstart.errors import UsageError
-from headstart.splits import fold_folder, fold_of, load_image_folder
+from headstart.splits import fold_folder, fold_of, load_image_folder, write_split_manifest
+from headstart.training import train
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,6 @@ def cross_validate(config: Config, folds: int = DEFAULT_FOLDS) -> dict:
     ``cv.json``: each fold's test accuracy, macro-F1 and balanced accuracy, and their mean and
     sample standard deviation over the folds. Every setting of ``config`` applies to every
     fold (the CLI's ``cv`` turns fine-tuning off unless ``--fine-tune`` is given)."""
-    from headstart.splits import write_split_manifest
-    from headstart.training import train
 
     if folds < 2:
         raise UsageError("--folds must be at least 2")

@@ -12,8 +12,16 @@ import keras
 import numpy as np
 from keras import layers
 
-from headstart.backbones import Backbone, preprocessing_layers
+from headstart.augment import AUTO
+from headstart.backbones import (
+    FUSION_SEPARATOR,
+    Backbone,
+    build_backbone,
+    preprocessing_layers,
+)
+from headstart.config import Config
 from headstart.errors import UsageError
+from headstart.freeze import resolve_unfreeze
 
 CLASSIFIER_NAME = "classifier"
 FEATURES_NAME = "features"
@@ -205,3 +213,80 @@ def temperature_of(model: keras.Model) -> float:
     if TEMPERATURE_NAME not in [layer.name for layer in model.layers]:
         return 1.0
     return 1.0 / float(model.get_layer(TEMPERATURE_NAME).scale)
+
+
+# ----------------------------------------------------------------------------- from a config
+
+
+def build_from_config(config: Config, backbone: Backbone, n_classes: int, head_builder=None):
+    """The run's full model and its base (a tuple of two for a fusion), initialised from the
+    seed: the same on every call with one config, so a resumed run and every process of a
+    distributed one build the very same weights."""
+    keras.utils.set_random_seed(config.seed)
+    base = _bases(config, backbone)
+    model = build_model(
+        backbone,
+        base,
+        n_classes,
+        head=config.head,
+        hidden=config.hidden,
+        dropout=config.dropout,
+        feature_norm="none" if config.feature_norm == AUTO else config.feature_norm,
+        head_builder=head_builder,
+    )
+    return model, base
+
+
+def _bases(config: Config, backbone: Backbone):
+    """The base, or a fusion's two as a tuple: each built from the seed as if it were alone,
+    so that random weights (and so their cached features) are a single-backbone run's."""
+    if not backbone.parts:
+        return build_backbone(backbone, config.image_size, config.weights)
+    bases = []
+    for part, weights in zip(backbone.parts, per_part(config.weights, backbone), strict=True):
+        keras.utils.set_random_seed(config.seed)
+        bases.append(build_backbone(part, config.image_size, weights))
+    return tuple(bases)
+
+
+def per_part(value: str, backbone: Backbone) -> list[str]:
+    """A fusion's "V1+V2" setting (``--weights``, ``--unfreeze``) as one value per backbone;
+    a single value applies to both."""
+    values = str(value).split(FUSION_SEPARATOR)
+    return values if len(values) == len(backbone.parts) else [str(value)] * len(backbone.parts)
+
+
+def base_parts(backbone: Backbone, base) -> list[tuple[Backbone, keras.Model]]:
+    """(backbone, base) pairs: one for a single backbone, two for a fusion."""
+    if not backbone.parts:
+        return [(backbone, base)]
+    return list(zip(backbone.parts, base, strict=True))
+
+
+def unfreeze_counts(spec: str, backbone: Backbone, base) -> str:
+    """``--unfreeze`` as layer counts, "N" or a fusion's "N1+N2": each base's top block by its
+    own default, or the same given spec for both."""
+    specs = per_part(spec, backbone) if backbone.parts else [spec]
+    counts = [
+        resolve_unfreeze(each, part, part_base)
+        for each, (part, part_base) in zip(specs, base_parts(backbone, base), strict=True)
+    ]
+    return FUSION_SEPARATOR.join(str(count) for count in counts)
+
+
+def compile_for(
+    model: keras.Model, n_classes: int, learning_rate: float, *, weighted: bool = False
+) -> None:
+    """Logit outputs: binary cross-entropy for 2 classes, sparse categorical otherwise.
+
+    ``weighted``: accuracy counts sample weights (``--distributed``, where validation's padding
+    rows have weight 0, see `distributed.cluster.even_batches`; training accuracy then also
+    counts --class-weight's weights)."""
+    if n_classes == 2:
+        loss = keras.losses.BinaryCrossentropy(from_logits=True)
+        accuracy = keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    metrics = {"weighted_metrics" if weighted else "metrics": [accuracy]}
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, **metrics)

@@ -25,8 +25,15 @@ import keras_tuner
 import numpy as np
 
 from headstart import files, runs
+from headstart.backbones import check_image_size, get_backbone, resolve_weights
 from headstart.config import Config
 from headstart.errors import UsageError
+from headstart.freeze import freeze
+from headstart.model import build_from_config, build_head, compile_for
+from headstart.splits import folder_for
+from headstart.training import train
+from headstart.training.cache import FeatureCache
+from headstart.training.views import FeatureViews
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +69,6 @@ def tune(
     False). ``max_time`` (minutes) stops starting new trials once it is spent. The other
     settings of ``config`` (backbone, image size, epochs, batch size, split, ...) are kept.
     """
-    from headstart.backbones import check_image_size, get_backbone, resolve_weights
-    from headstart.training import _load_folder
-
     if algorithm not in ALGORITHMS:
         raise UsageError(f"--algorithm must be one of {', '.join(ALGORITHMS)}")
     if trials < 1:
@@ -82,7 +86,7 @@ def tune(
         )
     image_size = config.image_size or backbone.default_size
     check_image_size(backbone, image_size)
-    folder = _load_folder(config)
+    folder = folder_for(config)
     out = runs.new_run_dir(config.out or f"runs/tune-{time.strftime('%Y%m%d-%H%M%S')}")
     config = dataclasses.replace(
         config,
@@ -115,8 +119,6 @@ def tune(
     files.write_json(out / TUNE_FILE, record)
     result = None
     if train_best:
-        from headstart.training import train
-
         result = train(best_config)
     return TuneResult(out, rows, best, command, result)
 
@@ -124,44 +126,17 @@ def tune(
 def _features(config: Config, backbone, folder) -> dict[str, dict[str, np.ndarray]]:
     """{head: {split: features}} from one pass of the frozen backbone per split: the flattened
     backbone output, and its spatial mean (what GlobalAveragePooling2D gives)."""
-    from headstart.extract import extract_batches
-    from headstart.freeze import freeze
-    from headstart.model import feature_extractor
-    from headstart.training import _build, _weights_id
-    from headstart.training.cache import EntrySpec, FeatureCache
-
     flat_config = dataclasses.replace(config, head="flatten")
-    model, base = _build(flat_config, backbone, len(folder.class_names))
+    model, base = build_from_config(flat_config, backbone, len(folder.class_names))
     freeze(base)
-    extractor = feature_extractor(model)
-    shape = tuple(int(d) for d in base.output_shape[1:])
     cache = FeatureCache(config.cache_dir) if config.cache else None
+    views = FeatureViews(flat_config, backbone, folder, model, cache=cache)
+    shape = tuple(int(d) for d in base.output_shape[1:])
     features: dict[str, dict[str, np.ndarray]] = {"gap": {}, "flatten": {}}
     for split in ("train", "val"):
-        paths = list(getattr(folder, split).paths)
-
-        def compute(missing, paths=paths):
-            return extract_batches(
-                extractor,
-                missing,
-                config.image_size,
-                batch_size=config.batch_size,
-                verbose=not config.quiet,
-            )
-
-        if cache is None:
-            flat = np.concatenate(list(compute(paths)))
-        else:
-            spec = EntrySpec(
-                backbone.name,
-                _weights_id(config, cache),
-                config.image_size,
-                backbone.preprocessing,
-                "pooled:flatten",
-                "clean",
-            )
-            flat = cache.rows(spec, paths, compute).to_numpy()
-        features["gap"][split] = flat.reshape(len(paths), -1, shape[-1]).mean(axis=1)
+        rows = views.rows("pooled", split)
+        flat = np.asarray(rows[np.arange(len(rows))])
+        features["gap"][split] = flat.reshape(len(flat), -1, shape[-1]).mean(axis=1)
         features["flatten"][split] = flat
     if int(np.prod(shape)) > MAX_FLATTEN:
         log.info("head type flatten not searched: %s features per image", int(np.prod(shape)))
@@ -178,9 +153,6 @@ class _HeadModel(keras_tuner.HyperModel):
         self.n_classes, self.config = n_classes, config
 
     def build(self, hp):
-        from headstart.model import build_head
-        from headstart.training import compile_for
-
         head = hp.Choice("head", sorted(self.features))
         hidden = hp.Choice("hidden", list(HIDDEN_WIDTHS))
         dropout = hp.Float("dropout", *DROPOUT, step=0.1)

@@ -25,9 +25,11 @@ from typing import Annotated
 
 import numpy as np
 
+from headstart import figures
 from headstart.data import UnreadableImage, read_image
 from headstart.deploy.predictor import Predictor, load_predictor
 from headstart.errors import UsageError
+from headstart.explain import gradcam
 
 log = logging.getLogger(__name__)
 
@@ -295,8 +297,6 @@ def _explainer(predictor: Predictor):
     give one (an exported artifact, or a model whose head Grad-CAM does not handle)."""
     if predictor.model is None:
         return None
-    from headstart import figures
-    from headstart.explain import gradcam
 
     probe = np.zeros((1, *predictor.image_size, 3), "float32")
     try:

@@ -14,6 +14,7 @@ train data-parallel on the cached rows, fed as tf.data (`sampler_batches`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from headstart.config import Config
 from headstart.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -181,3 +183,29 @@ def even_batches(dataset, n_rows: int, batch_size: int, *, training: bool):
         weighted = weighted.concatenate(filler)
     batches = weighted.rebatch(batch_size, drop_remainder=True)
     return batches.apply(tf.data.experimental.assert_cardinality(steps))
+
+
+# ----------------------------------------------------------------------------- a run's place
+
+
+def join(config: Config) -> Cluster:
+    """``--distributed``: join the cluster before any model is built. Processes but 0 train in
+    a scratch folder, deleted at the end, and show no progress bars."""
+    if not config.distributed:
+        return Cluster()
+    cluster = initialize(config.coordinator, config.num_processes, config.process_id)
+    check_batch_size(config.batch_size, cluster)
+    return cluster
+
+
+def place(config: Config, cluster: Cluster) -> Config:
+    """A ``--distributed`` process's config: where it stands in the cluster (as joined, also
+    when JAX detected it by itself), and quiet unless it writes the run."""
+    if not config.distributed:
+        return config
+    return dataclasses.replace(
+        config,
+        num_processes=cluster.num_processes,
+        process_id=cluster.process_id,
+        quiet=config.quiet or not cluster.writes,
+    )

@@ -1,4 +1,7 @@
-"""The recipe: train a head on the frozen backbone, then fine-tune the top of the backbone."""
+"""Training: the recipe (`train`, `resume`), its two stages (`session`), the choices it makes
+on validation (`choose`), the cached features (`views`, `cache`), callbacks and resumable
+state."""
 
-from headstart.training.recipe import *  # noqa: F403  (temporary during the move)
-from headstart.training.recipe import _build, _climb, _load_folder, _weights_id  # noqa: F401
+from headstart.training.recipe import HeadBuilder, TrainResult, resume, train
+
+__all__ = ["HeadBuilder", "TrainResult", "resume", "train"]

@@ -1,0 +1,333 @@
+"""The two stages of a run, and what they share: the model, its feature views, the callbacks
+and the best-so-far checkpoint.
+
+Stage 1 trains a new head with the backbone frozen: on cached features (workflow 2,
+``--mode extract``: the backbone runs once) or behind augmentation with the frozen backbone in
+the loop (workflow 1, ``--mode frozen``). Stage 2 unfreezes the top of the backbone and
+fine-tunes it at a low rate, on the cached trunk when there is one. `headstart.training.recipe`
+drives them; `headstart.training.choose` makes the choices on validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from headstart import runs
+from headstart.augment import AUTO, build_augmenter
+from headstart.backbones import Backbone
+from headstart.data import make_dataset
+from headstart.distributed.cluster import even_batches, sampler_batches
+from headstart.extract import InferenceModeTop, ViewSampler, split_at_cut
+from headstart.freeze import freeze, unfreeze_top
+from headstart.imbalance import class_weights
+from headstart.model import (
+    base_parts,
+    build_from_config,
+    classifier_of,
+    compile_for,
+    summary_text,
+    trainer_for,
+)
+from headstart.training.cache import FeatureCache
+from headstart.training.callbacks import (
+    BestModelCheckpoint,
+    EpochTimer,
+    RunCallback,
+    StageCSVLogger,
+)
+from headstart.training.choose import (
+    choose_augmentation,
+    choose_feature_norm,
+    choose_fine_tune_lr,
+    epochs_of,
+)
+from headstart.training.state import (
+    ResumeCheckpoint,
+    TrainingState,
+    callback_state,
+    trained_indices,
+    write_state,
+)
+from headstart.training.views import FeatureViews
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    """State shared by the two stages: datasets, callbacks and the best-so-far checkpoint.
+
+    ``state`` is where a resumed run stopped (`headstart.training.state`); None for a new run.
+    """
+
+    def __init__(self, config, backbone: Backbone, folder, model, base, run_dir: Path, state):
+        self.config, self.backbone, self.folder = config, backbone, folder
+        self.model, self.base, self.run_dir = model, base, run_dir
+        self.state = state
+        self.n_classes = len(folder.class_names)
+        # --class-weight: applied in every fit of training (both stages and every candidate)
+        self.class_weight = class_weights(config.class_weight, folder.train.counts(self.n_classes))
+        self.size = (config.image_size, config.image_size)
+        self.checkpoint = BestModelCheckpoint(model, run_dir / runs.MODEL_FILE)
+        self.history = StageCSVLogger(str(run_dir / runs.HISTORY_FILE))
+        if state is not None:
+            self.checkpoint.set_state(state.callbacks["checkpoint"])
+            self.history.rows = list(state.callbacks["history"])
+        self.summaries: list[str] = []
+        self.verbose = 0 if config.quiet else "auto"
+        cache = FeatureCache(config.cache_dir) if config.cache else None
+        self.feature_views = FeatureViews(config, backbone, folder, model, cache=cache)
+        self.unfreeze: list[int] = []  # top layers to fine-tune, per base
+        self._started = time.monotonic()
+        self._stage_variables: list[int] = []  # what the stage in progress trains
+        self.user_callbacks: list[keras.callbacks.Callback] = []  # train(callbacks=...)
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, including those before an interruption."""
+        before = self.state.train_seconds if self.state is not None else 0.0
+        return before + time.monotonic() - self._started
+
+    def plan_fine_tuning(self, unfreeze: list[int]) -> None:
+        """Cut the backbone where fine-tuning starts, so its frozen trunk runs only once.
+
+        A fusion is not cut (two trunks would need one cut each): it fine-tunes the full
+        model on images, both bases in inference mode.
+        """
+        self.unfreeze = unfreeze
+        if self.backbone.parts:
+            log.info("fusion: fine-tuning runs the full model on images (no cached trunk)")
+        elif self.config.mode == "extract" and self.config.cache_trunk:
+            self.feature_views.trunk = split_at_cut(self.model, self.base, unfreeze[0])
+
+    def rebuild(self) -> None:
+        """The model built anew from the (changed) config, as a resumed run would build it:
+        same backbone weights, so the cached rows stay valid."""
+        self.model, self.base = build_from_config(self.config, self.backbone, self.n_classes)
+        self.checkpoint.full_model = self.model
+        self.feature_views.use_model(self.model)
+        if self.feature_views.trunk is not None:
+            self.plan_fine_tuning(self.unfreeze)
+
+    def views(self, kind: str, split: str, policy: str | None = None, n_views: int | None = None):
+        """`FeatureViews.views`, by default with the run's policy and number of views."""
+        policy = self.config.augment if policy is None else policy
+        n_views = self.config.views if n_views is None else n_views
+        return self.feature_views.views(kind, split, policy, n_views)
+
+    def sampler(self, views, split: str) -> ViewSampler:
+        return self.feature_views.sampler(views, split)
+
+    def fit(self, trainer, stage: str, train_data, val_data, epochs: int) -> None:
+        """``trainer.fit`` for one stage, from where a resumed run stopped; the training state
+        is saved after every epoch."""
+        self.history.stage = self.checkpoint.stage = stage
+        self._stage_variables = trained_indices(self.model, trainer)
+        self.checkpoint.tracked = trained_indices(self.model, trainer, seeds=False)
+        state = self.state if self.state is not None and self.state.stage == stage else None
+        start = state.next_epoch if state is not None else 0
+        if state is not None:
+            state.apply(self.model)
+            self.checkpoint.best_values = state.best_values
+        if start >= epochs:
+            return  # the run was stopped after its last epoch of this stage
+        *schedule, early_stopping, plateau = self._training_callbacks(train_data)
+        callbacks = [*schedule, EpochTimer(), self.checkpoint, early_stopping, plateau]
+        callbacks.append(self.history)
+        for callback in self.user_callbacks:
+            if isinstance(callback, RunCallback):
+                callback.set_run(self.model, self.run_dir, stage)
+        callbacks.extend(self.user_callbacks)
+        if self.config.tensorboard:
+            log_dir = self.run_dir / "tensorboard" / stage
+            callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir)))
+        callbacks.append(
+            ResumeCheckpoint(
+                self.run_dir,
+                self.model,
+                self._stage_variables,
+                stage,
+                epochs,
+                (self.checkpoint, self.history, early_stopping, plateau),
+                self.elapsed,
+                resume_from=state if start > 0 else None,
+            )
+        )
+        trainer.fit(
+            self._feed(train_data, training=True),
+            validation_data=self._feed(val_data, training=False),
+            epochs=epochs,
+            initial_epoch=start,
+            callbacks=callbacks,
+            verbose=self.verbose,
+            shuffle=False,
+            class_weight=self.class_weight,
+        )
+
+    def compile(self, trainer: keras.Model, learning_rate: float) -> None:
+        """`compile_for` this run: its classes, and weighted accuracy when distributed."""
+        compile_for(trainer, self.n_classes, learning_rate, weighted=self.config.distributed)
+
+    def _feed(self, data, *, training: bool):
+        """What ``fit`` gets for ``data``: cached views go in as tf.data when distributed
+        (Keras's multi-process data adapter takes nothing else), as the sampler otherwise."""
+        if self.config.distributed and isinstance(data, ViewSampler):
+            return sampler_batches(data, training=training)
+        return data
+
+    def _training_callbacks(self, train_data) -> list[keras.callbacks.Callback]:
+        """What decides the course of training (and nothing that writes files): each epoch's
+        draw of cached views, early stopping and the learning-rate schedule."""
+        callbacks = []
+        if isinstance(train_data, ViewSampler):  # each epoch's draw depends on its number only
+            callbacks.append(
+                keras.callbacks.LambdaCallback(
+                    on_epoch_begin=lambda epoch, _: train_data.set_epoch(epoch)
+                )
+            )
+        early_stopping = keras.callbacks.EarlyStopping(patience=self.config.patience)
+        plateau = keras.callbacks.ReduceLROnPlateau(
+            factor=0.2, patience=max(1, self.config.patience - 1)
+        )
+        return [*callbacks, early_stopping, plateau]
+
+    def end_stage(self, next_stage: str) -> None:
+        """Save the state between stages; stage 2 starts from stage 1's best weights."""
+        if next_stage == "done":
+            state = TrainingState("done", train_seconds=self.elapsed())
+        else:
+            self.checkpoint.restore_best()
+            self.checkpoint.start_fine_tuning()
+            variables = self.model.variables
+            state = TrainingState(
+                next_stage,
+                variables={i: np.array(variables[i].numpy()) for i in self._stage_variables},
+                train_seconds=self.elapsed(),
+            )
+        state.callbacks = callback_state(self.checkpoint, self.history)
+        write_state(self.run_dir, state)
+
+    def images(self, split: str, *, training: bool):
+        """A split as a tf.data pipeline; training order is shuffled (by tf.data, so ``fit``
+        gets ``shuffle=False``) and augmented."""
+        data = getattr(self.folder, split)
+        dataset = make_dataset(
+            data,
+            self.size,
+            batch_size=self.config.batch_size,
+            shuffle=training,
+            seed=self.config.seed,
+        )
+        augmenter = build_augmenter(self.config.augment, self.config.seed) if training else None
+        if augmenter is not None:
+            import tensorflow as tf  # input pipelines are tf.data on every Keras backend
+
+            dataset = dataset.map(
+                lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
+            )
+        if self.config.distributed:
+            return even_batches(dataset, len(data), self.config.batch_size, training=training)
+        return dataset
+
+    def freeze_for_head(self) -> None:
+        """Stage 1's model: the backbone frozen (its summary is recorded for summary.txt)."""
+        if self.backbone.pretrained:
+            for _, base in base_parts(self.backbone, self.base):
+                freeze(base)
+        self.summaries.append("# stage 1: head training\n" + summary_text(self.model))
+
+    def train_head(self) -> None:
+        if self.config.feature_norm == AUTO:  # only in extract mode (see `train`)
+            choose_feature_norm(self)
+        self.freeze_for_head()
+        if self.config.mode == "extract":
+            self._train_head_on_features()
+            return
+        trainer = trainer_for(self.model, self.backbone)
+        self.compile(trainer, self.config.lr)
+        self.fit(
+            trainer,
+            "head",
+            self.images("train", training=True),
+            self.images("val", training=False),
+            self.config.epochs,
+        )
+
+    def _train_head_on_features(self) -> None:
+        """Workflow 2, plus augmentation: the head trains on cached backbone outputs of the
+        clean images and of ``--views`` augmented versions, one view drawn per image per epoch.
+
+        With a cached trunk (fine-tuning planned), pooled features are derived from the trunk
+        activations by the still-frozen top block: the backbone runs once for both stages.
+        """
+        if self.config.augment == AUTO:
+            choose_augmentation(self)
+        classifier = classifier_of(self.model)
+        self.compile(classifier, self.config.lr)
+        self.fit(
+            classifier,
+            "head",
+            self.sampler(self.views("pooled", "train"), "train"),
+            self.sampler(self.views("pooled", "val"), "val"),
+            epochs_of(self.config.augment_scores, self.config.augment, self.config.epochs),
+        )
+
+    def fine_tune(self, unfreeze: list[int]) -> None:
+        """Stage 2: unfreeze the top of the base (of each base of a fusion, ``unfreeze`` layers
+        each), recompile at a low rate, train a few epochs.
+
+        With a cached trunk only the top block and head run, on cached activations of the
+        clean and augmented views; otherwise the full model runs on augmented images.
+        """
+        for (_, base), count in zip(base_parts(self.backbone, self.base), unfreeze, strict=True):
+            unfreeze_top(base, count, self.config.bn)
+        self.summaries.append("# stage 2: fine-tuning\n" + summary_text(self.model))
+        trunk = self.feature_views.trunk
+        if trunk is not None:
+            trainer = InferenceModeTop(trunk, self.model)
+            train_data = self.sampler(self.views("trunk", "train"), "train")
+            val_data = self.sampler(self.views("trunk", "val"), "val")
+        else:
+            trainer = trainer_for(self.model, self.backbone)
+            train_data = self.images("train", training=True)
+            val_data = self.images("val", training=False)
+        if self.config.fine_tune_lr == AUTO:
+            choose_fine_tune_lr(self, trainer, train_data, val_data)
+        if self.config.fine_tune_lr is None:
+            log.info("fine-tuning skipped: no learning rate beat stage 1 on validation")
+            return
+        self.compile(trainer, self.config.fine_tune_lr)
+        scores, rate = self.config.fine_tune_lr_scores, self.config.fine_tune_lr
+        epochs = epochs_of(scores, str(rate), self.config.fine_tune_epochs)
+        self.fit(trainer, "fine_tune", train_data, val_data, epochs)
+
+    def trial(self, trainer, train_data, val_data, epochs, learning_rate, floor=None) -> dict:
+        """Train one candidate by the stage's own procedure, writing nothing, and score it on
+        validation (accuracy None: no epoch beat ``floor``)."""
+        self.compile(trainer, learning_rate)
+        best = BestModelCheckpoint(self.model, path=None)
+        best.accuracy_floor = floor
+        trainer.fit(
+            self._feed(train_data, training=True),
+            validation_data=self._feed(val_data, training=False),
+            epochs=epochs,
+            callbacks=[*self._training_callbacks(train_data), best],
+            verbose=0,
+            shuffle=False,
+            class_weight=self.class_weight,
+        )
+        epochs = best.saved["epoch"] + 1 if best.best_accuracy is not None else None
+        return {
+            "val_accuracy": best.best_accuracy,
+            "val_loss": best.saved["val_loss"],
+            "epochs": epochs,
+        }
+
+    def record_choice(self, **choices) -> None:
+        """A choice made during the run goes to config.json (a resumed run keeps it)."""
+        self.config = dataclasses.replace(self.config, **choices)
+        self.config.save(self.run_dir / runs.CONFIG_FILE)

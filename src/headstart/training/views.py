@@ -1,0 +1,192 @@
+"""Cached features (workflow 2): the frozen backbone's outputs over a run's images, computed
+once per run, and once ever with the feature cache.
+
+A *view* is one pass over a split: view 0 of the clean images, views 1..K of the training
+images each through a fresh draw of an augmentation policy (seeded by the run's seed and the
+view's number, so a rerun, a resumed run and every process of a distributed run draw the same).
+A *kind* is what the pass keeps: ``"pooled"``, the head's input features, or ``"trunk"``, the
+activations where fine-tuning starts (`headstart.extract.split_at_cut`), from which the pooled
+features are then derived by the still-frozen top block, so the backbone runs once for both
+stages.
+
+`FeatureViews` is the one place this wiring lives: the recipe, `headstart tune` and the
+benchmarks all extract through it.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from headstart.augment import build_augmenter
+from headstart.backbones import Backbone
+from headstart.config import Config
+from headstart.data import ImageFolder
+from headstart.distributed.cluster import barrier, current
+from headstart.extract import TrunkSplit, ViewSampler, extract_batches, run_in_batches
+from headstart.model import FEATURES_NAME, feature_extractor, per_part, pooled_name
+from headstart.training.cache import EntrySpec, FeatureCache
+
+
+def weights_id(config: Config, cache: FeatureCache | None, weights: str | None = None) -> str:
+    """What a cache key needs to know about the weights (``config.weights`` unless given: one
+    backbone's of a fusion): random ones depend on the seed, a file on its content."""
+    weights = config.weights if weights is None else weights
+    if weights == "none":
+        return f"none:{config.seed}"
+    if weights == "imagenet" or cache is None:
+        return weights
+    return "file:" + cache.content_hashes([weights])[0]
+
+
+class FeatureViews:
+    """The backbone outputs of a run's images, by kind, split, policy and view.
+
+    ``model`` is the run's full model (`headstart.model.build_from_config`): its frozen parts
+    make the views. ``cache`` is the on-disk feature cache (None: in memory only). Set
+    ``trunk`` to cut the backbone where fine-tuning starts; `use_model` after the model is
+    rebuilt with the same backbone weights (the rows stay valid).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        backbone: Backbone,
+        folder: ImageFolder,
+        model: keras.Model,
+        *,
+        cache: FeatureCache | None,
+    ):
+        self.config, self.backbone, self.folder = config, backbone, folder
+        self.model = model
+        self.cache = cache
+        self.trunk: TrunkSplit | None = None
+        # a fusion's cache keys are its backbones' own (see `_extract`)
+        self.weights_id = None if backbone.parts else weights_id(config, cache)
+        self._memo: dict[tuple, object] = {}  # (kind, split, policy, view) -> rows
+        self._frozen_parts: dict[str, keras.Model] = {}
+
+    def use_model(self, model: keras.Model) -> None:
+        """Extract through ``model`` from now on (same backbone weights: cached rows stay)."""
+        self.model = model
+        self._frozen_parts.clear()
+
+    def views(self, kind: str, split: str, policy: str, n_views: int) -> list:
+        """View 0 of a split's clean images, then (training split only) ``n_views`` views
+        augmented by ``policy``."""
+        if split != "train":
+            policy, n_views = "", 0
+        return [self.rows(kind, split, policy, view) for view in range(1 + n_views)]
+
+    def rows(self, kind: str, split: str, policy: str = "", view: int = 0):
+        """One view's rows (indexable by image: an array, or the cache's rows)."""
+        key = (kind, split, policy if view else "", view)
+        if key not in self._memo:
+            if kind == "pooled" and self.trunk is not None:
+                trunk = self.rows("trunk", split, policy, view)
+                self._memo[key] = run_in_batches(self._frozen_part("pooled_from_trunk"), trunk)
+            else:
+                self._memo[key] = self._extract(kind, split, policy, view)
+        return self._memo[key]
+
+    def sampler(self, views: list, split: str) -> ViewSampler:
+        """What ``fit`` trains on: one view per image per epoch, shuffled for training."""
+        labels = np.asarray(getattr(self.folder, split).labels, dtype="int32")
+        training = split == "train"
+        return ViewSampler(
+            views, labels, self.config.batch_size, shuffle=training, seed=self.config.seed
+        )
+
+    def keep_policy(self, policy: str) -> None:
+        """Forget the rows of every augmentation policy but ``policy`` (the others were
+        candidates, no longer needed)."""
+        self._memo = {key: rows for key, rows in self._memo.items() if key[2] in ("", policy)}
+
+    def _frozen_part(self, kind: str) -> keras.Model:
+        """The frozen model that makes a kind of view, built once (every view and every
+        candidate policy goes through the same one): "trunk" (images to activations at the
+        cut), "pooled" (images to pooled features), "pooled_from_trunk", or a fusion
+        backbone's `pooled_name` (images to that backbone's pooled features)."""
+        if kind not in self._frozen_parts:
+            if kind == "trunk":
+                part = self.trunk.trunk
+            elif kind == "pooled":
+                part = feature_extractor(self.model)
+            elif self.backbone.parts:  # one backbone of a fusion, by its `pooled_name`
+                part = keras.Model(self.model.input, self.model.get_layer(kind).output)
+            else:
+                top = self.trunk.top
+                pooled = self.model.get_layer(FEATURES_NAME)(self.trunk.top_block(top.input))
+                part = keras.Model(top.input, pooled)
+            self._frozen_parts[kind] = part
+        return self._frozen_parts[kind]
+
+    def _extract(self, kind: str, split: str, policy: str, view: int):
+        """Run the frozen part over a split's files (through one augmentation of ``policy``
+        unless view 0), from and into the feature cache when it is on.
+
+        A fusion's pooled features are each backbone's, cached under that backbone's own key
+        (shared with its single-backbone runs) and concatenated.
+        """
+        if kind == "trunk":
+            output = f"trunk:{self.trunk.cut_layer}"
+        else:
+            output = f"pooled:{self.config.head}"
+        if not self.backbone.parts:
+            extractor, weights = self._frozen_part(kind), self.weights_id
+            return self._rows(extractor, self.backbone, weights, output, split, policy, view)
+        weights = per_part(self.config.weights, self.backbone)
+        rows = [
+            self._rows(
+                self._frozen_part(pooled_name(part)),
+                part,
+                weights_id(self.config, self.cache, part_weights),
+                output,
+                split,
+                policy,
+                view,
+            )
+            for part, part_weights in zip(self.backbone.parts, weights, strict=True)
+        ]
+        return np.concatenate([np.asarray(r[np.arange(len(r))]) for r in rows], axis=1)
+
+    def _rows(self, extractor, backbone, weights, output, split, policy, view):
+        """One frozen part's outputs over a split, through the feature cache when it is on."""
+        paths = list(getattr(self.folder, split).paths)
+        augmenter = build_augmenter(policy, self.config.seed + 1000 * view) if view else None
+
+        def compute(missing, only=None):
+            return extract_batches(
+                extractor,
+                missing,
+                self.config.image_size,
+                batch_size=self.config.batch_size,
+                augmenter=augmenter,
+                verbose=not self.config.quiet,
+                only=only,
+            )
+
+        if self.cache is None:  # every row computed here (--distributed: in every process)
+            return np.concatenate(list(compute(paths)))
+        spec = EntrySpec(
+            backbone.name,
+            weights,
+            self.config.image_size,
+            backbone.preprocessing,
+            output,
+            "clean" if view == 0 else f"{policy}#{self.config.seed}#{view}",
+        )
+        if self.config.distributed:
+            self._fill_my_part(spec, paths, compute)
+        return self.cache.rows(spec, paths, compute)
+
+    def _fill_my_part(self, spec: EntrySpec, paths: list[str], compute) -> None:
+        """``--distributed``: this process extracts its part of the images into the cache,
+        then waits for the others; the full read that follows is all cache hits.
+
+        The cache must be one folder for all processes (on several machines, a shared file
+        system); otherwise each process computes after the barrier what it does not find."""
+        cluster = current(True)
+        block = self.config.batch_size  # the batches a single process would extract
+        self.cache.fill_part(spec, paths, compute, cluster.process_id, cluster.num_processes, block)
+        barrier(f"headstart cache {spec.key()}")
