@@ -1,4 +1,5 @@
-"""Benchmark of seed 004's tools on the fast-loop Fashion-MNIST split (bench/fast_loop.py):
+"""Benchmark of the advanced-tools chapter's tools on the fast-loop Fashion-MNIST split
+(bench/fast_loop.py):
 three single runs, the fusion of Lite0 and Lite1 (`--backbone A+B`), the ensemble of the three
 (mean and fitted weights), and `headstart tune`.
 

@@ -1,4 +1,4 @@
-"""Benchmark: is headstart's default recipe as accurate as the seeds' workflow 1, and faster?
+"""Benchmark: is headstart's default recipe as accurate as workflow 1, and faster?
 
 Real data: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (``apt-get install
 dataset-fashion-mnist``), split with ``numpy.random.default_rng(1234)``: for each class in

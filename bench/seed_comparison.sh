@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The seeds' comparison on the bundled demo data (1,000 Fashion-MNIST images) at 128 px, the
 # size `headstart demo` uses:
-#   1. scratch CNN (seed 003's convnet, Flatten + Dropout 0.5), no augmentation
+#   1. scratch CNN (the VGG16 fine-tuning article's convnet, Flatten + Dropout 0.5), no augmentation
 #   2. the same scratch CNN with augmentation (flip, rotation, zoom)
 #   3. transfer learning: frozen EfficientNet-Lite0 (ImageNet) + a new head, no fine-tuning
 #   4. transfer learning + fine-tuning of the backbone's top block (headstart's default)

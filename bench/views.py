@@ -6,7 +6,7 @@ images of every split, plus up to max(K) augmented views of the training images 
 For each K, headstart's stage-1 head (zero-initialised Dense on the raw pooled features,
 dropout 0.2, Adam 1e-3, early stopping on validation loss, `bench/head_options.py`'s
 procedure) trains on the clean view plus the first K augmented ones, over several seeds. The
-reference is the seeds' workflow 1 with the same policy: the frozen base in the loop, new
+reference is workflow 1 with the same policy: the frozen base in the loop, new
 augmented images every epoch, the same head and procedure (``headstart train --mode frozen
 --no-fine-tune``). Also recorded: the seconds one augmented view costs (a backbone pass over
 the 1,000 training images), so accuracy can be read against time.
@@ -71,7 +71,7 @@ def extract_views(data: Path, size: int, policies, max_views: int) -> dict:
 
 
 def workflow1(data: Path, size: int, policy: str, work: Path) -> dict:
-    """The seeds' workflow 1: frozen base in the loop, ``policy`` on every epoch, head only."""
+    """Workflow 1: frozen base in the loop, ``policy`` on every epoch, head only."""
     from headstart import Config, train
 
     out = work / f"views-workflow1-{size}"

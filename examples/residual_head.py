@@ -1,4 +1,5 @@
-"""A custom head from Python: seed 004's residual connection, on the pooled features.
+"""A custom head from Python: the advanced-tools chapter's residual connection, on the
+pooled features.
 
     python examples/residual_head.py [DATA] [--out RUN] [--backbone NAME]
 
@@ -23,8 +24,9 @@ DEMO_DATA = Path(__file__).resolve().parents[1] / "src/headstart/demo_data/fashi
 def residual_head(features, n_classes: int, width: int = 128):
     """features -> Dense(width) -> [Dense(width) + shortcut] -> Dropout -> logits.
 
-    The shortcut adds the block's input to its output (``layers.add``, seed 004), so the block
-    only has to learn a correction; both sides have ``width`` units, so no projection is needed.
+    The shortcut adds the block's input to its output (``layers.add``, the advanced-tools
+    chapter), so the block only has to learn a correction; both sides have ``width`` units, so
+    no projection is needed.
     """
     x = layers.Dense(width, activation="relu", name="project")(features)
     y = layers.Dense(width, activation="relu", name="block")(x)

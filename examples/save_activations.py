@@ -1,4 +1,5 @@
-"""Seed 004's custom callback: save the activations of a fixed validation sample every epoch.
+"""The advanced-tools chapter's custom callback: save the activations of a fixed validation
+sample every epoch.
 
     python examples/save_activations.py [DATA] [--out RUN] [--backbone NAME]
 

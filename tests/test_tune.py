@@ -27,7 +27,7 @@ FIXED = dict(
 def test_trials_share_one_backbone_pass(tiny_folder, tmp_path, monkeypatch):
     """Three trials, two head types: every training and validation image goes through the
     backbone exactly once, and no test image at all."""
-    import headstart.extract as extract
+    import headstart.training.views as extract  # where every backbone pass starts
     from headstart.splits import folder_for
 
     seen = []

@@ -94,7 +94,7 @@ def build_model(
 ) -> keras.Model:
     """Assemble the full model around an already built ``base``.
 
-    A pretrained base is called with ``training=False`` as in seed 000; note that Keras 3's
+    A pretrained base is called with ``training=False`` as in the Keras guide; note that Keras 3's
     ``fit`` overrides it, which is why training goes through ``trainer_for`` instead.
     A fusion (``backbone.parts``) takes its two bases as a tuple: see `_fused_features`.
     """
@@ -126,8 +126,8 @@ def pooled_name(backbone: Backbone) -> str:
 
 
 def _fused_features(backbone: Backbone, bases, images, pool):
-    """Seed 004's models used as layers: the same image through both backbones, each with
-    its own preprocessing and pooling, concatenated into the one ``features`` layer that
+    """The advanced-tools chapter's models used as layers: the same image through both
+    backbones, each with its own preprocessing and pooling, concatenated into the one ``features`` layer that
     the head, the feature cache and Grad-CAM's checks know."""
     pooled = [
         pool(name=pooled_name(part))(_backbone_output(part, base, images, f"_{part.name}"))

@@ -146,7 +146,7 @@ _register(
         "tf",
         "block14_sepconv1",
         min_size=71,
-        description="Xception (seed 000, the Keras guide)",
+        description="Xception (the Keras guide)",
     )
 )
 _register(
@@ -276,7 +276,8 @@ for _variant in efficientnet_lite.VARIANTS:
 
 
 def _scratch_cnn(input_shape, weights):
-    """Seed 003's from-scratch baseline: (BatchNorm, Conv, MaxPool) x 3 with 32/64/128 filters."""
+    """The VGG16 fine-tuning article's from-scratch baseline: (BatchNorm, Conv, MaxPool) x 3
+    with 32/64/128 filters."""
     inputs = keras.Input(input_shape)
     x = inputs
     for filters in (32, 64, 128):
@@ -287,7 +288,7 @@ def _scratch_cnn(input_shape, weights):
 
 
 def _separable_cnn(input_shape, weights):
-    """Seed 004's small depthwise-separable convnet for small datasets."""
+    """The advanced-tools chapter's small depthwise-separable convnet for small datasets."""
     inputs = keras.Input(input_shape)
     x = inputs
     for index, filters in enumerate((32, 64, 64, 128, 64, 128)):
@@ -310,7 +311,7 @@ _register(
         180,
         "unit",
         pretrained=False,
-        description="seed 003's CNN trained from scratch (baseline)",
+        description="the VGG16 fine-tuning article's CNN trained from scratch (baseline)",
     )
 )
 _register(
@@ -321,7 +322,7 @@ _register(
         "unit",
         pretrained=False,
         min_size=24,
-        description="seed 004's SeparableConv2D convnet from scratch (baseline)",
+        description="the advanced-tools chapter's SeparableConv2D convnet from scratch (baseline)",
     )
 )
 
