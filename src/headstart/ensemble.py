@@ -1,8 +1,8 @@
 """`headstart ensemble`: several runs' class probabilities averaged into one saved model.
 
 The advanced-tools chapter's ``0.25 * (a + b + c + d)`` and its weighted form, made a run:
-the members are sub-models of one functional model ("models used as layers") that takes raw images at the
-largest member's size and resizes them inside for each member. The model outputs the logits of
+the members are sub-models of one functional model ("models used as layers") that takes raw
+images at the largest member's size and resizes them inside for each member. The model outputs the logits of
 the weighted mean probability, so the ensemble run folder is like any other: `evaluate`,
 `predict`, `report`, `compare`, `serve` and `export` work on it unchanged.
 

@@ -127,8 +127,8 @@ def pooled_name(backbone: Backbone) -> str:
 
 def _fused_features(backbone: Backbone, bases, images, pool):
     """The advanced-tools chapter's models used as layers: the same image through both
-    backbones, each with its own preprocessing and pooling, concatenated into the one ``features`` layer that
-    the head, the feature cache and Grad-CAM's checks know."""
+    backbones, each with its own preprocessing and pooling, concatenated into the one
+    ``features`` layer that the head, the feature cache and Grad-CAM's checks know."""
     pooled = [
         pool(name=pooled_name(part))(_backbone_output(part, base, images, f"_{part.name}"))
         for part, base in zip(backbone.parts, bases, strict=True)
