@@ -2,8 +2,9 @@
 
 The advanced-tools chapter's ``0.25 * (a + b + c + d)`` and its weighted form, made a run:
 the members are sub-models of one functional model ("models used as layers") that takes raw
-images at the largest member's size and resizes them inside for each member. The model outputs the logits of
-the weighted mean probability, so the ensemble run folder is like any other: `evaluate`,
+images at the largest member's size and resizes them inside for each member. The model outputs
+the logits of the weighted mean probability, so the ensemble run folder is like any other:
+`evaluate`,
 `predict`, `report`, `compare`, `serve` and `export` work on it unchanged.
 
 ``weights="fit"`` chooses non-negative weights summing to 1 that minimise the log-loss on the

@@ -42,7 +42,8 @@ def unfreeze_top(base: keras.Model, count: int, bn: str = "frozen") -> None:
 
     ``bn="frozen"`` keeps BatchNormalization layers frozen (the VGG16 fine-tuning article);
     ``bn="inference"`` lets their gamma/beta train while the moving statistics stay fixed,
-    because the base always runs with ``training=False`` (the Keras guide). Recompile the model afterwards.
+    because the base always runs with ``training=False`` (the Keras guide). Recompile the model
+    afterwards.
     """
     base.trainable = True
     first = len(base.layers) - count
