@@ -4,8 +4,7 @@ The advanced-tools chapter's ``0.25 * (a + b + c + d)`` and its weighted form, m
 the members are sub-models of one functional model ("models used as layers") that takes raw
 images at the largest member's size and resizes them inside for each member. The model outputs
 the logits of the weighted mean probability, so the ensemble run folder is like any other:
-`evaluate`,
-`predict`, `report`, `compare`, `serve` and `export` work on it unchanged.
+`evaluate`, `predict`, `report`, `compare`, `serve` and `export` work on it unchanged.
 
 ``weights="fit"`` chooses non-negative weights summing to 1 that minimise the log-loss on the
 members' shared **validation** split; the test split is only used afterwards, to score the
