@@ -49,36 +49,38 @@ MORE = {
 }
 
 
-def features(data: Path, size: int, views: int) -> dict[str, list[np.ndarray]]:
-    """Pooled features of every split: view 0 clean, then ``views`` flipped training views."""
-    from headstart.augment import build_augmenter
-    from headstart.backbones import build_backbone, get_backbone, resolve_weights
-    from headstart.extract import extract_batches
-    from headstart.model import build_model, feature_extractor
+def feature_views(data: Path, size: int):
+    """headstart's own `FeatureViews` over the benchmark split (EfficientNet-Lite0, its offline
+    weights, seed 0, no feature cache): the extraction every run does, with nothing re-wired."""
+    from headstart import Config
+    from headstart.backbones import get_backbone, resolve_weights
+    from headstart.model import build_from_config
     from headstart.splits import load_image_folder
+    from headstart.training.views import FeatureViews
 
     spec = get_backbone("efficientnet_lite0")
-    base = build_backbone(spec, size, resolve_weights(spec, "default"))
-    extractor = feature_extractor(build_model(spec, base, 10))
-    folder = load_image_folder(str(data), val_split=0.2, test_split=0.1, seed=0)
+    config = Config(
+        data=str(data),
+        image_size=size,
+        weights=resolve_weights(spec, "default"),
+        batch_size=32,
+        cache=False,
+        quiet=True,
+    )
+    folder = load_image_folder(str(data), val_split=0.2, test_split=0.1, seed=config.seed)
+    model, _ = build_from_config(config, spec, len(folder.class_names))
+    return FeatureViews(config, spec, folder, model, cache=None), folder
+
+
+def features(data: Path, size: int, views: int) -> dict[str, list[np.ndarray]]:
+    """Pooled features of every split: view 0 clean, then ``views`` flipped training views."""
+    extracted, folder = feature_views(data, size)
     out = {}
     for split in ("train", "val", "test"):
-        paths = list(getattr(folder, split).paths)
         n_views = views if split == "train" else 0
         out[split] = [
-            np.concatenate(
-                list(
-                    extract_batches(
-                        extractor,
-                        paths,
-                        size,
-                        batch_size=32,
-                        augmenter=build_augmenter("flip", 1000 * view) if view else None,
-                        verbose=False,
-                    )
-                )
-            ).astype("float32")
-            for view in range(1 + n_views)
+            np.asarray(view, dtype="float32")
+            for view in extracted.views("pooled", split, "flip", n_views)
         ]
         out[f"{split}_labels"] = np.asarray(getattr(folder, split).labels)
     return out

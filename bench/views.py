@@ -30,41 +30,27 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fast_loop import write_dataset  # noqa: E402  (the shared Fashion-MNIST split)
-from head_options import train_head  # noqa: E402  (stage 1's procedure on cached features)
+from head_options import (  # noqa: E402  (stage 1's procedure on cached features)
+    feature_views,
+    train_head,
+)
 
 POLICIES = ("flip", "flip,rotate=0.1,zoom=0.2")  # the usual winner here, and the seeds' policy
 
 
 def extract_views(data: Path, size: int, policies, max_views: int) -> dict:
     """Clean features of every split, and ``max_views`` views per policy of the training
-    split, each view a fresh draw of the policy (as headstart's cache keys them)."""
-    from headstart.augment import build_augmenter
-    from headstart.backbones import build_backbone, get_backbone, resolve_weights
-    from headstart.extract import extract_batches
-    from headstart.model import build_model, feature_extractor
-    from headstart.splits import load_image_folder
-
-    spec = get_backbone("efficientnet_lite0")
-    base = build_backbone(spec, size, resolve_weights(spec, "default"))
-    extractor = feature_extractor(build_model(spec, base, 10))
-    folder = load_image_folder(str(data), val_split=0.2, test_split=0.1, seed=0)
-
-    def run(paths, augmenter=None) -> np.ndarray:
-        batches = extract_batches(
-            extractor, paths, size, batch_size=32, augmenter=augmenter, verbose=False
-        )
-        return np.concatenate(list(batches)).astype("float32")
-
+    split, each view a fresh draw of the policy (headstart's own `FeatureViews`)."""
+    extracted, folder = feature_views(data, size)
     out, seconds = {}, []
     for split in ("train", "val", "test"):
-        out[split] = [run(list(getattr(folder, split).paths))]  # one view: clean
+        out[split] = [np.asarray(extracted.rows("pooled", split), dtype="float32")]  # clean
         out[f"{split}_labels"] = np.asarray(getattr(folder, split).labels)
-    paths = list(folder.train.paths)
     for policy in policies:
         out[policy] = []
         for view in range(1, max_views + 1):
             started = time.perf_counter()
-            out[policy].append(run(paths, build_augmenter(policy, 1000 * view)))
+            out[policy].append(np.asarray(extracted.rows("pooled", "train", policy, view)))
             seconds.append(time.perf_counter() - started)
     out["seconds_per_view"] = float(np.median(seconds)) if seconds else None
     return out

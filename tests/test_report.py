@@ -1,6 +1,7 @@
 """Figures, report.html and TensorBoard logs: written by every `train`, checked as pictures."""
 
 import base64
+import dataclasses
 import csv
 import io
 import json
@@ -351,3 +352,46 @@ def test_transfer_run_report_shows_both_stages(tiny_folder, tmp_path):
     assert _has_colour(_png(run / "curves.png"), FINE_TUNE_TINT, minimum=2000)
     gradcam = Image.open(io.BytesIO((run / "gradcam.png").read_bytes()))
     assert gradcam.size[0] > 300
+
+
+def test_report_of_a_split_from_run_describes_the_runs_own_split(data, tmp_path):
+    """A run trained on a manifest's split (--split-from) is reported on that split, not on the
+    one its seed and fractions would make."""
+    from headstart.report import write_figures
+    from headstart.splits import write_split_manifest
+
+    seeded = load_image_folder(str(data), val_split=0.2, test_split=0.1, seed=0)
+    # another split: half of each class's training images move to test
+    moved = seeded.train.paths[::2]
+    keep = [i for i, path in enumerate(seeded.train.paths) if path not in moved]
+    train_split = type(seeded.train)(
+        tuple(seeded.train.paths[i] for i in keep), tuple(seeded.train.labels[i] for i in keep)
+    )
+    test_split = type(seeded.test)(
+        seeded.test.paths + moved,
+        seeded.test.labels + tuple(seeded.train.labels[::2]),
+    )
+    other = dataclasses.replace(seeded, train=train_split, test=test_split)
+    manifest = write_split_manifest(other, tmp_path / "split.json")
+    config = Config(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        backbone="scratch_cnn",
+        image_size=32,
+        epochs=1,
+        batch_size=8,
+        augment="none",
+        split_from=str(manifest),
+        quiet=True,
+    )
+    run = train(config).run_dir
+    (run / "report.html").unlink()
+    assert main(["--quiet", "report", str(run)]) == 0  # no folder handed over: read from disk
+    n = len(CLASSES)
+    expected = {split: getattr(other, split).counts(n) for split in ("train", "val", "test")}
+    assert expected["test"] != seeded.test.counts(n)  # the two splits differ
+    assert {split: write_figures(run).data[split] for split in expected} == expected
+    page = (run / "report.html").read_text()
+    totals = [sum(expected[split]) for split in ("train", "val", "test")]
+    row = "".join(f"<td[^>]*>{count}</td>" for count in (*totals, sum(totals)))
+    assert re.search(r"all classes</td>\s*" + row, page), "the report's table is the run's split"

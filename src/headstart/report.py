@@ -1,8 +1,9 @@
 """``headstart report RUN``: the run's figures as PNG files and one self-contained report.html.
 
 Everything is recomputed from the run directory: the model, labels and config are loaded, and
-the test split is re-created from the data folder with the run's own seed and fractions (as
-``evaluate`` does), so training passes nothing but the directory. The HTML embeds every
+the run's own split is read from its split.json (`headstart.splits.run_split`: the files it
+trained, validated and tested on, whether from the seed or from ``--split-from``), so training
+passes nothing but the directory. The HTML embeds every
 figure as base64 and has no scripts or external links: it opens offline, and can be mailed.
 """
 

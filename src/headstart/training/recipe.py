@@ -229,6 +229,35 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state, callbacks=
     unfreeze = [int(count) for count in str(config.unfreeze).split(FUSION_SEPARATOR)]
     fine_tune = bool(backbone.pretrained and config.fine_tune and config.fine_tune_epochs)
     fine_tune = fine_tune and any(unfreeze)
+    _stages(session, state, fine_tune, unfreeze)
+    train_seconds = session.elapsed()
+    if config.distributed:  # evaluation and the report are process 0's, on one device
+        cluster = current(True)
+        log.info("process %d: final weights %s", cluster.process_id, weights_digest(model))
+        finish()
+        if not cluster.writes:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            return TrainResult(run_dir, {}, session.config)
+    metrics = _test_metrics(config, folder, run_dir)
+    metrics["train_seconds"] = round(train_seconds, 1)  # both stages, test evaluation excluded
+    metrics["skipped"] = len(folder.skipped)
+    metrics.update(_what_was_chosen(session, fine_tune))
+    files.write_json(run_dir / runs.METRICS_FILE, metrics)
+    if fine_tune and not metrics["fine_tune_kept"]:
+        log.info(
+            "fine-tuning did not beat stage 1's validation accuracy (%.4f): model.keras is the "
+            "stage-1 model",
+            session.checkpoint.accuracy_floor,
+        )
+    if session.summaries:  # a resumed run keeps the summaries written when it started
+        files.write_text_atomic(run_dir / runs.SUMMARY_FILE, "\n".join(session.summaries))
+    redraw(run_dir, folder=folder)  # figures + report.html
+    remove_state(run_dir)
+    return TrainResult(run_dir, metrics, session.config)
+
+
+def _stages(session: Session, state, fine_tune: bool, unfreeze: list[int]) -> None:
+    """Stage 1 then (``fine_tune``) stage 2, each skipped when ``state`` says it is done."""
     if fine_tune:
         session.plan_fine_tuning(unfreeze)
     stage = state.stage if state else "head"
@@ -241,15 +270,12 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state, callbacks=
     if fine_tune and stage != "done":
         session.fine_tune(unfreeze)
         session.end_stage("done")
-    train_seconds = session.elapsed()
-    if config.distributed:  # evaluation and the report are process 0's, on one device
-        cluster = current(True)
-        log.info("process %d: final weights %s", cluster.process_id, weights_digest(model))
-        finish()
-        if not cluster.writes:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            return TrainResult(run_dir, {}, session.config)
-    model = keras.saving.load_model(run_dir / runs.MODEL_FILE)  # the best on validation
+
+
+def _test_metrics(config: Config, folder, run_dir: Path) -> dict:
+    """The saved model (the best on validation; calibrated with --calibrate) scored on the test
+    split, its predictions written to predictions.csv."""
+    model = keras.saving.load_model(run_dir / runs.MODEL_FILE)
     calibration = None
     if config.calibrate:  # T fitted on validation, saved inside model.keras (headstart.calibrate)
         model, calibration = calibrate_model(model, folder.val, config.batch_size)
@@ -264,38 +290,30 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state, callbacks=
         )
     else:
         metrics = metrics_for_split(model, folder.test, folder.class_names)  # {"n_test": 0, ...}
-    metrics["train_seconds"] = round(train_seconds, 1)  # both stages, test evaluation excluded
-    metrics["skipped"] = len(folder.skipped)
-    checkpoint = session.checkpoint
-    metrics["saved_from"] = {**checkpoint.saved, "epoch": checkpoint.saved["epoch"] + 1}
-    if fine_tune:
-        metrics["fine_tune_kept"] = checkpoint.saved["stage"] == "fine_tune"
-    metrics["feature_norm"] = session.config.feature_norm
-    if session.config.feature_norm_scores:
-        metrics["feature_norm_scores"] = session.config.feature_norm_scores
     if calibration:
         metrics["calibration"] = calibration
-    metrics["class_weight"] = config.class_weight
-    if session.class_weight:
-        metrics["class_weights"] = {
-            folder.class_names[i]: round(w, 6) for i, w in session.class_weight.items()
-        }
-    metrics["augment"] = session.config.augment
-    if session.config.augment_scores:  # --augment auto: what each candidate scored
-        metrics["augment_scores"] = session.config.augment_scores
+    return metrics
+
+
+def _what_was_chosen(session: Session, fine_tune: bool) -> dict:
+    """metrics.json's record of the run's choices: the saved epoch, head input, class weights,
+    augmentation and fine-tuning rate, with every candidate's validation scores."""
+    config, checkpoint = session.config, session.checkpoint
+    record = {"saved_from": {**checkpoint.saved, "epoch": checkpoint.saved["epoch"] + 1}}
     if fine_tune:
-        metrics["fine_tune_lr"] = session.config.fine_tune_lr
-        if session.config.fine_tune_lr_scores:
-            metrics["fine_tune_lr_scores"] = session.config.fine_tune_lr_scores
-    files.write_json(run_dir / runs.METRICS_FILE, metrics)
-    if fine_tune and not metrics["fine_tune_kept"]:
-        log.info(
-            "fine-tuning did not beat stage 1's validation accuracy (%.4f): model.keras is the "
-            "stage-1 model",
-            checkpoint.accuracy_floor,
-        )
-    if session.summaries:  # a resumed run keeps the summaries written when it started
-        files.write_text_atomic(run_dir / runs.SUMMARY_FILE, "\n".join(session.summaries))
-    redraw(run_dir, folder=folder)  # figures + report.html
-    remove_state(run_dir)
-    return TrainResult(run_dir, metrics, session.config)
+        record["fine_tune_kept"] = checkpoint.saved["stage"] == "fine_tune"
+    record["feature_norm"] = config.feature_norm
+    if config.feature_norm_scores:
+        record["feature_norm_scores"] = config.feature_norm_scores
+    record["class_weight"] = config.class_weight
+    if session.class_weight:
+        names = session.folder.class_names
+        record["class_weights"] = {names[i]: round(w, 6) for i, w in session.class_weight.items()}
+    record["augment"] = config.augment
+    if config.augment_scores:  # --augment auto: what each candidate scored
+        record["augment_scores"] = config.augment_scores
+    if fine_tune:
+        record["fine_tune_lr"] = config.fine_tune_lr
+        if config.fine_tune_lr_scores:
+            record["fine_tune_lr_scores"] = config.fine_tune_lr_scores
+    return record
