@@ -24,7 +24,7 @@ from headstart.cli import main
 from headstart.distributed.cluster import Cluster, check_batch_size, even_batches, initialize
 from headstart.distributed.launch import GRACE_SECONDS, POLL_SECONDS, free_port, launch
 from headstart.errors import UsageError
-from headstart.training import compile_for
+from headstart.model import compile_for
 from headstart.training.cache import FeatureCache
 from headstart.training.state import read_state
 

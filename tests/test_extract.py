@@ -7,8 +7,7 @@ import pytest
 from headstart.backbones import build_backbone, get_backbone
 from headstart.extract import InferenceModeTop, ViewSampler, split_at_cut
 from headstart.freeze import freeze, resolve_unfreeze, unfreeze_top
-from headstart.model import build_model
-from headstart.training import compile_for
+from headstart.model import build_model, compile_for
 
 # Where each backbone is cut by default (the input of its top block), checked below.
 CUTS = {

@@ -6,8 +6,7 @@ import pytest
 
 from headstart.backbones import build_backbone, get_backbone
 from headstart.freeze import freeze, resolve_unfreeze, unfreeze_top
-from headstart.model import build_model, classifier_of, parameter_counts, trainer_for
-from headstart.training import compile_for
+from headstart.model import build_model, classifier_of, compile_for, parameter_counts, trainer_for
 
 
 def _tiny_model(name="efficientnet_lite0", size=32, classes=3):

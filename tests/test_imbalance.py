@@ -18,8 +18,7 @@ from headstart.imbalance import (
     resolve_class_weight,
 )
 from headstart.metrics import probabilities_from_logits
-from headstart.model import build_head
-from headstart.training import compile_for
+from headstart.model import build_head, compile_for
 
 
 def test_balanced_weights_are_n_over_classes_times_count_and_average_one():

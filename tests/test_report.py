@@ -1,8 +1,8 @@
 """Figures, report.html and TensorBoard logs: written by every `train`, checked as pictures."""
 
 import base64
-import dataclasses
 import csv
+import dataclasses
 import io
 import json
 import re
