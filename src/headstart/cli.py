@@ -1,5 +1,10 @@
-"""The ``headstart`` command: argument parsing only; every verb calls the library function of
-the same name."""
+"""The ``headstart`` command: argument parsing, and one handler per verb that calls the library
+function of the same name.
+
+``headstart --help`` and ``--version`` answer at once: this module's top imports only light
+modules (no Keras, TensorFlow, matplotlib or Pillow), and each handler imports its verb's module
+when it runs, with a comment naming the heavy dependency that import brings.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +16,508 @@ import logging
 import os
 import sys
 
-from headstart.check import NEAR_DISTANCE
+from headstart import runs
+from headstart._version import __version__
 from headstart.config import DEFAULT_AUGMENT, Config
+from headstart.distributed import launch
 from headstart.errors import UsageError
 from headstart.imbalance import CLASS_WEIGHT_CHOICES, IMBALANCE_THRESHOLD
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what shells report after a Ctrl-C
 
+log = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, then run the verb's handler; a UsageError is one line and exit 2, a Ctrl-C one
+    line saying what the run folder holds."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="headstart: %(message)s"
+    )
+    try:
+        return args.handler(args)
+    except UsageError as error:
+        print(f"headstart: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if sys.stdout.isatty():
+            print()  # end the progress bar's line
+        print(_interrupted(args), file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; each verb's subparser is built, and given its handler, by its
+    ``_add_<verb>`` function below (in the order ``--help`` lists them)."""
+    # --quiet works before or after the verb (`headstart --quiet train`, `headstart train --quiet`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress bars or info lines",
+    )
+    parser = argparse.ArgumentParser(
+        prog="headstart", description="Folder of labelled images -> fine-tuned Keras classifier."
+    )
+    # its own action: set_defaults on a shared parent action would reach the verbs' copies too
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or info lines")
+    parser.add_argument("--version", action="version", version=f"headstart {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    add_verb = functools.partial(verbs.add_parser, parents=[common])
+    for add in (
+        _add_train,
+        _add_launch,
+        _add_evaluate,
+        _add_predict,
+        _add_check,
+        _add_backbones,
+        _add_cache,
+        _add_summary,
+        _add_demo,
+        _add_explain,
+        _add_cv,
+        _add_calibrate,
+        _add_report,
+        _add_compare,
+        _add_export,
+        _add_serve,
+        _add_ensemble,
+        _add_tune,
+    ):
+        add(add_verb)
+    return parser
+
+
+# ------------------------------------------------------------------------------------ verbs
+
+
+def _add_train(add_verb) -> None:
+    parser = add_verb("train", help="train, evaluate and save a classifier")
+    parser.add_argument("data", nargs="?", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
+    _train_arguments(parser)
+    parser.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue an interrupted run from its last epoch (its config.json decides the rest)",
+    )
+    parser.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.resume:
+        return _resume(args)
+    if not args.data:
+        raise UsageError("train needs DATA (a folder of class folders), or --resume RUN")
+    from headstart.training import train  # Keras/TensorFlow
+
+    _resolve_out(args)
+    _print_result(train(_config_of(args)))
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """``train --resume RUN``: the run's settings, this launch's place in a cluster."""
+    _check_resume_arguments(args)
+    args.out = args.resume  # so that a Ctrl-C message names the run
+    from headstart.training import resume  # Keras/TensorFlow
+
+    cluster = {key: getattr(args, key) for key in CLUSTER_OPTIONS}
+    _print_result(resume(args.resume, **cluster))
+    return 0
+
+
+def _add_launch(add_verb) -> None:
+    parser = add_verb("launch", help="run `train --distributed` in N local processes")
+    parser.add_argument("--nproc", type=int, required=True, help="how many processes")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- train DATA [options]")
+    parser.set_defaults(handler=_launch)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Exit 1 when a process failed: the launcher's own code, passed on."""
+    return launch.launch(args.nproc, args.command)
+
+
+def _add_evaluate(add_verb) -> None:
+    parser = add_verb("evaluate", help="score a run on a folder of labelled images")
+    parser.add_argument("run")
+    parser.add_argument("data")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--tta", type=int, default=1, metavar="N", help=_TTA_HELP)
+    parser.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    # Pillow; evaluate() itself loads Keras/TensorFlow
+    from headstart.evaluation import evaluate, format_metrics, format_tta, format_uncertainty
+
+    metrics = evaluate(args.run, args.data, batch_size=args.batch_size, tta=args.tta)
+    print(format_metrics(metrics))
+    for line in (format_uncertainty(metrics), format_tta(metrics)):
+        if line:
+            print(line)
+    return 0
+
+
+def _add_predict(add_verb) -> None:
+    parser = add_verb("predict", help="classify image files, folders or globs")
+    parser.add_argument("run")
+    parser.add_argument("paths", nargs="+")
+    parser.add_argument("--top-k", type=int, default=1)
+    parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    parser.add_argument("--tta", type=int, default=1, metavar="N", help=_TTA_HELP)
+    parser.set_defaults(handler=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """Unreadable images are reported, not fatal: exit 0 with a count on stderr."""
+    from headstart.deploy.predict import iter_predictions  # Keras/TensorFlow
+
+    predictions = iter_predictions(args.run, args.paths, top_k=args.top_k, tta=args.tta)
+    total, unreadable = _print_predictions(predictions, args.format)
+    if unreadable:
+        print(
+            f"headstart: {unreadable} of {total} images could not be read "
+            f"(the reasons are in the output)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _add_check(add_verb) -> None:
+    parser = add_verb("check", help="check a data folder: counts, bad files, duplicates, leakage")
+    parser.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
+    parser.add_argument("--out", help="report file (default: ./check-<DATA name>.json)")
+    parser.add_argument(
+        "--fix-split",
+        metavar="PATH",
+        help="also write a leakage-free split manifest (JSON file lists; no file is moved)",
+    )
+    for option in ("val_split", "test_split", "seed"):  # the split train would make
+        parser.add_argument(
+            "--" + option.replace("_", "-"),
+            type=int if option == "seed" else float,
+            default=getattr(Config(data=""), option),
+            help="as for train",
+        )
+    # no default here: check's own (NEAR_DISTANCE) applies, and --help need not import check
+    parser.add_argument(
+        "--near-distance",
+        type=int,
+        metavar="BITS",
+        help="perceptual-hash bits (of 256) within which images are near-duplicates",
+    )
+    parser.set_defaults(handler=_check)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from headstart.check import check, format_summary  # Pillow
+
+    near = {} if args.near_distance is None else {"near_distance": args.near_distance}
+    report = check(
+        args.data,
+        val_split=args.val_split,
+        test_split=args.test_split,
+        seed=args.seed,
+        out=args.out,
+        fix_split=args.fix_split,
+        **near,
+    )
+    if hasattr(sys.stdout, "reconfigure"):  # file names need not be valid UTF-8
+        sys.stdout.reconfigure(errors="backslashreplace")
+    print(format_summary(report))
+    written = [report["out"]] + ([args.fix_split] if args.fix_split else [])
+    print(f"written: {', '.join(written)}")
+    return 0
+
+
+def _add_backbones(add_verb) -> None:
+    add_verb("backbones", help="list the available backbones").set_defaults(handler=_backbones)
+
+
+def _backbones(args: argparse.Namespace) -> int:
+    from headstart.backbones import list_backbones  # Keras/TensorFlow
+
+    _print_backbones(list_backbones())
+    return 0
+
+
+def _add_cache(add_verb) -> None:
+    parser = add_verb("cache", help="list or clear the feature cache")
+    parser.add_argument("action", choices=("ls", "clear"))
+    parser.add_argument("--cache-dir", help="default: $HEADSTART_CACHE or ~/.cache/headstart")
+    parser.set_defaults(handler=_cache)
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from headstart.training import cache  # Keras/TensorFlow (the headstart.training package)
+
+    if args.action == "clear":
+        print(f"freed {cache.clear(args.cache_dir) / 1e6:.1f} MB")
+    else:
+        _print_cache_entries(cache.list_entries(args.cache_dir))
+    return 0
+
+
+def _add_summary(add_verb) -> None:
+    parser = add_verb("summary", help="print a model summary and parameter counts")
+    parser.add_argument("--backbone", default=Config(data="").backbone)
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--head", choices=("gap", "flatten", "none"), default="gap")
+    parser.add_argument("--hidden", type=int, default=0)
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--classes", type=int, default=2)
+    parser.add_argument("--unfreeze", help="N, all or none (default: none; all for scratch)")
+    parser.add_argument("--bn", choices=("frozen", "inference"), default="frozen")
+    parser.add_argument("--weights", default="none")
+    parser.add_argument("--plot", metavar="PNG", help="also draw the model graph (needs pydot)")
+    parser.set_defaults(handler=_summary)
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from headstart.summaries import summary  # Keras/TensorFlow
+
+    text = summary(
+        args.backbone,
+        image_size=args.image_size,
+        head=args.head,
+        hidden=args.hidden,
+        dropout=args.dropout,
+        classes=args.classes,
+        unfreeze=args.unfreeze,
+        bn=args.bn,
+        weights=args.weights,
+        plot=args.plot,
+    )
+    print(text, end="")
+    return 0
+
+
+def _add_demo(add_verb) -> None:
+    parser = add_verb("demo", help="train on the bundled Fashion-MNIST sample")
+    parser.add_argument("--out")
+    parser.set_defaults(handler=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from headstart.training.demo import demo  # Keras/TensorFlow
+
+    _resolve_out(args)
+    _print_result(demo(args.out, quiet=args.quiet))
+    return 0
+
+
+def _add_explain(add_verb) -> None:
+    parser = add_verb("explain", help="Grad-CAM heatmaps: where the model looked")
+    parser.add_argument("run")
+    parser.add_argument("paths", nargs="+", metavar="image")
+    parser.add_argument("--out", help="folder for the PNGs (default: RUN/explain)")
+    parser.add_argument(
+        "--class", dest="target", metavar="NAME", help="explain this class, not the predicted one"
+    )
+    parser.set_defaults(handler=_explain)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from headstart.explain import explain  # Keras/TensorFlow
+
+    for path in explain(args.run, args.paths, out=args.out, target=args.target):
+        print(path)
+    return 0
+
+
+def _add_cv(add_verb) -> None:
+    parser = add_verb("cv", help="stratified K-fold cross-validation: accuracy mean ± std")
+    parser.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/* (pooled)")
+    parser.add_argument("--folds", type=int, default=5, metavar="K")
+    _train_arguments(parser)  # every fold trains with these; --out holds fold1..K and cv.json
+    parser.add_argument(
+        "--fine-tune", action="store_true", help="also fine-tune in every fold (default: head only)"
+    )
+    parser.set_defaults(fine_tune=False, handler=_cv)
+
+
+def _cv(args: argparse.Namespace) -> int:
+    if args.test_split != Config(data="").test_split:
+        raise UsageError("cv: --test-split does not apply, each fold tests 1/K of the images")
+    from headstart.cv import cross_validate, format_cv  # Pillow; each fold loads Keras
+
+    _resolve_out(args)
+    summary = cross_validate(_config_of(args), folds=args.folds)
+    print(format_cv(summary))
+    print(f"written: {summary['out']}/cv.json")
+    return 0
+
+
+def _add_calibrate(add_verb) -> None:
+    parser = add_verb("calibrate", help="temperature-scale a run's confidences on validation")
+    parser.add_argument("run")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.set_defaults(handler=_calibrate)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """The run's figures and report.html follow its new confidences: redrawn here."""
+    from headstart.calibrate import calibrate, format_calibration  # Keras/TensorFlow
+
+    metrics = calibrate(args.run, batch_size=args.batch_size)
+    _redraw_report(args.run, "report not redrawn")
+    print(format_calibration(metrics))
+    return 0
+
+
+def _add_report(add_verb) -> None:
+    parser = add_verb("report", help="draw the run's figures and write RUN/report.html")
+    parser.add_argument("run")
+    parser.set_defaults(handler=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from headstart.report import report  # matplotlib
+
+    print(report(args.run))
+    return 0
+
+
+def _add_compare(add_verb) -> None:
+    parser = add_verb("compare", help="compare runs: table and validation curves")
+    parser.add_argument("runs", nargs="+", metavar="run")
+    parser.add_argument("--out", help="folder for compare.md and compare.png (./comparison)")
+    parser.set_defaults(handler=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from headstart.compare import compare  # matplotlib
+
+    result = compare(args.runs, out=args.out)
+    print(result.table)
+    for line in result.noise:
+        print(line)
+    print(f"written: {result.markdown_path}, {result.figure_path}")
+    return 0
+
+
+def _add_export(add_verb) -> None:
+    parser = add_verb("export", help="export a run for another runtime, checked against it")
+    parser.add_argument("run")
+    parser.add_argument(
+        "--format", required=True, choices=("saved_model", "onnx", "litert", "openvino")
+    )
+    parser.add_argument("--quantize", choices=("none", "dynamic", "int8"), default="none")
+    parser.add_argument("--out", help="export folder (default: RUN/exports/FORMAT[-QUANTIZE])")
+    parser.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Exit 1 when the artifact does not answer like model.keras (nothing is kept then)."""
+    # Pillow; export() loads Keras and the format's own runtime
+    from headstart.deploy.export import ExportCheckFailed, export
+
+    try:
+        result = export(args.run, args.format, quantize=args.quantize, out=args.out)
+    except ExportCheckFailed as error:
+        print(f"headstart: error: {error}", file=sys.stderr)
+        return 1
+    check = result.record["check"]
+    print(
+        f"{result.path}: {result.record['size_bytes'] / 1e6:.1f} MB, "
+        f"{result.record['runtime']['name']} {result.record['runtime']['version']}; "
+        f"on {check['source']}: top-1 agreement {check['top1_agreement']:.2%}, "
+        f"max probability difference {check['max_abs_prob_diff']:.1e}"
+    )
+    return 0
+
+
+def _add_serve(add_verb) -> None:
+    parser = add_verb("serve", help="serve a run over HTTP: JSON API and a web page")
+    parser.add_argument("run", help="a run folder or an exported model folder")
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=32, help="images per model call")
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long an image waits for others"
+    )
+    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit")
+    parser.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from headstart.deploy.serve import serve  # Pillow; serve() loads FastAPI, uvicorn and Keras
+
+    serve(
+        args.run,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_upload_mb=args.max_upload_mb,
+    )
+    return 0
+
+
+def _add_ensemble(add_verb) -> None:
+    parser = add_verb("ensemble", help="average runs' class probabilities into one model")
+    parser.add_argument("runs", nargs="+", metavar="run", help="runs sharing labels and split")
+    parser.add_argument("--out", help="the ensemble's run folder (default: runs/<timestamp>)")
+    parser.add_argument(
+        "--weights", help="w1,w2,... (one per run), or fit: chosen on validation (default: mean)"
+    )
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.set_defaults(handler=_ensemble)
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    """The ensemble is a run: it gets its figures and report.html like any other."""
+    from headstart.ensemble import ensemble  # Keras/TensorFlow
+
+    result = ensemble(args.runs, args.out, weights=args.weights, batch_size=args.batch_size)
+    _redraw_report(result.run_dir, "report not written (the ensemble itself is complete)")
+    print("weights: " + ", ".join(f"{w:.3f}" for w in result.weights))
+    _print_result(result)
+    return 0
+
+
+def _add_tune(add_verb) -> None:
+    parser = add_verb("tune", help="search head hyperparameters with KerasTuner on cached features")
+    parser.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--max-time", type=float, metavar="MIN", help="start no trial after this")
+    parser.add_argument(
+        "--algorithm", choices=("bayesian", "random", "hyperband"), default="bayesian"
+    )
+    parser.add_argument(
+        "--no-train", dest="train_best", action="store_false", help="don't train the best fully"
+    )
+    # the settings kept fixed (--lr, --dropout, --hidden and --head are tuned)
+    _train_arguments(parser)
+    parser.set_defaults(handler=_tune)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from headstart.tune import tune  # KerasTuner, Keras/TensorFlow
+
+    result = tune(
+        _config_of(args),
+        trials=args.trials,
+        max_time=args.max_time,
+        algorithm=args.algorithm,
+        train_best=args.train_best,
+    )
+    print(f"{len(result.rows)} trials: {result.out / 'trials.csv'}")
+    print(f"best: {result.command}")
+    if result.run is not None:
+        _print_result(result.run)
+    return 0
+
+
+# ------------------------------------------------------------------------ shared options
+
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a training run, shared by ``train``, ``cv`` and ``tune``."""
     defaults = Config(data="")
     add = parser.add_argument
     add("--out", help="run directory (default: runs/<timestamp>)")
@@ -153,176 +650,56 @@ def _rate_or_auto(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"{text!r} is neither auto nor a number") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # --quiet works before or after the verb (`headstart --quiet train`, `headstart train --quiet`)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--quiet",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="no progress bars or info lines",
-    )
-    parser = argparse.ArgumentParser(
-        prog="headstart", description="Folder of labelled images -> fine-tuned Keras classifier."
-    )
-    # its own action: set_defaults on a shared parent action would reach the verbs' copies too
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or info lines")
-    verbs = parser.add_subparsers(dest="verb", required=True)
-    add_verb = functools.partial(verbs.add_parser, parents=[common])
+# --resume: these describe the new launch (where this process stands), not the run's settings
+CLUSTER_OPTIONS = ("coordinator", "num_processes", "process_id")
 
-    train = add_verb("train", help="train, evaluate and save a classifier")
-    train.add_argument("data", nargs="?", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
-    _train_arguments(train)
-    train.add_argument(
-        "--resume",
-        metavar="RUN",
-        help="continue an interrupted run from its last epoch (its config.json decides the rest)",
-    )
 
-    launch = add_verb("launch", help="run `train --distributed` in N local processes")
-    launch.add_argument("--nproc", type=int, required=True, help="how many processes")
-    launch.add_argument("command", nargs=argparse.REMAINDER, help="-- train DATA [options]")
-
-    evaluate = add_verb("evaluate", help="score a run on a folder of labelled images")
-    evaluate.add_argument("run")
-    evaluate.add_argument("data")
-    evaluate.add_argument("--batch-size", type=int, default=32)
-    evaluate.add_argument("--tta", type=int, default=1, metavar="N", help=_TTA_HELP)
-
-    predict = add_verb("predict", help="classify image files, folders or globs")
-    predict.add_argument("run")
-    predict.add_argument("paths", nargs="+")
-    predict.add_argument("--top-k", type=int, default=1)
-    predict.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    predict.add_argument("--tta", type=int, default=1, metavar="N", help=_TTA_HELP)
-
-    check = add_verb("check", help="check a data folder: counts, bad files, duplicates, leakage")
-    check.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
-    check.add_argument("--out", help="report file (default: ./check-<DATA name>.json)")
-    check.add_argument(
-        "--fix-split",
-        metavar="PATH",
-        help="also write a leakage-free split manifest (JSON file lists; no file is moved)",
-    )
-    for option in ("val_split", "test_split", "seed"):  # the split train would make
-        check.add_argument(
-            "--" + option.replace("_", "-"),
-            type=int if option == "seed" else float,
-            default=getattr(Config(data=""), option),
-            help="as for train",
+def _check_resume_arguments(args: argparse.Namespace) -> None:
+    """--resume takes every setting from the run's config.json: refuse others, rather than
+    silently ignoring them. The cluster options are the new launch's (`headstart launch`
+    adds them and --distributed), so they are taken, for a run that was --distributed."""
+    defaults = vars(build_parser().parse_args(["train", "--resume", args.resume]))
+    launch_options = ("distributed", *CLUSTER_OPTIONS)
+    given = [
+        "--" + key.replace("_", "-")
+        for key, value in vars(args).items()
+        if key not in ("quiet", "data", *launch_options) and value != defaults.get(key)
+    ]
+    if args.data:
+        given.insert(0, "DATA")
+    if given:
+        raise UsageError(
+            f"--resume {args.resume} continues the run with the settings in its config.json: "
+            f"drop {', '.join(given)}"
         )
-    check.add_argument(
-        "--near-distance",
-        type=int,
-        default=NEAR_DISTANCE,
-        metavar="BITS",
-        help="perceptual-hash bits (of 256) within which images are near-duplicates",
-    )
-
-    add_verb("backbones", help="list the available backbones")
-
-    cache = add_verb("cache", help="list or clear the feature cache")
-    cache.add_argument("action", choices=("ls", "clear"))
-    cache.add_argument("--cache-dir", help="default: $HEADSTART_CACHE or ~/.cache/headstart")
-
-    summary = add_verb("summary", help="print a model summary and parameter counts")
-    summary.add_argument("--backbone", default=Config(data="").backbone)
-    summary.add_argument("--image-size", type=int)
-    summary.add_argument("--head", choices=("gap", "flatten", "none"), default="gap")
-    summary.add_argument("--hidden", type=int, default=0)
-    summary.add_argument("--dropout", type=float, default=0.2)
-    summary.add_argument("--classes", type=int, default=2)
-    summary.add_argument("--unfreeze", help="N, all or none (default: none; all for scratch)")
-    summary.add_argument("--bn", choices=("frozen", "inference"), default="frozen")
-    summary.add_argument("--weights", default="none")
-    summary.add_argument("--plot", metavar="PNG", help="also draw the model graph (needs pydot)")
-
-    demo = add_verb("demo", help="train on the bundled Fashion-MNIST sample")
-    demo.add_argument("--out")
-
-    explain = add_verb("explain", help="Grad-CAM heatmaps: where the model looked")
-    explain.add_argument("run")
-    explain.add_argument("paths", nargs="+", metavar="image")
-    explain.add_argument("--out", help="folder for the PNGs (default: RUN/explain)")
-    explain.add_argument(
-        "--class", dest="target", metavar="NAME", help="explain this class, not the predicted one"
-    )
-
-    cv = add_verb("cv", help="stratified K-fold cross-validation: accuracy mean ± std")
-    cv.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/* (pooled)")
-    cv.add_argument("--folds", type=int, default=5, metavar="K")
-    _train_arguments(cv)  # every fold trains with these; --out holds fold1..K and cv.json
-    cv.add_argument(
-        "--fine-tune", action="store_true", help="also fine-tune in every fold (default: head only)"
-    )
-    cv.set_defaults(fine_tune=False)
-
-    calibrate = add_verb("calibrate", help="temperature-scale a run's confidences on validation")
-    calibrate.add_argument("run")
-    calibrate.add_argument("--batch-size", type=int, default=32)
-
-    report = add_verb("report", help="draw the run's figures and write RUN/report.html")
-    report.add_argument("run")
-
-    compare = add_verb("compare", help="compare runs: table and validation curves")
-    compare.add_argument("runs", nargs="+", metavar="run")
-    compare.add_argument("--out", help="folder for compare.md and compare.png (./comparison)")
-
-    export = add_verb("export", help="export a run for another runtime, checked against it")
-    export.add_argument("run")
-    export.add_argument(
-        "--format", required=True, choices=("saved_model", "onnx", "litert", "openvino")
-    )
-    export.add_argument("--quantize", choices=("none", "dynamic", "int8"), default="none")
-    export.add_argument("--out", help="export folder (default: RUN/exports/FORMAT[-QUANTIZE])")
-
-    serve = add_verb("serve", help="serve a run over HTTP: JSON API and a web page")
-    serve.add_argument("run", help="a run folder or an exported model folder")
-    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-batch", type=int, default=32, help="images per model call")
-    serve.add_argument(
-        "--max-wait-ms", type=float, default=5.0, help="how long an image waits for others"
-    )
-    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit")
-    ensemble = add_verb("ensemble", help="average runs' class probabilities into one model")
-    ensemble.add_argument("runs", nargs="+", metavar="run", help="runs sharing labels and split")
-    ensemble.add_argument("--out", help="the ensemble's run folder (default: runs/<timestamp>)")
-    ensemble.add_argument(
-        "--weights", help="w1,w2,... (one per run), or fit: chosen on validation (default: mean)"
-    )
-    ensemble.add_argument("--batch-size", type=int, default=32)
-
-    tune = add_verb("tune", help="search head hyperparameters with KerasTuner on cached features")
-    tune.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
-    tune.add_argument("--trials", type=int, default=10)
-    tune.add_argument("--max-time", type=float, metavar="MIN", help="start no trial after this")
-    tune.add_argument(
-        "--algorithm", choices=("bayesian", "random", "hyperband"), default="bayesian"
-    )
-    tune.add_argument(
-        "--no-train", dest="train_best", action="store_false", help="don't train the best fully"
-    )
-    _train_arguments(tune)  # the settings kept fixed (--lr, --dropout, --hidden, --head are tuned)
-    return parser
+    config = os.path.join(args.resume, "config.json")
+    launched = [f"--{key.replace('_', '-')}" for key in launch_options if getattr(args, key)]
+    if launched and os.path.isfile(config) and not Config.load(config).distributed:
+        raise UsageError(
+            f"--resume {args.resume}: the run was not --distributed: drop {', '.join(launched)} "
+            f"(or `headstart launch`) and resume it in one process"
+        )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="headstart: %(message)s"
-    )
+def _resolve_out(args: argparse.Namespace) -> None:
+    """Decide the run folder here, so that a Ctrl-C message can name it."""
+    args.out_given = bool(args.out)
+    if not args.out:
+        args.out = str(runs.default_run_dir())
+
+
+def _redraw_report(run, failure: str) -> None:
+    """Draw the run's figures and report.html after a verb changed the run; a failure to draw
+    loses nothing the verb made, so it is a warning, not an error."""
     try:
-        return _run(args)
-    except UsageError as error:
-        print(f"headstart: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        if sys.stdout.isatty():
-            print()  # end the progress bar's line
-        print(_interrupted(args), file=sys.stderr)
-        return EXIT_INTERRUPTED
+        from headstart.report import report  # matplotlib
+
+        report(run)
+    except Exception as error:
+        log.warning("%s: %s", failure, error, exc_info=log.isEnabledFor(logging.DEBUG))
+
+
+# --------------------------------------------------------------------------------- Ctrl-C
 
 
 def _interrupted(args: argparse.Namespace) -> str:
@@ -331,9 +708,6 @@ def _interrupted(args: argparse.Namespace) -> str:
     Every file in a run is written atomically, so whatever is there is complete: model.keras is
     the best model on validation so far (the checkpoint saves it at each improvement).
     """
-    from headstart import runs
-    from headstart.training.state import RESUME_FILE
-
     if args.verb == "cv" and getattr(args, "out", None):
         return (
             f"headstart: interrupted; each fold finished so far is a complete run in {args.out} "
@@ -351,244 +725,40 @@ def _interrupted(args: argparse.Namespace) -> str:
         )
         if run and os.path.isfile(os.path.join(run, name))
     ]
-    again = (
-        "run train again with a new --out"
-        if getattr(args, "out_given", False)
-        else "run train again"
-    )
-    if run and os.path.isfile(os.path.join(run, RESUME_FILE)):
-        again = f"continue with `headstart train --resume {run}`"
+    if not kept:
+        return "headstart: interrupted before anything was saved"
+    again = _how_to_go_on(args, run)
     if runs.MODEL_FILE in kept:
         return (
             f"headstart: interrupted; {run} keeps {', '.join(kept)}: model.keras is the best "
             f"model on validation so far, ready for `headstart predict {run}` and `headstart "
             f"evaluate {run} DATA` (no test metrics yet); to train it fully, {again}"
         )
-    if kept:
-        what = "to go on" if "--resume" in again else "to start again"
-        return (
-            f"headstart: interrupted before the first epoch ended; {run} keeps "
-            f"{', '.join(kept)} but no model: {what}, {again}"
-        )
-    return "headstart: interrupted before anything was saved"
-
-
-def _run(args: argparse.Namespace) -> int:
-    if args.verb == "train" and args.resume:
-        from headstart.training import resume
-
-        _check_resume_arguments(args)
-        args.out = args.resume
-        cluster = {key: getattr(args, key) for key in CLUSTER_OPTIONS}
-        _print_result(resume(args.resume, **cluster))
-    elif args.verb == "train":
-        from headstart.training import train
-
-        if not args.data:
-            raise UsageError("train needs DATA (a folder of class folders), or --resume RUN")
-        _resolve_out(args)
-        result = train(_config_of(args))
-        _print_result(result)
-    elif args.verb == "demo":
-        from headstart.training.demo import demo
-
-        _resolve_out(args)
-        _print_result(demo(args.out, quiet=args.quiet))
-    elif args.verb == "launch":
-        from headstart.distributed.launch import launch
-
-        return launch(args.nproc, args.command)
-    elif args.verb == "evaluate":
-        from headstart.evaluation import evaluate, format_metrics, format_tta, format_uncertainty
-
-        metrics = evaluate(args.run, args.data, batch_size=args.batch_size, tta=args.tta)
-        print(format_metrics(metrics))
-        for line in (format_uncertainty(metrics), format_tta(metrics)):
-            if line:
-                print(line)
-    elif args.verb == "predict":
-        from headstart.deploy.predict import iter_predictions
-
-        predictions = iter_predictions(args.run, args.paths, top_k=args.top_k, tta=args.tta)
-        total, unreadable = _print_predictions(predictions, args.format)
-        if unreadable:
-            print(
-                f"headstart: {unreadable} of {total} images could not be read "
-                f"(the reasons are in the output)",
-                file=sys.stderr,
-            )
-    elif args.verb == "backbones":
-        from headstart.backbones import list_backbones
-
-        _print_backbones(list_backbones())
-    elif args.verb == "cache":
-        from headstart.training import cache
-
-        if args.action == "clear":
-            print(f"freed {cache.clear(args.cache_dir) / 1e6:.1f} MB")
-        else:
-            _print_cache_entries(cache.list_entries(args.cache_dir))
-    elif args.verb == "summary":
-        from headstart.summaries import summary
-
-        print(
-            summary(
-                args.backbone,
-                image_size=args.image_size,
-                head=args.head,
-                hidden=args.hidden,
-                dropout=args.dropout,
-                classes=args.classes,
-                unfreeze=args.unfreeze,
-                bn=args.bn,
-                weights=args.weights,
-                plot=args.plot,
-            ),
-            end="",
-        )
-    elif args.verb == "explain":
-        from headstart.explain import explain
-
-        for path in explain(args.run, args.paths, out=args.out, target=args.target):
-            print(path)
-    elif args.verb == "cv":
-        from headstart.cv import cross_validate, format_cv
-
-        if args.test_split != Config(data="").test_split:
-            raise UsageError("cv: --test-split does not apply, each fold tests 1/K of the images")
-        _resolve_out(args)
-        summary = cross_validate(_config_of(args), folds=args.folds)
-        print(format_cv(summary))
-        print(f"written: {summary['out']}/cv.json")
-    elif args.verb == "calibrate":
-        from headstart.calibrate import calibrate, format_calibration
-
-        print(format_calibration(calibrate(args.run, batch_size=args.batch_size)))
-    elif args.verb == "report":
-        from headstart.report import report
-
-        print(report(args.run))
-    elif args.verb == "check":
-        from headstart.check import check, format_summary
-
-        report = check(
-            args.data,
-            val_split=args.val_split,
-            test_split=args.test_split,
-            seed=args.seed,
-            out=args.out,
-            fix_split=args.fix_split,
-            near_distance=args.near_distance,
-        )
-        if hasattr(sys.stdout, "reconfigure"):  # file names need not be valid UTF-8
-            sys.stdout.reconfigure(errors="backslashreplace")
-        print(format_summary(report))
-        written = [report["out"]] + ([args.fix_split] if args.fix_split else [])
-        print(f"written: {', '.join(written)}")
-    elif args.verb == "compare":
-        from headstart.compare import compare
-
-        result = compare(args.runs, out=args.out)
-        print(result.table)
-        for line in result.noise:
-            print(line)
-        print(f"written: {result.markdown_path}, {result.figure_path}")
-    elif args.verb == "export":
-        return _export(args)
-    elif args.verb == "ensemble":
-        from headstart.ensemble import ensemble
-
-        result = ensemble(args.runs, args.out, weights=args.weights, batch_size=args.batch_size)
-        print("weights: " + ", ".join(f"{w:.3f}" for w in result.weights))
-        _print_result(result)
-    elif args.verb == "tune":
-        from headstart.tune import tune
-
-        result = tune(
-            _config_of(args),
-            trials=args.trials,
-            max_time=args.max_time,
-            algorithm=args.algorithm,
-            train_best=args.train_best,
-        )
-        print(f"{len(result.rows)} trials: {result.out / 'trials.csv'}")
-        print(f"best: {result.command}")
-        if result.run is not None:
-            _print_result(result.run)
-    elif args.verb == "serve":
-        from headstart.deploy.serve import serve
-
-        serve(
-            args.run,
-            host=args.host,
-            port=args.port,
-            max_batch=args.max_batch,
-            max_wait_ms=args.max_wait_ms,
-            max_upload_mb=args.max_upload_mb,
-        )
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    """Exit 1 when the artifact does not answer like model.keras (nothing is kept then)."""
-    from headstart.deploy.export import ExportCheckFailed, export
-
-    try:
-        result = export(args.run, args.format, quantize=args.quantize, out=args.out)
-    except ExportCheckFailed as error:
-        print(f"headstart: error: {error}", file=sys.stderr)
-        return 1
-    check = result.record["check"]
-    print(
-        f"{result.path}: {result.record['size_bytes'] / 1e6:.1f} MB, "
-        f"{result.record['runtime']['name']} {result.record['runtime']['version']}; "
-        f"on {check['source']}: top-1 agreement {check['top1_agreement']:.2%}, "
-        f"max probability difference {check['max_abs_prob_diff']:.1e}"
+    what = "to go on" if "--resume" in again else "to start again"
+    return (
+        f"headstart: interrupted before the first epoch ended; {run} keeps "
+        f"{', '.join(kept)} but no model: {what}, {again}"
     )
-    return 0
 
 
-# --resume: these describe the new launch (where this process stands), not the run's settings
-CLUSTER_OPTIONS = ("coordinator", "num_processes", "process_id")
+def _how_to_go_on(args: argparse.Namespace, run: str) -> str:
+    """Resume when the run saved its resume state, else train again."""
+    # Keras/TensorFlow; only reached once train or demo saved files, so they are loaded already
+    from headstart.training.state import RESUME_FILE
+
+    if os.path.isfile(os.path.join(run, RESUME_FILE)):
+        return f"continue with `headstart train --resume {run}`"
+    if getattr(args, "out_given", False):
+        return "run train again with a new --out"
+    return "run train again"
 
 
-def _check_resume_arguments(args: argparse.Namespace) -> None:
-    """--resume takes every setting from the run's config.json: refuse others, rather than
-    silently ignoring them. The cluster options are the new launch's (`headstart launch`
-    adds them and --distributed), so they are taken, for a run that was --distributed."""
-    defaults = vars(build_parser().parse_args(["train", "--resume", args.resume]))
-    launch = ("distributed", *CLUSTER_OPTIONS)
-    given = [
-        "--" + key.replace("_", "-")
-        for key, value in vars(args).items()
-        if key not in ("quiet", "data", *launch) and value != defaults.get(key)
-    ]
-    if args.data:
-        given.insert(0, "DATA")
-    if given:
-        raise UsageError(
-            f"--resume {args.resume} continues the run with the settings in its config.json: "
-            f"drop {', '.join(given)}"
-        )
-    config = os.path.join(args.resume, "config.json")
-    launched = [f"--{key.replace('_', '-')}" for key in launch if getattr(args, key)]
-    if launched and os.path.isfile(config) and not Config.load(config).distributed:
-        raise UsageError(
-            f"--resume {args.resume}: the run was not --distributed: drop {', '.join(launched)} "
-            f"(or `headstart launch`) and resume it in one process"
-        )
-
-
-def _resolve_out(args: argparse.Namespace) -> None:
-    """Decide the run folder here, so that a Ctrl-C message can name it."""
-    from headstart import runs
-
-    args.out_given = bool(args.out)
-    if not args.out:
-        args.out = str(runs.default_run_dir())
+# ------------------------------------------------------------------------------- printing
 
 
 def _print_result(result) -> None:
+    """A trained (or ensembled) run: test scores, calibration, the saved model, the folder."""
+    # Pillow; the verb that made ``result`` has loaded it already
     from headstart.evaluation import format_metrics, format_uncertainty
 
     if result.metrics.get("n_test"):
@@ -600,6 +770,7 @@ def _print_result(result) -> None:
         print(f"process {result.config.process_id} done (process 0 writes the run)")
         return
     if result.metrics.get("calibration"):
+        # Keras/TensorFlow; loaded already by the training that calibrated
         from headstart.calibrate import format_calibration
 
         print(format_calibration(result.metrics))
