@@ -124,5 +124,5 @@ def test_a_report_that_cannot_be_drawn_is_a_warning(monkeypatch, caplog, capsys)
     monkeypatch.setattr(headstart.report, "report", broken)
     monkeypatch.setattr(headstart.calibrate, "calibrate", lambda run, *, batch_size: {})
     assert main(["calibrate", "RUN"]) == 0
-    assert "report not redrawn: no fonts today" in caplog.text
+    assert "report not written (the run itself is complete): no fonts today" in caplog.text
     assert capsys.readouterr().out == "\n"  # format_calibration of an uncalibrated run: ''

@@ -35,9 +35,9 @@ LAYERS: list[tuple[str, ...]] = [
         "training.state",
     ),
     ("runs", "tta", "model", "distributed", "distributed.cluster"),
-    ("splits", "freeze", "figures"),
+    ("splits", "freeze", "figures", "imbalance"),
     ("config", "data", "augment", "layers", "backbones"),
-    ("imbalance", "files", "metrics", "backbones.efficientnet_lite"),
+    ("files", "metrics", "backbones.efficientnet_lite"),
     ("_version", "errors"),  # the foundation
 ]
 

@@ -16,12 +16,10 @@ import logging
 import os
 import sys
 
-from headstart import runs
 from headstart._version import __version__
-from headstart.config import DEFAULT_AUGMENT, Config
+from headstart.config import CLASS_WEIGHT_CHOICES, DEFAULT_AUGMENT, IMBALANCE_THRESHOLD, Config
 from headstart.distributed import launch
 from headstart.errors import UsageError
-from headstart.imbalance import CLASS_WEIGHT_CHOICES, IMBALANCE_THRESHOLD
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what shells report after a Ctrl-C
@@ -364,7 +362,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from headstart.calibrate import calibrate, format_calibration  # Keras/TensorFlow
 
     metrics = calibrate(args.run, batch_size=args.batch_size)
-    _redraw_report(args.run, "report not redrawn")
+    _redraw_report(args.run)
     print(format_calibration(metrics))
     return 0
 
@@ -474,7 +472,7 @@ def _ensemble(args: argparse.Namespace) -> int:
     from headstart.ensemble import ensemble  # Keras/TensorFlow
 
     result = ensemble(args.runs, args.out, weights=args.weights, batch_size=args.batch_size)
-    _redraw_report(result.run_dir, "report not written (the ensemble itself is complete)")
+    _redraw_report(result.run_dir)
     print("weights: " + ", ".join(f"{w:.3f}" for w in result.weights))
     _print_result(result)
     return 0
@@ -683,20 +681,19 @@ def _check_resume_arguments(args: argparse.Namespace) -> None:
 
 def _resolve_out(args: argparse.Namespace) -> None:
     """Decide the run folder here, so that a Ctrl-C message can name it."""
+    from headstart import runs  # Keras (runs registers the saved models' layers): needed next
+
     args.out_given = bool(args.out)
     if not args.out:
         args.out = str(runs.default_run_dir())
 
 
-def _redraw_report(run, failure: str) -> None:
-    """Draw the run's figures and report.html after a verb changed the run; a failure to draw
-    loses nothing the verb made, so it is a warning, not an error."""
-    try:
-        from headstart.report import report  # matplotlib
+def _redraw_report(run) -> None:
+    """The run's figures and report.html, after a verb changed the run (a failure to draw is a
+    warning: it loses nothing the verb made)."""
+    from headstart.report import redraw  # matplotlib
 
-        report(run)
-    except Exception as error:
-        log.warning("%s: %s", failure, error, exc_info=log.isEnabledFor(logging.DEBUG))
+    redraw(run)
 
 
 # --------------------------------------------------------------------------------- Ctrl-C
@@ -713,6 +710,8 @@ def _interrupted(args: argparse.Namespace) -> str:
             f"headstart: interrupted; each fold finished so far is a complete run in {args.out} "
             f"(no cv.json yet): run cv again with a new --out"
         )
+    from headstart import runs  # Keras: loaded by the interrupted verb already
+
     run = getattr(args, "out", None) if args.verb in ("train", "demo") else None
     kept = [
         name

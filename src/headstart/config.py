@@ -12,7 +12,11 @@ from typing import Literal
 from headstart._version import __version__
 from headstart.errors import UsageError
 from headstart.files import write_text_atomic
-from headstart.imbalance import CLASS_WEIGHT_CHOICES
+
+CLASS_WEIGHT_CHOICES = ("auto", "balanced", "none")  # --class-weight, see headstart.imbalance
+# "auto" turns balanced weights on above this ratio of the largest to the smallest class's
+# training images: 3:2 is where the loss of a class is outweighed by half again as many others.
+IMBALANCE_THRESHOLD = 1.5
 
 Mode = Literal["extract", "frozen"]
 Head = Literal["gap", "flatten"]

@@ -13,12 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from headstart.config import CLASS_WEIGHT_CHOICES, IMBALANCE_THRESHOLD
 from headstart.errors import UsageError
-
-CLASS_WEIGHT_CHOICES = ("auto", "balanced", "none")
-# "auto" turns balanced weights on above this ratio of the largest to the smallest class's
-# training images: 3:2 is where the loss of a class is outweighed by half again as many others.
-IMBALANCE_THRESHOLD = 1.5
 
 
 def imbalance_ratio(counts: Sequence[int]) -> float | None:
