@@ -85,7 +85,7 @@ def test_an_interrupted_text_write_keeps_the_previous_file(tmp_path, monkeypatch
 _KILLER = r"""
 import json, os, random, shutil, signal, sys, time
 import keras
-from headstart import runs
+from headstart import files
 
 run, snapshots, kills = sys.argv[1], sys.argv[2], int(sys.argv[3])
 model_file, state_file = os.path.join(run, "model.keras"), os.path.join(run, "state.json")
