@@ -177,6 +177,73 @@ def _class_image(index: int, size: tuple[int, int], rng: np.random.Generator) ->
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
+#: The test suite's own backbone (registered for the session by `pytest_configure`): a tiny
+#: pretrained-style convnet, so two-stage behaviour (cached features, then fine-tuning the top
+#: block on the cached trunk) runs in seconds. Tests about a real backbone name that backbone.
+TINY_BACKBONE = "tiny_test"
+
+
+def _tiny_test_base(input_shape, weights):
+    """Two conv blocks (Conv2D -> BatchNormalization -> ReLU -> MaxPool) and a top block
+    (Conv2D -> BatchNormalization -> ReLU) from ``top_conv``, the default fine-tuning cut: the
+    trunk ends at ``block2_pool``. 32 px in: 8x8x32 out, 6,200 parameters (of which 112 are
+    BatchNormalization's moving statistics). No ImageNet weights: "none" (random, from the
+    seed) or a weights file."""
+    import keras
+    from keras import layers
+
+    from headstart.errors import UsageError
+
+    if weights == "imagenet":
+        raise UsageError(f"{TINY_BACKBONE} has no ImageNet weights: use --weights none or a file")
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for block, filters in ((1, 8), (2, 16)):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{block}_conv")(x)
+        x = layers.BatchNormalization(name=f"block{block}_bn")(x)
+        x = layers.ReLU(name=f"block{block}_relu")(x)
+        x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
+    x = layers.Conv2D(32, 3, padding="same", use_bias=False, name="top_conv")(x)
+    x = layers.BatchNormalization(name="top_bn")(x)
+    x = layers.ReLU(name="top_relu")(x)
+    model = keras.Model(inputs, x, name=TINY_BACKBONE)
+    if weights is not None:
+        model.load_weights(weights)
+    return model
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register `TINY_BACKBONE` before collection (so registry-wide parametrized tests cover
+    it too, and every test module sees it)."""
+    from headstart.backbones import Backbone, register
+
+    register(
+        Backbone(
+            TINY_BACKBONE,
+            _tiny_test_base,
+            32,
+            "tf",
+            unfreeze_from="top_conv",
+            min_size=8,
+            pretrained=True,
+            description="the test suite's tiny pretrained-style backbone (random weights)",
+        )
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Real offline weights take minutes, not seconds: every integration test is also slow."""
+    for item in items:
+        if item.get_closest_marker("integration") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from headstart.backbones import REGISTRY
+
+    REGISTRY.pop(TINY_BACKBONE, None)
+
+
 @pytest.fixture(scope="session")
 def image_folder_factory(tmp_path_factory: pytest.TempPathFactory) -> ImageFolderFactory:
     """Build image folders anywhere; see `ImageFolderFactory` for the layout and odd files."""

@@ -135,6 +135,7 @@ def test_launch_refuses_other_verbs_and_no_processes():
         launch(0, ["--", "train", "data"])
 
 
+@pytest.mark.slow
 @needs_jax
 def test_two_processes_end_identical_and_match_one_process(
     image_folder_factory, tmp_path, jax_cache
@@ -184,6 +185,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @needs_jax
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds processes in /proc")
 def test_killing_one_process_stops_the_other_with_a_clear_error(
@@ -245,6 +247,7 @@ def test_cli_distributed_on_tensorflow_exits_2_with_one_line(tiny_folder, tmp_pa
     assert "\n" not in error and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @needs_jax
 def test_distributed_without_a_cluster_says_how_to_give_one(tiny_folder, tmp_path, jax_cache):
     done = subprocess.run(
@@ -364,6 +367,7 @@ def _entries(cache: Path) -> dict[str, dict]:
     return entries
 
 
+@pytest.mark.slow
 @needs_jax
 def test_sharded_extraction_fills_the_cache_one_process_would(sharded_runs):
     """Tolerance 0: each process extracts whole batches of a single process's pass (the same
@@ -381,6 +385,7 @@ def test_sharded_extraction_fills_the_cache_one_process_would(sharded_runs):
         assert len(shards) >= 2  # written in parts, by both processes
 
 
+@pytest.mark.slow
 @needs_jax
 def test_resumed_distributed_run_ends_as_one_uninterrupted_process(sharded_runs):
     """The 2-process run crashed after epoch 1 and resumed with `launch --nproc 2` ends

@@ -88,6 +88,7 @@ def _kill_during(process: subprocess.Popen, run: Path, stage: str, after_rows: i
             process.communicate()
 
 
+@pytest.mark.slow
 def test_killed_in_stage_1_and_in_stage_2_resumes_to_the_uninterrupted_result(
     tiny_folder, tmp_path
 ):
