@@ -222,9 +222,18 @@ def _tiny_base(name: str, widths: tuple[int, int, int], model_name=None):
     return build
 
 
+#: Put this folder on a test subprocess's PYTHONPATH and its ``sitecustomize`` registers the
+#: tiny backbones there too (``python -m headstart`` and the processes it launches).
+SUBPROCESS_SITE = Path(__file__).resolve().parent / "subprocess_site"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Register the tiny backbones before collection (so registry-wide parametrized tests
     cover them too, and every test module sees them)."""
+    register_tiny_backbones()
+
+
+def register_tiny_backbones() -> None:
     from headstart.backbones import Backbone, register
 
     register(

@@ -32,6 +32,7 @@ needs_jax = pytest.mark.skipif(
     importlib.util.find_spec("jax") is None, reason="JAX not installed: pip install headstart[jax]"
 )
 ROOT = Path(__file__).resolve().parents[1]
+SITE = ROOT / "tests" / "subprocess_site"  # its sitecustomize registers the tiny backbones
 TRAIN = [  # the scratch CNN: one stage, the cheapest model
     "--backbone=scratch_cnn",
     "--image-size=32",
@@ -43,8 +44,8 @@ TRAIN = [  # the scratch CNN: one stage, the cheapest model
     "--augment=none",
     "--no-check",
 ]
-BOTH_STAGES = [  # Lite0 (random weights, 32 px): a head epoch, then a fine-tuning epoch
-    "--backbone=efficientnet_lite0",
+BOTH_STAGES = [  # tiny_test (random weights, 32 px): a head epoch, then a fine-tuning epoch
+    "--backbone=tiny_test",  # tests/conftest.py: registered in the processes by SITE
     "--weights=none",
     "--mode=frozen",  # what --distributed trains on; the one-process run must do the same
     "--image-size=32",
@@ -72,7 +73,7 @@ def _env(tmp: Path, jax_cache: Path) -> dict:
     return {
         **os.environ,
         "KERAS_BACKEND": "jax",
-        "PYTHONPATH": str(ROOT / "src"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(SITE)]),
         "TMPDIR": str(scratch),
         "JAX_COMPILATION_CACHE_DIR": str(jax_cache),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # even the initialisers' programs
@@ -264,8 +265,8 @@ def test_distributed_without_a_cluster_says_how_to_give_one(tiny_folder, tmp_pat
     assert not (tmp_path / "runs").exists()
 
 
-EXTRACT = [  # Lite0 (random weights, 32 px) in extract mode: sharded extraction, both stages
-    "--backbone=efficientnet_lite0",
+EXTRACT = [  # tiny_test (random weights, 32 px) in extract mode: sharded extraction, both stages
+    "--backbone=tiny_test",
     "--weights=none",
     "--image-size=32",
     "--epochs=2",
