@@ -177,6 +177,105 @@ def _class_image(index: int, size: tuple[int, int], rng: np.random.Generator) ->
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
+#: The test suite's own backbone (registered for the session by `pytest_configure`): a tiny
+#: pretrained-style convnet, so two-stage behaviour (cached features, then fine-tuning the top
+#: block on the cached trunk) runs in seconds. Tests about a real backbone name that backbone.
+TINY_BACKBONE = "tiny_test"
+#: A second one, for two-backbone fusion: other widths, another input preprocessing, and a
+#: Keras model named unlike its registry entry (as Keras applications are).
+TINY_BACKBONE_B = "tiny_test_b"
+
+
+def _tiny_base(name: str, widths: tuple[int, int, int], model_name=None):
+    """``build(input_shape, weights)`` of a tiny pretrained-style backbone: two blocks
+    (Conv2D -> BatchNormalization -> ReLU -> MaxPool, named ``block1_*``, ``block2_*``) and a top
+    block (Conv2D -> BatchNormalization -> ReLU) from ``top_conv``, the default fine-tuning
+    cut, so the cached trunk ends at ``block2_pool``. tiny_test (widths 8, 16, 32) at 32 px:
+    8x8x32 out, 6,200 parameters (112 of them BatchNormalization's moving statistics).
+    No ImageNet weights: "none" (random, from the seed) or a weights file."""
+
+    def build(input_shape, weights):
+        import keras
+        from keras import layers
+
+        from headstart.errors import UsageError
+
+        if weights == "imagenet":
+            raise UsageError(f"{name} has no ImageNet weights: use --weights none or a file")
+        inputs = keras.Input(input_shape)
+        x = inputs
+        for block, filters in ((1, widths[0]), (2, widths[1])):
+            x = layers.Conv2D(
+                filters, 3, padding="same", use_bias=False, name=f"block{block}_conv"
+            )(x)
+            x = layers.BatchNormalization(name=f"block{block}_bn")(x)
+            x = layers.ReLU(name=f"block{block}_relu")(x)
+            x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
+        x = layers.Conv2D(widths[2], 3, padding="same", use_bias=False, name="top_conv")(x)
+        x = layers.BatchNormalization(name="top_bn")(x)
+        x = layers.ReLU(name="top_relu")(x)
+        model = keras.Model(inputs, x, name=model_name(input_shape) if model_name else name)
+        if weights is not None:
+            model.load_weights(weights)
+        return model
+
+    return build
+
+
+#: Put this folder on a test subprocess's PYTHONPATH and its ``sitecustomize`` registers the
+#: tiny backbones there too (``python -m headstart`` and the processes it launches).
+SUBPROCESS_SITE = Path(__file__).resolve().parent / "subprocess_site"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the tiny backbones before collection (so registry-wide parametrized tests
+    cover them too, and every test module sees them)."""
+    register_tiny_backbones()
+
+
+def register_tiny_backbones() -> None:
+    from headstart.backbones import Backbone, register
+
+    register(
+        Backbone(
+            TINY_BACKBONE,
+            _tiny_base(TINY_BACKBONE, (8, 16, 32)),
+            32,
+            "tf",
+            unfreeze_from="top_conv",
+            min_size=8,
+            pretrained=True,
+            description="the test suite's tiny pretrained-style backbone (random weights)",
+        )
+    )
+    register(
+        Backbone(
+            TINY_BACKBONE_B,
+            _tiny_base(TINY_BACKBONE_B, (4, 8, 24), lambda shape: f"tiny_test_b_{shape[0]}"),
+            32,
+            "torch",
+            unfreeze_from="top_conv",
+            min_size=8,
+            pretrained=True,
+            description="the test suite's second tiny backbone (fusion tests)",
+        )
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Real offline weights take minutes, not seconds: every integration test is also slow."""
+    for item in items:
+        if item.get_closest_marker("integration") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from headstart.backbones import REGISTRY
+
+    for name in (TINY_BACKBONE, TINY_BACKBONE_B):
+        REGISTRY.pop(name, None)
+
+
 @pytest.fixture(scope="session")
 def image_folder_factory(tmp_path_factory: pytest.TempPathFactory) -> ImageFolderFactory:
     """Build image folders anywhere; see `ImageFolderFactory` for the layout and odd files."""

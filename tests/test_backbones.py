@@ -35,7 +35,15 @@ def test_registry_has_every_required_backbone():
     assert backbones.DEFAULT_BACKBONE == "efficientnet_lite0"
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+def _built_in(name: str):
+    """A registry name as a parameter; a full-size pretrained network (seconds to build) runs
+    in the full suite only, the test suite's tiny ones and the scratch baselines also in the
+    fast loop."""
+    slow = REGISTRY[name].pretrained and not name.startswith("tiny_test")
+    return pytest.param(name, marks=pytest.mark.slow) if slow else name
+
+
+@pytest.mark.parametrize("name", [_built_in(name) for name in sorted(REGISTRY)])
 def test_default_top_block_is_a_real_layer_of_the_base(name):
     """The default fine-tuning cut names a layer that exists: a typo would silently unfreeze
     a fallback fraction instead of the top block."""
@@ -85,6 +93,7 @@ def test_offline_imagenet_download_failure_is_one_clear_line(monkeypatch):
     assert "--weights PATH" in message and "efficientnet_lite0" in message
 
 
+@pytest.mark.slow  # full-size Keras applications
 @pytest.mark.parametrize(
     "name, reference",
     [

@@ -26,6 +26,7 @@ def _on_jax(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @needs_jax
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the second pass itself")
 def test_core_subset_passes_on_jax():
@@ -35,6 +36,7 @@ def test_core_subset_passes_on_jax():
     assert " passed" in done.stdout and "failed" not in done.stdout
 
 
+@pytest.mark.slow  # another process, on JAX
 @needs_jax
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="saves on TensorFlow")
 def test_model_saved_on_tensorflow_predicts_the_same_on_jax(tiny_run, tiny_folder, tmp_path):

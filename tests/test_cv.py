@@ -68,7 +68,8 @@ def test_cv_trains_one_run_per_fold_on_features_extracted_once(
     )
     out = tmp_path / "cv"
     argv = ["--quiet", "cv", str(tiny_folder), "--folds", "3", "--out", str(out)]
-    argv += ["--weights", "none", "--image-size", "32", "--epochs", "2", "--augment", "none"]
+    argv += ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32"]
+    argv += ["--epochs", "2", "--augment", "none"]
     argv += ["--batch-size", "8", "--no-check", "--cache-dir", str(tmp_path / "cache")]
     assert main(argv) == 0
     # 40 images, each a training or validation image in two of the three folds: the backbone

@@ -32,6 +32,7 @@ needs_jax = pytest.mark.skipif(
     importlib.util.find_spec("jax") is None, reason="JAX not installed: pip install headstart[jax]"
 )
 ROOT = Path(__file__).resolve().parents[1]
+SITE = ROOT / "tests" / "subprocess_site"  # its sitecustomize registers the tiny backbones
 TRAIN = [  # the scratch CNN: one stage, the cheapest model
     "--backbone=scratch_cnn",
     "--image-size=32",
@@ -43,8 +44,8 @@ TRAIN = [  # the scratch CNN: one stage, the cheapest model
     "--augment=none",
     "--no-check",
 ]
-BOTH_STAGES = [  # Lite0 (random weights, 32 px): a head epoch, then a fine-tuning epoch
-    "--backbone=efficientnet_lite0",
+BOTH_STAGES = [  # tiny_test (random weights, 32 px): a head epoch, then a fine-tuning epoch
+    "--backbone=tiny_test",  # tests/conftest.py: registered in the processes by SITE
     "--weights=none",
     "--mode=frozen",  # what --distributed trains on; the one-process run must do the same
     "--image-size=32",
@@ -72,7 +73,7 @@ def _env(tmp: Path, jax_cache: Path) -> dict:
     return {
         **os.environ,
         "KERAS_BACKEND": "jax",
-        "PYTHONPATH": str(ROOT / "src"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(SITE)]),
         "TMPDIR": str(scratch),
         "JAX_COMPILATION_CACHE_DIR": str(jax_cache),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # even the initialisers' programs
@@ -135,6 +136,7 @@ def test_launch_refuses_other_verbs_and_no_processes():
         launch(0, ["--", "train", "data"])
 
 
+@pytest.mark.slow
 @needs_jax
 def test_two_processes_end_identical_and_match_one_process(
     image_folder_factory, tmp_path, jax_cache
@@ -184,6 +186,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @needs_jax
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds processes in /proc")
 def test_killing_one_process_stops_the_other_with_a_clear_error(
@@ -245,6 +248,7 @@ def test_cli_distributed_on_tensorflow_exits_2_with_one_line(tiny_folder, tmp_pa
     assert "\n" not in error and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @needs_jax
 def test_distributed_without_a_cluster_says_how_to_give_one(tiny_folder, tmp_path, jax_cache):
     done = subprocess.run(
@@ -261,8 +265,8 @@ def test_distributed_without_a_cluster_says_how_to_give_one(tiny_folder, tmp_pat
     assert not (tmp_path / "runs").exists()
 
 
-EXTRACT = [  # Lite0 (random weights, 32 px) in extract mode: sharded extraction, both stages
-    "--backbone=efficientnet_lite0",
+EXTRACT = [  # tiny_test (random weights, 32 px) in extract mode: sharded extraction, both stages
+    "--backbone=tiny_test",
     "--weights=none",
     "--image-size=32",
     "--epochs=2",
@@ -364,6 +368,7 @@ def _entries(cache: Path) -> dict[str, dict]:
     return entries
 
 
+@pytest.mark.slow
 @needs_jax
 def test_sharded_extraction_fills_the_cache_one_process_would(sharded_runs):
     """Tolerance 0: each process extracts whole batches of a single process's pass (the same
@@ -381,6 +386,7 @@ def test_sharded_extraction_fills_the_cache_one_process_would(sharded_runs):
         assert len(shards) >= 2  # written in parts, by both processes
 
 
+@pytest.mark.slow
 @needs_jax
 def test_resumed_distributed_run_ends_as_one_uninterrupted_process(sharded_runs):
     """The 2-process run crashed after epoch 1 and resumed with `launch --nproc 2` ends

@@ -11,6 +11,7 @@ from headstart.model import build_model, compile_for
 
 # Where each backbone is cut by default (the input of its top block), checked below.
 CUTS = {
+    "tiny_test": ("top_conv", "block2_pool"),  # tests/conftest.py: the fast loop's case
     "efficientnet_lite0": ("block7a_expand_conv", "block6d_add"),
     "vgg16": ("block5_conv1", "block4_pool"),
     "resnet50": ("conv5_block3_1_conv", "conv5_block2_out"),
@@ -26,7 +27,13 @@ def _model(name, size, classes=3):
     return spec, base, build_model(spec, base, classes, hidden=8)
 
 
-@pytest.mark.parametrize("name", sorted(CUTS))
+@pytest.mark.parametrize(
+    "name",  # the real backbones take seconds each: full suite only
+    [
+        name if name == "tiny_test" else pytest.param(name, marks=pytest.mark.slow)
+        for name in sorted(CUTS)
+    ],
+)
 def test_reassembled_model_equals_top_on_cached_trunk(name):
     """After training the top on trunk activations, the one saved model (preprocessing +
     backbone + head) predicts what top(trunk(x)) predicts: float32 to 1e-4, and from the

@@ -9,7 +9,7 @@ from headstart.freeze import freeze, resolve_unfreeze, unfreeze_top
 from headstart.model import build_model, classifier_of, compile_for, parameter_counts, trainer_for
 
 
-def _tiny_model(name="efficientnet_lite0", size=32, classes=3):
+def _tiny_model(name="tiny_test", size=32, classes=3):  # tests/conftest.py registers tiny_test
     keras.utils.set_random_seed(0)
     spec = get_backbone(name)
     base = build_backbone(spec, size, "none")

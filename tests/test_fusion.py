@@ -17,7 +17,9 @@ from headstart.splits import load_image_folder
 from headstart.training.cache import EntrySpec, FeatureCache, list_entries
 from headstart.training.callbacks import RunCallback
 
-FUSION = "efficientnet_lite0+mobilenet_v2"
+# tests/conftest.py registers both: tiny pretrained-style backbones with their own widths and
+# input preprocessing ("tf", "torch"); tiny_test_b's Keras model is named unlike its entry
+FUSION = "tiny_test+tiny_test_b"
 SIZE = 32
 
 
@@ -78,10 +80,10 @@ def fusion(tiny_folder, tmp_path_factory):
 def test_features_concatenate_both_pooled_backbones(fusion):
     result, recorder, _ = fusion
     model = keras.saving.load_model(result.run_dir / "model.keras")
-    assert [base.name for base in _bases(model)] == ["efficientnet_lite0", "mobilenetv2_1.00_32"]
+    assert [base.name for base in _bases(model)] == ["tiny_test", "tiny_test_b_32"]
     widths = [int(base.output_shape[-1]) for base in _bases(model)]
-    assert widths == [1280, 1280]
-    assert model.get_layer(FEATURES_NAME).output.shape[-1] == sum(widths) == 2560
+    assert widths == [32, 24]
+    assert model.get_layer(FEATURES_NAME).output.shape[-1] == sum(widths) == 56
     assert model.input_shape == (None, SIZE, SIZE, 3)
     assert result.config.weights == "none+none"
 
@@ -106,12 +108,12 @@ def test_cache_holds_each_backbone_under_its_own_key(fusion, tiny_folder):
     result, _, cache_dir = fusion
     entries = list_entries(cache_dir)
     names = sorted(entry["backbone"] for entry in entries)
-    assert names == ["efficientnet_lite0", "mobilenet_v2"]  # never under the fused name
-    # A single-backbone run of lite0 reads the fusion's entry: the rows are its own features.
-    single = Config(data="", backbone="efficientnet_lite0", weights="none", image_size=SIZE)
-    model, _ = build_from_config(single, get_backbone("efficientnet_lite0"), 2)
+    assert names == ["tiny_test", "tiny_test_b"]  # never under the fused name
+    # A single-backbone run of tiny_test reads the fusion's entry: the rows are its own features.
+    single = Config(data="", backbone="tiny_test", weights="none", image_size=SIZE)
+    model, _ = build_from_config(single, get_backbone("tiny_test"), 2)
     paths = list(load_image_folder(str(tiny_folder), seed=0).train.paths[:6])  # the run's split
-    spec = EntrySpec("efficientnet_lite0", "none:0", SIZE, "lite", "pooled:gap", "clean")
+    spec = EntrySpec("tiny_test", "none:0", SIZE, "tf", "pooled:gap", "clean")
 
     def must_not_run(missing):
         raise AssertionError(f"{len(missing)} images were not cached")
@@ -120,7 +122,7 @@ def test_cache_holds_each_backbone_under_its_own_key(fusion, tiny_folder):
     images = np.stack([read_image(path, (SIZE, SIZE)) for path in paths]).astype("float32")
     fresh = keras.ops.convert_to_numpy(feature_extractor(model)(images, training=False))
     np.testing.assert_allclose(cached, fresh, rtol=1e-3, atol=1e-4)  # stored as float16
-    assert cached.shape == (6, 1280)  # one backbone's width, not the fused 2560
+    assert cached.shape == (6, 32)  # one backbone's width, not the fused 56
 
 
 def test_each_base_fine_tunes_its_own_top_and_batch_norm_statistics_stay(fusion):
@@ -131,7 +133,7 @@ def test_each_base_fine_tunes_its_own_top_and_batch_norm_statistics_stay(fusion)
     bases = _bases(model)
     counts = [default_unfreeze(spec, base) for spec, base in zip(specs, bases, strict=True)]
     assert config["unfreeze"] == f"{counts[0]}+{counts[1]}"
-    # each backbone's own top block: lite0 from block7a_expand_conv, MobileNetV2 block_16_expand
+    # each backbone's own top block, from its top_conv
     starts = [base.layers[-count].name for base, count in zip(bases, counts, strict=True)]
     assert starts == [spec.unfreeze_from for spec in specs]
     assert not any(any(flags) for flags in recorder.trainable["head"])
@@ -219,4 +221,4 @@ def test_augment_auto_caches_each_backbones_views_and_reuses_clean_ones(fusion, 
     for entry in new:
         by_view.setdefault(entry["view"], set()).add(entry["backbone"])
     assert "flip#0#1" in by_view
-    assert all(names == {"efficientnet_lite0", "mobilenet_v2"} for names in by_view.values())
+    assert all(names == {"tiny_test", "tiny_test_b"} for names in by_view.values())

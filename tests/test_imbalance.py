@@ -100,6 +100,7 @@ def test_auto_weights_every_fit_of_the_recipe_and_records_the_choice(
         Config(
             data=str(imbalanced_folder),
             out=str(tmp_path / "run"),
+            backbone="tiny_test",
             weights="none",
             image_size=32,
             epochs=1,

@@ -36,7 +36,7 @@ def auto_run(mirrored_classes, tmp_path_factory):
     config = Config(
         data=str(mirrored_classes),
         out=str(tmp_path_factory.mktemp("runs") / "auto"),
-        backbone="efficientnet_lite0",
+        backbone="tiny_test",  # tests/conftest.py: pretrained-style, two blocks and a top block
         weights="none",
         image_size=64,
         head="flatten",  # keeps where things are: a pooled feature could not tell left from right
@@ -154,6 +154,7 @@ def test_stage_2_repeats_the_winning_rate_and_stops_at_its_best_epoch(mirrored_c
         Config(
             data=str(mirrored_classes),
             out=str(tmp_path / "run"),
+            backbone="tiny_test",
             weights="none",
             image_size=32,
             epochs=1,  # a weak stage 1 (one epoch at a tiny rate): fine-tuning beats it

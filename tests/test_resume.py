@@ -23,10 +23,16 @@ from headstart.training.state import RESUME_FILE, TrainingState, read_state, wri
 # ~0.1 s); patience never ends a stage early, so both runs do every epoch.
 EPOCHS = 12
 OPTIONS = (
-    *("--backbone", "efficientnet_lite0", "--weights", "none", "--image-size", "32"),
+    *("--backbone", "tiny_test", "--weights", "none", "--image-size", "32"),  # tests/conftest.py
     *("--epochs", str(EPOCHS), "--fine-tune-epochs", str(EPOCHS), "--patience", "100"),
     *("--batch-size", "8", "--views", "2"),
     *("--fine-tune-lr", "1e-4"),  # fixed: "auto" would skip a stage 2 that cannot beat 100%
+)
+# the processes see this tree and, through its sitecustomize, the suite's tiny backbones
+_TESTS = Path(__file__).resolve().parent
+_PYTHONPATH = os.pathsep.join(
+    [str(_TESTS.parent / "src"), str(_TESTS / "subprocess_site")]
+    + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 )
 # Resumed and uninterrupted runs do the same float32 arithmetic in the same order; the
 # tolerance only allows for a different thread interleaving in TensorFlow's CPU kernels.
@@ -62,7 +68,7 @@ def _start(data: Path, run: Path | None, resume_run: Path | None = None) -> subp
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": _PYTHONPATH},
     )
 
 
@@ -88,6 +94,7 @@ def _kill_during(process: subprocess.Popen, run: Path, stage: str, after_rows: i
             process.communicate()
 
 
+@pytest.mark.slow
 def test_killed_in_stage_1_and_in_stage_2_resumes_to_the_uninterrupted_result(
     tiny_folder, tmp_path
 ):

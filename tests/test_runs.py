@@ -128,6 +128,7 @@ print(json.dumps({"caught_mid_write": caught_mid_write}))
 """
 
 
+@pytest.mark.slow  # another process, killed 12 times
 def test_sigkill_at_any_moment_leaves_a_complete_model_and_json(tmp_path):
     run, snapshots, kills = tmp_path / "run", tmp_path / "snapshots", 12
     run.mkdir()
@@ -156,6 +157,7 @@ def test_sigkill_at_any_moment_leaves_a_complete_model_and_json(tmp_path):
 # ----------------------------------------------------------------------------- Ctrl-C
 
 
+@pytest.mark.slow  # another process: `python -m headstart train`, interrupted
 def test_ctrl_c_during_train_keeps_the_run_and_exits_130(tiny_folder, tmp_path):
     run = tmp_path / "run"
     command = [

@@ -13,7 +13,7 @@ from headstart.errors import UsageError
 from headstart.tune import tune
 
 FIXED = dict(
-    backbone="efficientnet_lite0",
+    backbone="tiny_test",  # tests/conftest.py registers it: a tiny pretrained-style backbone
     weights="none",
     image_size=32,
     epochs=3,
@@ -60,7 +60,7 @@ def test_trials_share_one_backbone_pass(tiny_folder, tmp_path, monkeypatch):
     assert args.head == result.best["head"] and args.hidden == result.best["hidden"]
     assert args.lr == pytest.approx(result.best["lr"], rel=5e-3)
     assert args.dropout == pytest.approx(result.best["dropout"], abs=1e-9)
-    assert (args.backbone, args.weights, args.image_size) == ("efficientnet_lite0", "none", 32)
+    assert (args.backbone, args.weights, args.image_size) == ("tiny_test", "none", 32)
     assert (args.augment, args.check, args.out) == ("none", False, str(result.out / "best"))
     record = json.loads((result.out / "tune.json").read_text())
     assert record["command"] == result.command and record["trials"] == 3
@@ -69,7 +69,8 @@ def test_trials_share_one_backbone_pass(tiny_folder, tmp_path, monkeypatch):
 def test_cli_tune_trains_the_best(tiny_folder, tmp_path, capsys):
     out = tmp_path / "tune"
     argv = ["tune", str(tiny_folder), "--trials", "2", "--out", str(out), "--quiet"]
-    argv += ["--weights", "none", "--image-size", "32", "--epochs", "2", "--batch-size", "8"]
+    argv += ["--backbone", "tiny_test", "--weights", "none", "--image-size", "32"]
+    argv += ["--epochs", "2", "--batch-size", "8"]
     argv += ["--fine-tune-epochs", "0", "--augment", "none", "--no-check"]
     assert main(argv) == 0
     printed = capsys.readouterr().out

@@ -49,7 +49,7 @@ def test_callbacks_see_every_epoch_of_both_stages_not_the_trials(tiny_folder, tm
     config = Config(
         data=str(tiny_folder),
         out=str(tmp_path / "run"),
-        backbone="efficientnet_lite0",
+        backbone="tiny_test",  # tests/conftest.py registers it: tiny, pretrained-style
         weights="none",
         image_size=32,
         epochs=2,
@@ -73,7 +73,7 @@ def test_activation_callback_example(tiny_folder, tmp_path):
     after every epoch of every stage: the features stay put while the head trains."""
     module = _example("save_activations")
     run = module.main(
-        [str(tiny_folder), "--out", str(tmp_path / "run"), "--backbone", "efficientnet_lite0"]
+        [str(tiny_folder), "--out", str(tmp_path / "run"), "--backbone", "tiny_test"]
         + ["--weights", "none", "--image-size", "32", "--epochs", "2", "--images", "3"]
     )
     folder = run / "activations"
@@ -83,7 +83,7 @@ def test_activation_callback_example(tiny_folder, tmp_path):
     assert {p.name for p in folder.iterdir()} == expected
     features = [np.load(folder / f"head_epoch{e:03d}_features.npy") for e in (1, 2)]
     logits = [np.load(folder / f"head_epoch{e:03d}_classifier.npy") for e in (1, 2)]
-    assert features[0].shape == (3, 1280) and logits[0].shape == (3, 1)
+    assert features[0].shape == (3, 32) and logits[0].shape == (3, 1)  # tiny_test: 32 channels
     np.testing.assert_allclose(features[0], features[1], atol=1e-5)  # frozen backbone
     assert not np.allclose(logits[0], logits[1])  # the head learned
 

@@ -1,6 +1,7 @@
 """The backbone registry: one entry per name says how to build it, feed it and fine-tune it.
 
-Adding a backbone is one ``_register(Backbone(...))`` call; nothing else in headstart names one.
+Adding a backbone is one ``register(Backbone(...))`` call; nothing else in headstart names one.
+Code outside headstart (a plugin, the test suite's tiny backbone) registers its own the same way.
 """
 
 from __future__ import annotations
@@ -58,8 +59,11 @@ class Backbone:
 REGISTRY: dict[str, Backbone] = {}
 
 
-def _register(backbone: Backbone) -> None:
+def register(backbone: Backbone) -> Backbone:
+    """Add ``backbone`` to the registry under its name (replacing an entry of that name) and
+    return it: from then on ``--backbone NAME`` builds, caches and fine-tunes it like the rest."""
     REGISTRY[backbone.name] = backbone
+    return backbone
 
 
 FUSION_SEPARATOR = "+"
@@ -125,7 +129,7 @@ def _lite(variant: str) -> Callable:
 
 
 apps = keras.applications
-_register(
+register(
     Backbone(
         "vgg16",
         _application(apps.VGG16),
@@ -135,10 +139,10 @@ _register(
         description="VGG16 (seeds 001, 003)",
     )
 )
-_register(
+register(
     Backbone("vgg19", _application(apps.VGG19), 224, "caffe", "block5_conv1", description="VGG19")
 )
-_register(
+register(
     Backbone(
         "xception",
         _application(apps.Xception),
@@ -149,7 +153,7 @@ _register(
         description="Xception (the Keras guide)",
     )
 )
-_register(
+register(
     Backbone(
         "inception_v3",
         _application(apps.InceptionV3),
@@ -160,7 +164,7 @@ _register(
         description="InceptionV3",
     )
 )
-_register(
+register(
     Backbone(
         "resnet50",
         _application(apps.ResNet50),
@@ -170,7 +174,7 @@ _register(
         description="ResNet50",
     )
 )
-_register(
+register(
     Backbone(
         "resnet50_v2",
         _application(apps.ResNet50V2),
@@ -180,7 +184,7 @@ _register(
         description="ResNet50 v2",
     )
 )
-_register(
+register(
     Backbone(
         "mobilenet",
         _application(apps.MobileNet),
@@ -190,7 +194,7 @@ _register(
         description="MobileNet v1",
     )
 )
-_register(
+register(
     Backbone(
         "mobilenet_v2",
         _application(apps.MobileNetV2),
@@ -200,7 +204,7 @@ _register(
         description="MobileNet v2",
     )
 )
-_register(
+register(
     Backbone(
         "mobilenet_v3_small",
         _application(apps.MobileNetV3Small),
@@ -210,7 +214,7 @@ _register(
         description="MobileNet v3 small",
     )
 )
-_register(
+register(
     Backbone(
         "mobilenet_v3_large",
         _application(apps.MobileNetV3Large),
@@ -221,7 +225,7 @@ _register(
     )
 )
 for _index, _size in enumerate((224, 240, 260, 300)):
-    _register(
+    register(
         Backbone(
             f"efficientnet_b{_index}",
             _application(getattr(apps, f"EfficientNetB{_index}")),
@@ -231,7 +235,7 @@ for _index, _size in enumerate((224, 240, 260, 300)):
             description=f"EfficientNet B{_index}",
         )
     )
-_register(
+register(
     Backbone(
         "efficientnet_v2_b0",
         _application(apps.EfficientNetV2B0),
@@ -241,7 +245,7 @@ _register(
         description="EfficientNet v2 B0",
     )
 )
-_register(
+register(
     Backbone(
         "convnext_tiny",
         _application(apps.ConvNeXtTiny),
@@ -251,7 +255,7 @@ _register(
         description="ConvNeXt tiny",
     )
 )
-_register(
+register(
     Backbone(
         "densenet121",
         _application(apps.DenseNet121),
@@ -262,7 +266,7 @@ _register(
     )
 )
 for _variant in efficientnet_lite.VARIANTS:
-    _register(
+    register(
         Backbone(
             f"efficientnet_{_variant}",
             _lite(_variant),
@@ -304,7 +308,7 @@ def _with_weights(model: keras.Model, weights: str | None) -> keras.Model:
     return model
 
 
-_register(
+register(
     Backbone(
         "scratch_cnn",
         _scratch_cnn,
@@ -314,7 +318,7 @@ _register(
         description="the VGG16 fine-tuning article's CNN trained from scratch (baseline)",
     )
 )
-_register(
+register(
     Backbone(
         "separable_cnn",
         _separable_cnn,
