@@ -31,7 +31,8 @@ def _on_jax(args: list[str], timeout: float) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the second pass itself")
 def test_core_subset_passes_on_jax():
     """The CI's second backend: `pytest -m core` again with KERAS_BACKEND=jax (~80 s here)."""
-    done = _on_jax(["-m", "pytest", "-m", "core", "-q", "-p", "no:cacheprovider"], timeout=600)
+    args = ["-m", "pytest", "-m", "core", "-q", "-p", "no:cacheprovider", "-n", "0"]  # in-process
+    done = _on_jax(args, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "failed" not in done.stdout
 

@@ -99,6 +99,7 @@ def mislabelled_run(tiny_run, tmp_path):
     return run
 
 
+@pytest.mark.slow  # a full training run
 def test_calibrate_a_run_keeps_its_answers_and_records_t(mislabelled_run, capsys):
     run = mislabelled_run
     before = json.loads((run / "metrics.json").read_text())
@@ -120,6 +121,7 @@ def test_calibrate_a_run_keeps_its_answers_and_records_t(mislabelled_run, capsys
     assert after["loss"] != pytest.approx(before["loss"])
 
 
+@pytest.mark.slow  # a full training run
 def test_train_with_calibrate_matches_the_uncalibrated_run_answer_for_answer(
     tiny_run, tiny_folder, tmp_path
 ):
@@ -150,6 +152,7 @@ def _predicted(run):
         return [(row["path"], row["predicted"]) for row in csv.DictReader(handle)]
 
 
+@pytest.mark.slow  # a full training run
 def test_grad_cam_reports_the_calibrated_probabilities(tiny_run):
     from headstart.explain import gradcam
 

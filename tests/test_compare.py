@@ -12,6 +12,8 @@ from headstart.cli import main
 from headstart.compare import COLUMNS, compare
 from headstart.report import stage_parameters
 
+pytestmark = pytest.mark.slow  # end-to-end training runs of several seconds each
+
 
 @pytest.fixture(scope="module")
 def two_runs(tiny_folder, tmp_path_factory):

@@ -13,6 +13,8 @@ from headstart.cli import main
 from headstart.errors import UsageError
 from headstart.splits import fold_folder, fold_of, load_image_folder
 
+pytestmark = pytest.mark.slow  # end-to-end training runs of several seconds each
+
 
 @pytest.fixture(scope="module")
 def three_classes(image_folder_factory, tmp_path_factory):

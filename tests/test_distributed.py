@@ -231,6 +231,7 @@ def test_killing_one_process_stops_the_other_with_a_clear_error(
     assert all(not Path(f"/proc/{pid}").exists() for pid in children)
 
 
+@pytest.mark.slow  # a full training run
 def test_cluster_options_on_resume_of_a_run_that_was_not_distributed_are_refused(tiny_run, capsys):
     assert main(["train", "--resume", str(tiny_run), "--distributed", "--process-id=1"]) == 2
     error = capsys.readouterr().err.strip()

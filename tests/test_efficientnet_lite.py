@@ -64,8 +64,8 @@ def test_parameter_counts_of_lite0(lite0_top):
 @pytest.mark.parametrize(
     ("size", "include_top", "expected"),
     [
-        (224, False, (1, 7, 7, 1280)),
-        (224, True, (1, 1000)),
+        pytest.param(224, False, (1, 7, 7, 1280), marks=pytest.mark.slow),  # full size
+        pytest.param(224, True, (1, 1000), marks=pytest.mark.slow),
         (96, False, (1, 3, 3, 1280)),
         (97, True, (1, 1000)),  # odd sizes round up like TF "SAME": 97->49->25->13->7->4
     ],

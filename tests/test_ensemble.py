@@ -15,6 +15,8 @@ from headstart.errors import UsageError
 from headstart.metrics import probabilities_from_logits
 from headstart.splits import load_split_manifest
 
+pytestmark = pytest.mark.slow  # end-to-end training runs of several seconds each
+
 
 @pytest.fixture(scope="module")
 def three_class_folder(image_folder_factory):

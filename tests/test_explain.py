@@ -10,6 +10,8 @@ from headstart.cli import main
 from headstart.explain import explain, gradcam
 from headstart.model import CLASSIFIER_NAME, FEATURES_NAME, build_model
 
+pytestmark = pytest.mark.slow  # end-to-end training runs of several seconds each
+
 
 def _reference_gradcam(model, images, classes):
     """Textbook Grad-CAM with tf.GradientTape (TensorFlow only: the test's yardstick)."""

@@ -18,6 +18,8 @@ from headstart.deploy.export import FORMATS, ExportCheckFailed, export
 from headstart.deploy.predictor import EXPORT_FILE, RUNTIMES, Predictor, load_predictor
 from headstart.errors import UsageError
 
+pytestmark = pytest.mark.slow  # end-to-end training runs of several seconds each
+
 export_module = sys.modules["headstart.deploy.export"]
 predictor_module = sys.modules["headstart.deploy.predictor"]
 

@@ -17,6 +17,8 @@ from headstart.splits import load_image_folder
 from headstart.training.cache import EntrySpec, FeatureCache, list_entries
 from headstart.training.callbacks import RunCallback
 
+pytestmark = pytest.mark.slow  # end-to-end training runs of several seconds each
+
 # tests/conftest.py registers both: tiny pretrained-style backbones with their own widths and
 # input preprocessing ("tf", "torch"); tiny_test_b's Keras model is named unlike its entry
 FUSION = "tiny_test+tiny_test_b"

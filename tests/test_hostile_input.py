@@ -146,6 +146,7 @@ def _good_and_bad(factory, root: Path) -> tuple[set[str], dict[str, str]]:
     return good, bad
 
 
+@pytest.mark.slow  # a full training run
 def test_training_on_a_hostile_folder(hostile, image_folder_factory, tmp_path, caplog):
     good, bad = _good_and_bad(image_folder_factory, hostile)
     assert len(good) == 12 + 12 + len(image_folder_factory.ODD_GOOD) + len(HOSTILE_GOOD) == 40

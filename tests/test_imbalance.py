@@ -83,6 +83,7 @@ def imbalanced_folder(image_folder_factory, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # a full training run
 def test_auto_weights_every_fit_of_the_recipe_and_records_the_choice(
     imbalanced_folder, tmp_path, monkeypatch
 ):
@@ -130,6 +131,7 @@ def test_auto_weights_every_fit_of_the_recipe_and_records_the_choice(
         assert key in metrics
 
 
+@pytest.mark.slow  # a full training run
 def test_a_balanced_folder_trains_unweighted(tiny_run, tmp_path):
     config = json.loads((tiny_run / "config.json").read_text())
     metrics = json.loads((tiny_run / "metrics.json").read_text())
@@ -137,6 +139,7 @@ def test_a_balanced_folder_trains_unweighted(tiny_run, tmp_path):
     assert "class_weights" not in metrics
 
 
+@pytest.mark.slow  # a full training run
 def test_frozen_mode_weights_its_tf_data_pipeline_too(imbalanced_folder, tmp_path, monkeypatch):
     """--mode frozen (here: a from-scratch backbone) trains on a tf.data pipeline of images."""
     seen = []

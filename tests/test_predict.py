@@ -61,6 +61,7 @@ class LiveImages:
             self.alive -= 1
 
 
+@pytest.mark.slow  # a full training run
 def test_iter_predictions_streams_with_bounded_memory(run_dir, tmp_path, monkeypatch, capsys):
     # 500 files through the library: results come before most files are even read
     small = _folder(tmp_path / "small", 500, bad=250)

@@ -50,6 +50,7 @@ def auto_run(mirrored_classes, tmp_path_factory):
     return train(config)
 
 
+@pytest.mark.slow  # a full training run
 def test_augmentation_is_chosen_on_validation_and_flips_lose_on_mirrored_classes(auto_run):
     scores = auto_run.config.augment_scores
     assert list(scores) == list(AUTO_CANDIDATES[:2]) == ["none", "flip"]  # stronger: not tried
@@ -69,6 +70,7 @@ def test_augmentation_is_chosen_on_validation_and_flips_lose_on_mirrored_classes
     assert metrics["augment"] == "none" and metrics["augment_scores"] == scores
 
 
+@pytest.mark.slow  # a full training run
 def test_the_head_input_is_chosen_on_validation_and_built_into_the_model(auto_run):
     scores = auto_run.config.feature_norm_scores
     assert list(scores) == list(FEATURE_NORMS)
@@ -89,11 +91,13 @@ def test_the_head_input_is_chosen_on_validation_and_built_into_the_model(auto_ru
     assert ("l2_normalize" in names) == (chosen == "l2")
 
 
+@pytest.mark.slow  # a full training run
 def test_the_result_is_never_below_plain_cached_features_on_validation(auto_run):
     floor = auto_run.config.feature_norm_scores["none"]["val_accuracy"]  # raw features, no views
     assert auto_run.metrics["saved_from"]["val_accuracy"] >= floor
 
 
+@pytest.mark.slow  # a full training run
 def test_fine_tuning_that_cannot_beat_stage_1_is_skipped(auto_run):
     metrics = auto_run.metrics
     assert metrics["saved_from"]["val_accuracy"] == 1.0  # nothing left to beat
@@ -137,6 +141,7 @@ def test_the_search_stops_at_the_first_candidate_worse_than_the_best_before_it()
     assert list(tie) == ["a", "b"]  # an exact tie is not an improvement
 
 
+@pytest.mark.slow  # a full training run
 def test_stage_1_repeats_the_chosen_trial_and_stops_at_its_best_epoch(auto_run):
     chosen = auto_run.config.augment_scores[auto_run.config.augment]
     rows = list(csv.DictReader((auto_run.run_dir / "history.csv").open()))

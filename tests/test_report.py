@@ -20,6 +20,8 @@ from headstart.cli import main
 from headstart.report import ranked_errors, report, stage_parameters
 from headstart.splits import load_image_folder
 
+pytestmark = pytest.mark.slow  # end-to-end training runs of several seconds each
+
 LONG_NAME = "fox_with_a_really_long_class_name"
 CLASSES = ("cat", "dog", LONG_NAME)
 FIGURES = (

@@ -149,6 +149,7 @@ def test_resume_refuses_what_it_cannot_continue(tiny_run, tmp_path, capsys):
     assert "train needs DATA" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a full training run
 def test_resume_of_a_run_whose_images_changed_is_refused(image_folder_factory, tmp_path):
     data = image_folder_factory(tmp_path / "data", per_class=10)
     run = tmp_path / "run"

@@ -24,6 +24,8 @@ from headstart.cli import main
 from headstart.deploy.predict import predict
 from headstart.errors import UsageError
 
+pytestmark = pytest.mark.slow  # end-to-end training runs of several seconds each
+
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_run) -> Path:

@@ -28,6 +28,8 @@ from headstart.deploy.predictor import load_predictor  # noqa: E402
 from headstart.deploy.serve import create_app  # noqa: E402
 from headstart.errors import UsageError  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end training runs of several seconds each
+
 serve_module = sys.modules["headstart.deploy.serve"]
 CHROMIUM = Path("/usr/bin/chromium")
 MAX_WAIT_MS = 150  # long enough that concurrent requests surely meet in one batch

@@ -16,6 +16,8 @@ from headstart.errors import UsageError
 from headstart.model import classifier_of, feature_extractor
 from headstart.splits import load_image_folder
 
+pytestmark = pytest.mark.slow  # end-to-end training runs of several seconds each
+
 RUN_FILES = {
     "model.keras",
     "labels.json",

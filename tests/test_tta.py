@@ -60,6 +60,7 @@ def run_copy(tiny_run, tmp_path_factory):
     return copy
 
 
+@pytest.mark.slow  # a full training run
 def test_tta_on_a_saved_model(run_copy, tiny_folder):
     from headstart import runs
 
@@ -79,6 +80,7 @@ def test_tta_on_a_saved_model(run_copy, tiny_folder):
     assert [p.top for p in with_tta] != [p.top for p in default]
 
 
+@pytest.mark.slow  # a full training run
 def test_evaluate_reports_the_effect_of_tta(run_copy, tiny_folder):
     plain = evaluate(run_copy, tiny_folder)
     assert "tta" not in plain

@@ -12,6 +12,8 @@ from headstart.cli import build_parser, main
 from headstart.errors import UsageError
 from headstart.tune import tune
 
+pytestmark = pytest.mark.slow  # end-to-end training runs of several seconds each
+
 FIXED = dict(
     backbone="tiny_test",  # tests/conftest.py registers it: a tiny pretrained-style backbone
     weights="none",

@@ -16,6 +16,8 @@ from headstart.model import build_model
 from headstart.training import resume
 from headstart.training.state import TrainingState, write_state
 
+pytestmark = pytest.mark.slow  # end-to-end training runs of several seconds each
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
