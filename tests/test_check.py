@@ -29,7 +29,12 @@ from headstart.check import (
 )
 from headstart.cli import main
 from headstart.errors import UsageError
-from headstart.splits import load_image_folder, load_split_manifest, write_split_manifest
+from headstart.splits import (
+    load_image_folder,
+    load_split_manifest,
+    run_split,
+    write_split_manifest,
+)
 
 CLASSES = ("cat", "dog", "fox")
 
@@ -208,6 +213,21 @@ def test_fixed_split_has_no_leakage(planted_report, planted):
     assert str(planted / "test" / "cat" / "leak_exact.png") in train  # moved to train...
     assert str(planted / "val" / "dog" / "leak_near.jpg") in train
     assert len(fixed.test) == 9 and len(fixed.val) == 9  # ...so test and val only lost images
+
+
+def test_a_runs_split_is_read_from_its_split_json_and_a_damaged_one_is_one_clear_error(
+    planted, tmp_path
+):
+    folder = load_image_folder(str(planted), seed=3)
+    run = tmp_path / "run"
+    write_split_manifest(folder, run / "split.json")
+    again = run_split(run, data=tmp_path / "elsewhere")  # split.json's root is still there
+    assert (again.train, again.val, again.test) == (folder.train, folder.val, folder.test)
+    (run / "split.json").write_text("{not json")
+    with pytest.raises(UsageError, match="is not a readable split manifest"):
+        run_split(run, data=planted)
+    with pytest.raises(UsageError, match="has no split.json"):
+        run_split(tmp_path / "empty", data=planted)
 
 
 def test_split_manifest_round_trip(planted, tmp_path):

@@ -264,14 +264,11 @@ def _detect_layout(root: str) -> tuple[str, dict[str, dict[str, list[str]]]]:
 
 
 def _check_images(paths: list[str], check_size: int, workers: int | None) -> dict[str, str]:
-    """path -> reason for every unreadable image; decoding is parallel since PIL drops the GIL."""
+    """`unreadable_images`, logged: how many, and the first few by name."""
     if not paths:
         return {}
-    workers = workers or min(32, (os.cpu_count() or 1) + 4)
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="headstart-check") as pool:
-        reasons = list(pool.map(lambda p: _check_one(p, check_size), paths))
-    bad = {p: r for p, r in zip(paths, reasons, strict=True) if r is not None}
+    bad = unreadable_images(paths, check_size, workers)
     logger.info(
         "checked %d images in %.1fs: %d unreadable",
         len(paths),
@@ -286,6 +283,15 @@ def _check_images(paths: list[str], check_size: int, workers: int | None) -> dic
     if len(bad) > _LOG_SKIPPED:
         logger.warning("... and %d more unreadable files", len(bad) - _LOG_SKIPPED)
     return bad
+
+
+def unreadable_images(paths: list[str], check_size: int, workers: int | None) -> dict[str, str]:
+    """path -> reason for each of ``paths`` that `read_image` cannot decode (at ``check_size``
+    pixels); in parallel threads, since PIL drops the GIL while it decodes."""
+    workers = workers or min(32, (os.cpu_count() or 1) + 4)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="headstart-check") as pool:
+        reasons = list(pool.map(lambda p: _check_one(p, check_size), paths))
+    return {p: r for p, r in zip(paths, reasons, strict=True) if r is not None}
 
 
 def _check_one(path: str, check_size: int) -> str | None:

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +19,9 @@ from headstart.data import (
     CLASS_FOLDERS,
     ImageFolder,
     Split,
-    UnreadableImage,
-    read_image,
     require_classes,
     scan_folder,
+    unreadable_images,
 )
 from headstart.errors import UsageError
 from headstart.files import write_ascii_json
@@ -89,8 +87,7 @@ def stratify(
 
 def make_split(by_class: dict[str, list[str]], class_names: tuple[str, ...]) -> Split:
     index = {name: i for i, name in enumerate(class_names)}
-    pairs = sorted((index[name], path) for name, files in by_class.items() for path in files)
-    return Split(tuple(p for _, p in pairs), tuple(label for label, _ in pairs))
+    return sorted_split([(index[name], path) for name, files in by_class.items() for path in files])
 
 
 def load_image_folder(
@@ -208,7 +205,8 @@ def split_manifest(folder: ImageFolder) -> dict:
 
 
 def sorted_split(pairs: list[tuple[int, str]]) -> Split:
-    pairs = sorted(pairs)  # the order load_image_folder uses: by label, then path
+    """(label, path) pairs as a Split, in the one order every split has: by label, then path."""
+    pairs = sorted(pairs)
     return Split(tuple(p for _, p in pairs), tuple(label for label, _ in pairs))
 
 
@@ -239,7 +237,12 @@ def load_split_manifest(
     readable file is a `UsageError`.
     """
     manifest = _read_manifest(Path(path))
-    root = os.path.abspath(os.fspath(data if data is not None else manifest["root"]))
+    return _from_manifest(manifest, path, data if data is not None else manifest["root"], workers)
+
+
+def _from_manifest(manifest: dict, path, data, workers: int | None) -> ImageFolder:
+    """`load_split_manifest` of a manifest already read from ``path``."""
+    root = os.path.abspath(os.fspath(data))
     if not os.path.isdir(root):
         raise UsageError(f"{path}: data folder {root} not found: pass the data folder")
     names = tuple(manifest["class_names"])
@@ -253,7 +256,7 @@ def load_split_manifest(
                 raise UsageError(f"{path}: {rel} is listed in {listed[rel][0]} and in {split}")
             listed[rel] = (split, index[name])
     absolute = {rel: os.path.join(root, rel) for rel in listed}
-    bad = _unreadable(list(absolute.values()), workers)
+    bad = unreadable_images(list(absolute.values()), _CHECK_SIDE, workers)
     if len(bad) == len(absolute):
         raise UsageError(
             f"{path}: none of its {len(absolute)} files can be read under {root}: pass the data "
@@ -302,20 +305,6 @@ def _read_manifest(path: Path) -> dict:
             "`headstart check DATA --fix-split PATH`)"
         )
     return manifest
-
-
-def _unreadable(paths: list[str], workers: int | None) -> dict[str, str]:
-    def reason(path: str) -> str | None:
-        try:
-            read_image(path, (_CHECK_SIDE, _CHECK_SIDE))
-        except UnreadableImage as exc:
-            return str(exc)
-        return None
-
-    workers = workers or min(32, (os.cpu_count() or 1) + 4)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="headstart-split") as pool:
-        reasons = list(pool.map(reason, paths))
-    return {p: r for p, r in zip(paths, reasons, strict=True) if r is not None}
 
 
 def fold_of(folder: ImageFolder, folds: int, seed: int) -> dict[str, int]:
@@ -386,6 +375,6 @@ def run_split(run_dir: str | Path, data: str | Path) -> ImageFolder:
     manifest = Path(run_dir) / SPLIT_FILE
     if not manifest.is_file():
         raise UsageError(f"{run_dir} has no {SPLIT_FILE}: train it again")
-    root = json.loads(manifest.read_text(encoding="utf-8")).get("root")
-    where = root if isinstance(root, str) and Path(root).is_dir() else data
-    return load_split_manifest(manifest, data=where)
+    read = _read_manifest(manifest)
+    where = read["root"] if Path(read["root"]).is_dir() else data
+    return _from_manifest(read, manifest, where, None)
