@@ -50,6 +50,21 @@ def test_importing_the_cli_and_parsing_help_load_no_heavy_dependency():
     assert json.loads(done.stderr.strip().splitlines()[-1]) == {"import": [], "parse": []}
 
 
+def test_the_cache_verb_loads_the_feature_cache_not_the_training_recipe(tmp_path):
+    """`headstart cache ls` needs the cache module only: a submodule of headstart.training does
+    not pull in the recipe (and Keras) through the package."""
+    code = (
+        "import sys\n"
+        "from headstart.cli import main\n"
+        f"main(['cache', 'ls', '--cache-dir', {str(tmp_path)!r}])\n"
+        "print([m for m in HEAVY if m in sys.modules], file=sys.stderr)\n"
+    ).replace("HEAVY", repr(HEAVY))
+    done = _python("-c", code)
+    assert done.returncode == 0, done.stderr
+    assert "feature cache is empty" in done.stdout
+    assert done.stderr.strip().splitlines()[-1] == "[]"
+
+
 def test_help_exits_0_and_lists_every_verb():
     done = _python("-m", "headstart", "--help")
     assert done.returncode == 0, done.stderr

@@ -251,7 +251,7 @@ def _add_cache(add_verb) -> None:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from headstart.training import cache  # Keras/TensorFlow (the headstart.training package)
+    from headstart.training import cache  # NumPy
 
     if args.action == "clear":
         print(f"freed {cache.clear(args.cache_dir) / 1e6:.1f} MB")
