@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -320,3 +321,44 @@ def _isolated_feature_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("HEADSTART_CACHE", None)
     else:
         os.environ["HEADSTART_CACHE"] = previous
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBPROCESS_SITE = ROOT / "tests" / "subprocess_site"  # its sitecustomize registers tiny_test
+
+
+@pytest.fixture(scope="session")
+def jax_env(tmp_path_factory):
+    """``jax_env(tmp) -> env`` for a headstart subprocess on the JAX backend (the distributed
+    tests): the tiny test backbones registered, scratch run folders of processes other than 0
+    under ``tmp/scratch``, and one JAX compilation cache for the session's processes, so the
+    same model built again (another process, a resumed run) loads its XLA programs."""
+    compilation_cache = tmp_path_factory.mktemp("jax-cache")
+
+    def env(tmp: Path) -> dict:
+        scratch = tmp / "scratch"
+        scratch.mkdir(exist_ok=True)
+        return {
+            **os.environ,
+            "KERAS_BACKEND": "jax",
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(SUBPROCESS_SITE)]),
+            "TMPDIR": str(scratch),
+            "JAX_COMPILATION_CACHE_DIR": str(compilation_cache),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # even the initialisers' programs
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        }
+
+    return env
+
+
+@pytest.fixture(scope="session")
+def child_processes():
+    """``child_processes(pid) -> [pid, ...]``, read from /proc (Linux)."""
+
+    def children(pid: int) -> list[int]:
+        found = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(c) for c in (task / "children").read_text().split()]
+        return found
+
+    return children

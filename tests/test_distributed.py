@@ -31,8 +31,6 @@ from headstart.training.state import read_state
 needs_jax = pytest.mark.skipif(
     importlib.util.find_spec("jax") is None, reason="JAX not installed: pip install headstart[jax]"
 )
-ROOT = Path(__file__).resolve().parents[1]
-SITE = ROOT / "tests" / "subprocess_site"  # its sitecustomize registers the tiny backbones
 TRAIN = [  # the scratch CNN: one stage, the cheapest model
     "--backbone=scratch_cnn",
     "--image-size=32",
@@ -45,7 +43,7 @@ TRAIN = [  # the scratch CNN: one stage, the cheapest model
     "--no-check",
 ]
 BOTH_STAGES = [  # tiny_test (random weights, 32 px): a head epoch, then a fine-tuning epoch
-    "--backbone=tiny_test",  # tests/conftest.py: registered in the processes by SITE
+    "--backbone=tiny_test",  # tests/conftest.py: registered in the processes by jax_env
     "--weights=none",
     "--mode=frozen",  # what --distributed trains on; the one-process run must do the same
     "--image-size=32",
@@ -58,27 +56,6 @@ BOTH_STAGES = [  # tiny_test (random weights, 32 px): a head epoch, then a fine-
     "--augment=none",
     "--no-check",
 ]
-
-
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory) -> Path:
-    """One JAX compilation cache for the module's processes: the same model built and run
-    again (another process, a resumed run) loads its XLA programs instead of compiling them."""
-    return tmp_path_factory.mktemp("jax-cache")
-
-
-def _env(tmp: Path, jax_cache: Path) -> dict:
-    scratch = tmp / "scratch"  # where processes other than 0 keep their scratch run folder
-    scratch.mkdir(exist_ok=True)
-    return {
-        **os.environ,
-        "KERAS_BACKEND": "jax",
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(SITE)]),
-        "TMPDIR": str(scratch),
-        "JAX_COMPILATION_CACHE_DIR": str(jax_cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # even the initialisers' programs
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
 
 
 def _weights(run: Path) -> list[np.ndarray]:
@@ -138,14 +115,12 @@ def test_launch_refuses_other_verbs_and_no_processes():
 
 @pytest.mark.slow
 @needs_jax
-def test_two_processes_end_identical_and_match_one_process(
-    image_folder_factory, tmp_path, jax_cache
-):
+def test_two_processes_end_identical_and_match_one_process(image_folder_factory, tmp_path, jax_env):
     """Both stages. Tolerance: weights and every epoch's losses and accuracies within 1e-4 of a
     one-process run with the same global batch and seed (the all-reduce sums in another order;
     measured: 1e-6 on the losses)."""
     data = image_folder_factory(tmp_path / "data", per_class=20)  # 28 train, 8 val, 4 test
-    env = _env(tmp_path, jax_cache)
+    env = jax_env(tmp_path)
     two, one = tmp_path / "two", tmp_path / "one"
     cmd = [sys.executable, "-m", "headstart"]
     launched = subprocess.run(
@@ -179,18 +154,11 @@ def test_two_processes_end_identical_and_match_one_process(
             assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), key
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
-    return found
-
-
 @pytest.mark.slow
 @needs_jax
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds processes in /proc")
 def test_killing_one_process_stops_the_other_with_a_clear_error(
-    image_folder_factory, tmp_path, jax_cache
+    image_folder_factory, tmp_path, jax_env, child_processes
 ):
     """Bound: the launcher ends within POLL_SECONDS + GRACE_SECONDS (5.2 s) of the death;
     the test allows 10 s more."""
@@ -202,7 +170,7 @@ def test_killing_one_process_stops_the_other_with_a_clear_error(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=_env(tmp_path, jax_cache),
+        env=jax_env(tmp_path),
     )
     try:
         lines = []
@@ -212,7 +180,7 @@ def test_killing_one_process_stops_the_other_with_a_clear_error(
                 break
         else:
             pytest.fail("training never started:\n" + "".join(lines[-30:]))
-        children = _children(launcher.pid)
+        children = child_processes(launcher.pid)
         victim = next(
             pid
             for pid in children
@@ -251,12 +219,12 @@ def test_cli_distributed_on_tensorflow_exits_2_with_one_line(tiny_folder, tmp_pa
 
 @pytest.mark.slow
 @needs_jax
-def test_distributed_without_a_cluster_says_how_to_give_one(tiny_folder, tmp_path, jax_cache):
+def test_distributed_without_a_cluster_says_how_to_give_one(tiny_folder, tmp_path, jax_env):
     done = subprocess.run(
         [sys.executable, "-m", "headstart", "train", str(tiny_folder), "--distributed"],
         capture_output=True,
         text=True,
-        env=_env(tmp_path, jax_cache),
+        env=jax_env(tmp_path),
         timeout=120,
         cwd=tmp_path,
     )
@@ -297,13 +265,13 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def sharded_runs(image_folder_factory, tmp_path_factory, jax_cache):
+def sharded_runs(image_folder_factory, tmp_path_factory, jax_env):
     """A 2-process extract-mode run (the manual --coordinator form) crashed after its first
     epoch and resumed by `headstart launch --nproc 2`, each process filling its part of cache
     "two"; and the same run in one process, uninterrupted, with cache "one"."""
     tmp = tmp_path_factory.mktemp("sharded")
     data = image_folder_factory(tmp / "data", per_class=20)  # 28 train, 8 val, 4 test
-    env, run = _env(tmp, jax_cache), tmp / "two"
+    env, run = jax_env(tmp), tmp / "two"
     port = free_port()
     train = ["train", str(data), f"--out={run}", f"--cache-dir={tmp / 'cache-two'}", *EXTRACT]
     cluster = ["--distributed", f"--coordinator=127.0.0.1:{port}", "--num-processes=2"]

@@ -122,7 +122,7 @@ def extract_batches(
     for number, (images, _) in enumerate(dataset.as_numpy_iterator()):  # JAX takes no tf tensor
         if only is not None and number not in only:
             continue
-        outputs = np.asarray(extractor.predict_on_batch(images))
+        outputs = _predict(extractor, images)
         if progress:
             progress.add(len(outputs))
         yield outputs
@@ -131,10 +131,26 @@ def extract_batches(
 def run_in_batches(model: keras.Model, rows, batch_size: int = 256) -> np.ndarray:
     """``model`` over cached rows (anything with ``len`` and index-array access), in memory."""
     outputs = [
-        np.asarray(model.predict_on_batch(rows[np.arange(i, min(i + batch_size, len(rows)))]))
+        _predict(model, rows[np.arange(i, min(i + batch_size, len(rows)))])
         for i in range(0, len(rows), batch_size)
     ]
     return np.concatenate(outputs) if outputs else np.zeros((0,))
+
+
+def _predict(model: keras.Model, batch) -> np.ndarray:
+    """``model.predict_on_batch``, its compiled step rebuilt if the model's variables changed
+    sides (trainable or not) since it was built.
+
+    A frozen part shares its layers with the run's model, which is frozen and thawed between
+    passes. Keras builds the predict step once; on JAX under a distribution its output
+    shardings list the variables by side, and a stale step fails with a pytree structure error.
+    """
+    sides = (len(model.trainable_variables), len(model.non_trainable_variables))
+    step = model.predict_function
+    if step is None or getattr(step, "variable_sides", None) != sides:
+        model.make_predict_function(force=True)
+        model.predict_function.variable_sides = sides
+    return np.asarray(model.predict_on_batch(batch))
 
 
 class ViewSampler(keras.utils.PyDataset):

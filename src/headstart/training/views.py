@@ -153,9 +153,9 @@ class FeatureViews:
     def _rows(self, extractor, backbone, weights, output, split, policy, view):
         """One frozen part's outputs over a split, through the feature cache when it is on."""
         paths = list(getattr(self.folder, split).paths)
-        augmenter = build_augmenter(policy, self.config.seed + 1000 * view) if view else None
 
-        def compute(missing, only=None):
+        def compute(missing, only=None):  # each pass draws from the view's seed afresh
+            augmenter = build_augmenter(policy, self.config.seed + 1000 * view) if view else None
             return extract_batches(
                 extractor,
                 missing,
@@ -184,9 +184,12 @@ class FeatureViews:
         """``--distributed``: this process extracts its part of the images into the cache,
         then waits for the others; the full read that follows is all cache hits.
 
-        The cache must be one folder for all processes (on several machines, a shared file
-        system); otherwise each process computes after the barrier what it does not find."""
+        Where the processes share no cache (machines without a shared file system), each
+        then fills the parts it does not find, the very batches of a single process's pass
+        (an augmented view's draws included), so every process trains on the same rows; it
+        costs each machine the whole extraction instead of its part."""
         cluster = current(True)
         block = self.config.batch_size  # the batches a single process would extract
         self.cache.fill_part(spec, paths, compute, cluster.process_id, cluster.num_processes, block)
         barrier(f"headstart cache {spec.key()}")
+        self.cache.fill_part(spec, paths, compute, 0, 1, block)  # a shared cache: nothing

