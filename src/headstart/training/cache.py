@@ -7,7 +7,17 @@ by the image file's *content*, so a renamed file still hits and an edited one mi
 are float16 ``.npy`` shards read through memory maps: a dataset larger than memory streams.
 
 Layout: ``<cache_dir>/<entry key>/{meta.json, <shard>.keys.npy, <shard>.npy}`` plus
-``file_hashes.json`` (path, size, mtime -> content hash), so unchanged files are not re-read.
+``file_hashes.json`` (path, size, mtime -> content hash), so unchanged files are not re-read,
+and ``.locks/`` (empty lock files).
+
+Several runs may share one cache at once. A shard is published whole (rows, then keys, each by
+``os.replace``) and the index reads only ``*.keys.npy``, so a reader never sees a torn entry. A
+process about to compute an entry's missing rows holds that entry's ``flock`` and re-reads the
+index first: a second run wanting the same rows waits, then finds them cached instead of
+computing them again. The kernel drops a killed process's locks, so a killed run never leaves
+the cache locked; what it was writing is swept later (`_sweep`) and the next run recomputes it.
+Without ``fcntl`` (Windows) there is no locking and no sweep: concurrent runs stay correct but
+may compute the same rows twice, and a killed run's temporary files stay.
 """
 
 from __future__ import annotations
@@ -20,18 +30,28 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from headstart.files import write_json, write_text_atomic
+from headstart.files import is_temp_file, write_json, write_text_atomic
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks (see the module docstring)
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the meaning of a cached array changes
 STORAGE_DTYPE = np.float16
 _HASHES_FILE = "file_hashes.json"
+_LOCKS = ".locks"  # outside the entries: `cache ls` and the entries' listings never see them
+# A leftover no process holds is deleted only past this age: a writer creates its file an
+# instant before locking it, and must not lose it in that instant.
+STALE_SECONDS = 60.0
 
 
 def default_cache_dir() -> Path:
@@ -89,6 +109,7 @@ class FeatureCache:
     def __init__(self, directory: str | Path | None = None):
         self.directory = Path(directory) if directory else default_cache_dir()
         self.directory.mkdir(parents=True, exist_ok=True)
+        _sweep(self.directory)  # a killed run's half-written file_hashes.json
         self._hashes = self._load_hashes()
 
     # ------------------------------------------------------------------ content hashes
@@ -100,7 +121,7 @@ class FeatureCache:
 
     def content_hashes(self, paths: list[str]) -> list[str]:
         """sha1 of each file's bytes, memoised on (size, mtime) so unchanged files aren't read."""
-        result, changed = [], False
+        result, new = [], {}
         for path in paths:
             stat = os.stat(path)
             known = self._hashes.get(path)
@@ -109,11 +130,13 @@ class FeatureCache:
                 continue
             with open(path, "rb") as handle:
                 digest = hashlib.file_digest(handle, "sha1").hexdigest()
-            self._hashes[path] = [stat.st_size, stat.st_mtime_ns, digest]
+            self._hashes[path] = new[path] = [stat.st_size, stat.st_mtime_ns, digest]
             result.append(digest)
-            changed = True
-        if changed:  # ASCII JSON: paths that are not valid UTF-8 survive as escapes
-            write_text_atomic(self.directory / _HASHES_FILE, json.dumps(self._hashes))
+        if new:  # merged into what is on disk now: other runs' hashes are kept, not overwritten
+            with _locked(self._lock_path("file_hashes")):
+                self._hashes = {**self._load_hashes(), **new}
+                # ASCII JSON: paths that are not valid UTF-8 survive as escapes
+                write_text_atomic(self.directory / _HASHES_FILE, json.dumps(self._hashes))
         return result
 
     # ------------------------------------------------------------------ entries
@@ -128,19 +151,30 @@ class FeatureCache:
         ``compute(missing_paths)`` yields batches of outputs in order; they are written to a
         new shard as they come, so memory stays bounded by one batch.
         """
+        return self._rows(spec, paths, compute, self._lock_path(spec.key()))
+
+    def _rows(self, spec: EntrySpec, paths: list[str], compute, lock: Path) -> CachedRows:
+        """`rows`, computing what is missing while holding ``lock``: whoever held it before may
+        have published rows this process no longer needs to compute."""
         entry = self._entry(spec)
         keys = self.content_hashes(paths)
         index = self._index(entry)
-        missing = sorted({k: p for k, p in zip(keys, paths, strict=True) if k not in index}.items())
-        if missing:
-            log.info(
-                "computing %s for %d images (%d cached)",
-                spec.output,
-                len(missing),
-                len(set(keys)) - len(missing),
-            )
-            self._write_shard(entry, [k for k, _ in missing], compute([p for _, p in missing]))
-            index = self._index(entry)
+        if any(key not in index for key in keys):
+            with _locked(lock, f"{spec.output} ({spec.key()})"):
+                _sweep(entry)  # the holder we waited for may have been killed mid-shard
+                index = self._index(entry)
+                pairs = zip(keys, paths, strict=True)
+                missing = sorted({k: p for k, p in pairs if k not in index}.items())
+                if missing:
+                    log.info(
+                        "computing %s for %d images (%d cached)",
+                        spec.output,
+                        len(missing),
+                        len(set(keys)) - len(missing),
+                    )
+                    batches = compute([p for _, p in missing])
+                    self._write_shard(entry, [k for k, _ in missing], batches)
+                    index = self._index(entry)
         self._touch(entry, spec)
         shard_names = sorted({index[k][0] for k in keys})
         shards = [np.load(entry / f"{name}.npy", mmap_mode="r") for name in shard_names]
@@ -168,28 +202,43 @@ class FeatureCache:
         batches a single process would compute, so the merged entry holds the same rows. An
         augmented view's random draws depend on the pass, so there ``compute(all, only=blocks)``
         goes over all the images and runs the backbone on this part's blocks only.
+
+        The lock is the part's, not the entry's: the parts of one run are computed in parallel,
+        while the same part of two runs sharing the cache is computed once.
         """
         distinct = sorted(dict(zip(self.content_hashes(paths), paths, strict=True)).items())
         mine = [i for i in range(len(distinct)) if i // block % parts == part]
+        lock = self._lock_path(f"{spec.key()}.part-{part}-of-{parts}-by-{block}")
         if spec.view == "clean":
             if mine:
-                self.rows(spec, [distinct[i][1] for i in mine], compute)
+                self._rows(spec, [distinct[i][1] for i in mine], compute, lock)
             return
         entry = self._entry(spec)
-        index = self._index(entry)
-        blocks = sorted({i // block for i in mine if distinct[i][0] not in index})
-        if blocks:
-            keys = [distinct[i][0] for i in mine if i // block in blocks]
-            log.info(
-                "computing %s for %d images (part %d of %d)", spec.output, len(keys), part, parts
-            )
-            self._write_shard(entry, keys, compute([p for _, p in distinct], only=blocks))
+        with _locked(lock, f"{spec.output} ({spec.key()}, part {part} of {parts})"):
+            index = self._index(entry)
+            blocks = sorted({i // block for i in mine if distinct[i][0] not in index})
+            if blocks:
+                keys = [distinct[i][0] for i in mine if i // block in blocks]
+                log.info(
+                    "computing %s for %d images (part %d of %d)",
+                    spec.output,
+                    len(keys),
+                    part,
+                    parts,
+                )
+                self._write_shard(entry, keys, compute([p for _, p in distinct], only=blocks))
 
     def _entry(self, spec: EntrySpec) -> Path:
         entry = self.directory / spec.key()
         entry.mkdir(exist_ok=True)
         self._touch(entry, spec)  # meta first: `cache ls` and `clear` see even a partial entry
+        _sweep(entry)
         return entry
+
+    def _lock_path(self, name: str) -> Path:
+        folder = self.directory / _LOCKS
+        folder.mkdir(exist_ok=True)
+        return folder / f"{name}.lock"
 
     @staticmethod
     def _index(entry: Path) -> dict[str, tuple[str, int]]:
@@ -202,12 +251,19 @@ class FeatureCache:
 
     @staticmethod
     def _write_shard(entry: Path, keys: list[str], batches: Iterator[np.ndarray]) -> None:
-        """Fill a memory-mapped .npy batch by batch; publish it (keys last) only when complete."""
+        """Fill a memory-mapped .npy batch by batch; publish it (keys last) only when complete.
+
+        The file stays flocked until its keys are published, so `_sweep` in another process
+        never takes it for a dead writer's leftover."""
         name = f"shard-{uuid.uuid4().hex[:12]}"
         tmp = entry / f".{name}.npy.tmp"
+        held = None  # (without fcntl, no handle: Windows could not rename a file held open)
         array = None
         filled = 0
         try:
+            if fcntl is not None:
+                held = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: never contended
             for batch in batches:
                 if array is None:
                     shape = (len(keys), *batch.shape[1:])
@@ -226,6 +282,8 @@ class FeatureCache:
             os.replace(keys_tmp, entry / f"{name}.keys.npy")
         finally:
             tmp.unlink(missing_ok=True)
+            if held is not None:
+                os.close(held)
 
     @staticmethod
     def _touch(entry: Path, spec: EntrySpec) -> None:
@@ -237,6 +295,61 @@ class FeatureCache:
                 "last_used": time.strftime("%Y-%m-%d %H:%M:%S"),
             },
         )
+
+
+@contextmanager
+def _locked(path: Path, what: str = "") -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing), waiting for its holder.
+    The kernel releases it when the holder exits or is killed, so it never goes stale."""
+    if fcntl is None:
+        yield
+        return
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if what:
+                log.info("another run is computing %s: waiting for it", what)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
+
+
+def _sweep(folder: Path) -> None:
+    """Delete what killed writers left in ``folder``: temporary files, and shards whose keys
+    were never published (they are not in the index, so nothing reads them).
+
+    A file is deleted only if no live process holds its ``flock`` (a shard's writer holds it
+    until the keys are out) and it is older than `STALE_SECONDS`. No sweep without ``fcntl``:
+    nothing would tell a dead writer's file from a live one's.
+    """
+    if fcntl is None:
+        return
+    now = time.time()
+    for path in folder.iterdir():
+        name = path.name
+        keys_file = path.with_name(name[: -len(".npy")] + ".keys.npy")
+        orphan = name.startswith("shard-") and name.endswith(".npy") and ".keys." not in name
+        if not (is_temp_file(name) or (orphan and not keys_file.exists())):
+            continue
+        try:
+            if now - path.stat().st_mtime < STALE_SECONDS:
+                continue
+            handle = os.open(path, os.O_RDONLY)
+        except OSError:  # gone meanwhile: published or swept by another process
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if orphan and keys_file.exists():  # its writer published the keys, then let go
+                continue
+            path.unlink(missing_ok=True)  # a temporary name renamed meanwhile is simply gone
+            log.info("removed %s, left by a run that was stopped while writing it", path)
+        except OSError:  # held: a live writer's
+            continue
+        finally:
+            os.close(handle)
 
 
 def list_entries(directory: str | Path | None = None) -> list[dict]:
@@ -263,4 +376,5 @@ def clear(directory: str | Path | None = None) -> int:
         freed += sum(f.stat().st_size for f in entry.iterdir())
         shutil.rmtree(entry)
     (root / _HASHES_FILE).unlink(missing_ok=True)
+    shutil.rmtree(root / _LOCKS, ignore_errors=True)
     return freed
