@@ -10,7 +10,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TensorFlow's C++ start-up chatter
 
 from headstart._version import __version__  # noqa: E402
-from headstart.errors import UsageError  # noqa: E402
+from headstart.errors import DiskFullError, UsageError  # noqa: E402
 
 # public name -> the module that defines it (none of these names is also a module's)
 _PUBLIC = {
@@ -23,7 +23,7 @@ _PUBLIC = {
     "train": "headstart.training",
 }
 
-__all__ = ["UsageError", "__version__", *sorted(_PUBLIC)]
+__all__ = ["DiskFullError", "UsageError", "__version__", *sorted(_PUBLIC)]
 
 
 def __getattr__(name: str):

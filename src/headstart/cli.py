@@ -19,17 +19,20 @@ import sys
 from headstart._version import __version__
 from headstart.config import CLASS_WEIGHT_CHOICES, DEFAULT_AUGMENT, IMBALANCE_THRESHOLD, Config
 from headstart.distributed import launch
-from headstart.errors import UsageError
+from headstart.errors import DiskFullError, UsageError
+from headstart.files import free_bytes, is_disk_full
 
 EXIT_USAGE = 2
+EXIT_DISK_FULL = 1  # not 2: the command was right, the machine ran out of space
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what shells report after a Ctrl-C
 
 log = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, then run the verb's handler; a UsageError is one line and exit 2, a Ctrl-C one
-    line saying what the run folder holds."""
+    """Parse, then run the verb's handler; a UsageError is one line and exit 2, a full disk
+    one line naming the file and how to go on, and exit 1, a Ctrl-C one line saying what the
+    run folder holds."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="headstart: %(message)s"
@@ -39,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"headstart: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        print(_disk_full(args, error), file=sys.stderr)
+        return EXIT_DISK_FULL
     except KeyboardInterrupt:
         if sys.stdout.isatty():
             print()  # end the progress bar's line
@@ -738,6 +746,28 @@ def _interrupted(args: argparse.Namespace) -> str:
         f"headstart: interrupted before the first epoch ended; {run} keeps "
         f"{', '.join(kept)} but no model: {what}, {again}"
     )
+
+
+def _disk_full(args: argparse.Namespace, error: Exception) -> str:
+    """One line for a full disk: the file that could not be written, the space it needed, and
+    how to go on (every file already in the run folder is complete: the writes are atomic)."""
+    if not isinstance(error, DiskFullError):  # a write headstart does not make itself
+        found = error
+        while found is not None and not getattr(found, "filename", None):
+            found = found.__cause__ or found.__context__
+        path = os.fsdecode(getattr(found, "filename", None) or "")
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        while folder and not os.path.isdir(folder) and folder != os.path.dirname(folder):
+            folder = os.path.dirname(folder)  # the file system it was on: the nearest folder
+        error = DiskFullError(path or "a file", free=free_bytes(folder) if folder else None)
+    run = getattr(args, "out", None) if args.verb in ("train", "demo") else None
+    if run and os.path.isdir(run):
+        again = _how_to_go_on(args, run)
+    elif run:
+        again = "run train again"
+    else:
+        again = "run the command again"
+    return f"headstart: {error}; free space, then {again}"
 
 
 def _how_to_go_on(args: argparse.Namespace, run: str) -> str:

@@ -6,17 +6,34 @@ flushed to disk, then renamed over the old file (``os.replace`` is atomic). A pr
 any moment leaves the previous complete file or the new one, never a mix; at worst a hidden
 ``.<name>.<pid>-<random>.tmp`` file stays behind (`is_temp_file`).
 
+A full disk (ENOSPC, or a quota: EDQUOT) during a write removes the temporary file and raises
+`headstart.errors.DiskFullError`, naming the file and the space it needed; `raise_if_disk_full`
+does the same for writes made elsewhere (the feature cache's shards).
+
 The lowest layer of the package: standard library only.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
+import re
 import secrets
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+from headstart.errors import DiskFullError
+
 TEMP_MARK = ".tmp"  # in the name of every temporary file, which also starts with "."
+DISK_FULL_ERRNOS = frozenset(
+    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None
+)
+# how libraries that do not keep errno (h5py, inside a .keras file) spell it in their message
+_CODES = "|".join(str(code) for code in sorted(DISK_FULL_ERRNOS))
+_DISK_FULL_TEXT = re.compile(rf"No space left on device|Disk quota exceeded|errno = ({_CODES})\b")
 
 
 def write_text_atomic(path: str | Path, text: str, *, errors: str = "strict") -> None:
@@ -42,8 +59,9 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        raise_if_disk_full(error, path, lambda: len(data))
         raise
     _fsync_folder(path.parent)
 
@@ -77,10 +95,66 @@ def save_model_atomic(model, path: str | Path) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
+        written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
+        raise_if_disk_full(error, path, lambda: max(written, model_bytes(model)))
         raise
     _fsync_folder(path.parent)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True when ``error`` (or an error it was raised from) means no space left on the device:
+    errno ENOSPC or EDQUOT, or their message from a library that drops the errno (h5py)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, DiskFullError):
+            return True
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        if isinstance(error, (OSError, RuntimeError)) and _DISK_FULL_TEXT.search(str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def raise_if_disk_full(
+    error: BaseException, path: str | Path, needed: int | Callable[[], int | None] | None
+) -> None:
+    """Raise ``error`` as a `DiskFullError` for ``path`` when it means a full disk (see
+    `is_disk_full`), else return. ``needed``: the bytes the write needed (or a function that
+    gives them, called only then). Call it once the failed write's temporary files are removed,
+    so that the free space it reports counts what they held."""
+    if isinstance(error, DiskFullError):
+        raise error
+    if is_disk_full(error):
+        code = getattr(error, "errno", None)
+        code = code if code in DISK_FULL_ERRNOS else errno.ENOSPC
+        size = needed() if callable(needed) else needed
+        raise DiskFullError(path, size, free_bytes(Path(path).parent), code) from error
+
+
+def free_bytes(folder: str | Path) -> int | None:
+    """Bytes free for an unprivileged writer on ``folder``'s file system; None if unknown."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def model_bytes(model) -> int:
+    """About the size of ``model``'s ``.keras`` file: the bytes of its variables, plus what the
+    file adds (its config, ~4 KB of HDF5 bookkeeping per variable)."""
+    total = 16 * 1024
+    for variable in getattr(model, "variables", ()):
+        try:
+            count = math.prod(int(d) for d in variable.shape)
+            bits = int((re.search(r"\d+", str(variable.dtype)) or [8])[0])
+        except (TypeError, ValueError):
+            continue
+        total += count * max(bits, 8) // 8 + 4 * 1024
+    return total
 
 
 def is_temp_file(name: str) -> bool:

@@ -123,6 +123,8 @@ def write_figures(run_dir: Path, folder=None) -> _Notes:
         try:
             return draw()
         except Exception as error:  # one broken figure must not cost the others
+            if files.is_disk_full(error):  # but a full disk stops the run, to be resumed
+                raise
             debug = log.isEnabledFor(logging.DEBUG)
             log.warning("could not draw %s: %s", name, error, exc_info=debug)
             for missing in (name, *also):
@@ -380,6 +382,8 @@ def _graph(load_model, run_dir: Path, notes: _Notes) -> str | None:
     try:
         return figures.model_graph(load_model(), run_dir / "model.png")
     except Exception as error:
+        if files.is_disk_full(error):
+            raise
         notes.missing["model.png"] = f"could not be drawn: {error}"
         return None
 
@@ -389,10 +393,13 @@ def _graph(load_model, run_dir: Path, notes: _Notes) -> str | None:
 
 def redraw(run_dir: str | Path, *, folder=None) -> Path | None:
     """`report`, for a verb that has just changed a run (train, calibrate, ensemble): a failure
-    to draw is logged as a warning and never loses the run itself."""
+    to draw is logged as a warning and never loses the run itself; a full disk is raised
+    (`headstart.errors.DiskFullError`), so that a run stops where it can be resumed."""
     try:
         return report(run_dir, folder=folder)
     except Exception as error:
+        if files.is_disk_full(error):
+            raise
         debug = log.isEnabledFor(logging.DEBUG)
         log.warning("report not written (the run itself is complete): %s", error, exc_info=debug)
         return None

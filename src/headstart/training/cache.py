@@ -22,9 +22,11 @@ may compute the same rows twice, and a killed run's temporary files stay.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headstart.files import is_temp_file, write_json, write_text_atomic
+from headstart.files import is_temp_file, raise_if_disk_full, write_json, write_text_atomic
 
 try:
     import fcntl
@@ -254,9 +256,14 @@ class FeatureCache:
         """Fill a memory-mapped .npy batch by batch; publish it (keys last) only when complete.
 
         The file stays flocked until its keys are published, so `_sweep` in another process
-        never takes it for a dead writer's leftover."""
+        never takes it for a dead writer's leftover. A full disk is a `DiskFullError` naming
+        the shard and its full size, with no temporary file left: the shard's space is
+        reserved before it is mapped (`_reserve`), since a write into a memory map that finds
+        no space is a SIGBUS, not an error."""
         name = f"shard-{uuid.uuid4().hex[:12]}"
         tmp = entry / f".{name}.npy.tmp"
+        keys_tmp = entry / f".{name}.keys.tmp.npy"
+        needed = len(keys) * 40  # bytes: the keys, and the shard once its shape is known
         held = None  # (without fcntl, no handle: Windows could not rename a file held open)
         array = None
         filled = 0
@@ -267,21 +274,28 @@ class FeatureCache:
             for batch in batches:
                 if array is None:
                     shape = (len(keys), *batch.shape[1:])
+                    needed += math.prod(shape) * np.dtype(STORAGE_DTYPE).itemsize
                     array = np.lib.format.open_memmap(
                         tmp, mode="w+", dtype=STORAGE_DTYPE, shape=shape
                     )
+                    _reserve(tmp)
                 array[filled : filled + len(batch)] = batch
                 filled += len(batch)
             if filled != len(keys):
                 raise RuntimeError(f"computed {filled} outputs for {len(keys)} images")
             array.flush()
             del array
+            np.save(keys_tmp, np.array(keys, dtype="S40"))  # before publishing: it takes space
             os.replace(tmp, entry / f"{name}.npy")
-            keys_tmp = entry / f".{name}.keys.tmp.npy"
-            np.save(keys_tmp, np.array(keys, dtype="S40"))
             os.replace(keys_tmp, entry / f"{name}.keys.npy")
+        except Exception as error:
+            for path in (tmp, keys_tmp):  # first, so that the free space counts what they held
+                path.unlink(missing_ok=True)
+            raise_if_disk_full(error, entry / f"{name}.npy", needed)
+            raise
         finally:
             tmp.unlink(missing_ok=True)
+            keys_tmp.unlink(missing_ok=True)
             if held is not None:
                 os.close(held)
 
@@ -350,6 +364,23 @@ def _sweep(folder: Path) -> None:
             continue
         finally:
             os.close(handle)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the whole of ``path``'s (sparse) file now, where the system allows it: no space
+    is then an ``OSError`` here (ENOSPC) rather than a SIGBUS when the memory map is written."""
+    allocate = getattr(os, "posix_fallocate", None)  # POSIX; not on macOS nor Windows
+    if allocate is None:
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        allocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as error:
+        if error.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system that cannot
+            return
+        raise
+    finally:
+        os.close(fd)
 
 
 def list_entries(directory: str | Path | None = None) -> list[dict]:
