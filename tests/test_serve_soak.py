@@ -322,7 +322,7 @@ def test_sigterm_finishes_the_requests_in_flight(server, good_images, expected):
             tasks = [asyncio.create_task(slow_upload(http, n, d)) for n, d in uploads]
             while len(started) < len(uploads):
                 await asyncio.sleep(0.02)
-            await asyncio.sleep(0.5)  # the server has read every request's headers
+            await asyncio.sleep(1.0)  # the server has read every request's headers
             server.process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
             await asyncio.sleep(0.5)  # it is shutting down, and still has the requests to finish
