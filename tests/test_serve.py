@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow  # end-to-end training runs of several seconds eac
 
 serve_module = sys.modules["headstart.deploy.serve"]
 CHROMIUM = Path("/usr/bin/chromium")
-MAX_WAIT_MS = 150  # long enough that concurrent requests surely meet in one batch
+MAX_WAIT_MS = 150  # long enough that a call surely waits for images being decoded
 MAX_UPLOAD_MB = 2
 
 

@@ -442,9 +442,15 @@ def _add_serve(add_verb) -> None:
     parser.add_argument("run", help="a run folder or an exported model folder")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch", type=int, default=32, help="images per model call")
     parser.add_argument(
-        "--max-wait-ms", type=float, default=5.0, help="how long an image waits for others"
+        "--max-batch", type=int, default=32, help="at most this many images per model call"
+    )
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a model call may wait for the images of requests being decoded right "
+        "now (never when there are none; 0: never)",
     )
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit")
     parser.set_defaults(handler=_serve)

@@ -9,7 +9,8 @@
 Images from concurrent requests are gathered into one model call (`MicroBatcher`). Bad input
 (not an image, empty, truncated, a decompression bomb, a wrong field, a body over the limit)
 is a 4xx JSON ``{"error": "<one line>"}``, never a crash. Uploads are decoded from a private
-temporary folder, deleted as soon as the image is read.
+temporary folder, deleted as soon as the image is read. SIGTERM answers the requests in
+flight, then ends normally.
 """
 
 import asyncio
@@ -17,9 +18,11 @@ import importlib.resources
 import importlib.util
 import io
 import logging
+import signal
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -36,15 +39,22 @@ log = logging.getLogger(__name__)
 SERVE_EXTRA = "pip install 'headstart[serve]'"
 DEFAULT_MAX_UPLOAD_MB = 20.0
 DEFAULT_TOP_K = 5
+SHUTDOWN_GRACE_S = 30  # on SIGTERM, how long requests in flight may take to finish
 OVERLAY_SIDE = 384  # longest side of the Grad-CAM overlay PNG, in pixels
+_STOP = object()  # MicroBatcher.close() -> its worker: answer what is queued, then stop
 
 
 class MicroBatcher:
     """Gathers the images of concurrent requests into one model call.
 
-    The first image waits at most ``max_wait_ms`` for others; a call holds at most
-    ``max_batch`` images. The model runs in one worker thread, so the event loop keeps
-    accepting requests meanwhile. ``calls`` and ``images`` count what it did.
+    A model call never waits for requests that are not there yet: when the model is free it
+    takes every image queued at that moment and runs. It waits (at most ``max_wait_ms``) only
+    for images already announced by `coming`, i.e. of requests received and being decoded
+    right now, so a lone client never waits, and concurrent ones share calls. While the model
+    is busy, images queue up and the next call takes them all (at most ``max_batch``): one
+    image per call under light load, full batches under heavy load. The model runs in one
+    worker thread, so the event loop keeps accepting requests meanwhile. ``calls`` and
+    ``images`` count what it did.
     """
 
     def __init__(self, predictor: Predictor, max_batch: int = 32, max_wait_ms: float = 5.0):
@@ -53,60 +63,101 @@ class MicroBatcher:
         self.max_wait = max_wait_ms / 1000
         self.calls = self.images = self.largest_batch = 0
         self._queue: asyncio.Queue | None = None
+        self._changed: asyncio.Event | None = None  # an image queued, or an announced one failed
         self._worker: asyncio.Task | None = None
+        self._coming = 0  # images announced (being decoded), not queued yet
+        self._closing = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="headstart-model")
 
-    async def predict(self, images: list[np.ndarray]) -> np.ndarray:
-        """Probabilities (len(images), C), computed together with other requests' images."""
+    @contextmanager
+    def coming(self, count: int):
+        """Announce ``count`` images that this block decodes and then `submit`s: a model call
+        starting meanwhile may wait for them (up to ``max_wait_ms``)."""
+        self._coming += count
+        try:
+            yield
+        finally:
+            self._coming -= count
+            if self._changed is not None:
+                self._changed.set()
+
+    def submit(self, images: list[np.ndarray]) -> asyncio.Future:
+        """Queue ``images`` now; the future's result is their probability rows, in order."""
+        if self._closing:
+            raise RuntimeError("the server is shutting down")
         if self._worker is None:  # started in the server's own event loop
-            self._queue = asyncio.Queue()
+            self._queue, self._changed = asyncio.Queue(), asyncio.Event()
             self._worker = asyncio.create_task(self._run())
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in images]
         for image, future in zip(images, futures, strict=True):
             self._queue.put_nowait((image, future))
-        return np.stack(await asyncio.gather(*futures))
+        self._changed.set()
+        return asyncio.gather(*futures)
+
+    async def predict(self, images: list[np.ndarray]) -> np.ndarray:
+        """Probabilities (len(images), C), computed together with other requests' images."""
+        return np.stack(await self.submit(images))
 
     async def close(self) -> None:
+        """Answer every image already queued, then stop the worker (server shutdown: uvicorn
+        calls this after its in-flight requests have finished, so normally nothing is left)."""
+        self._closing = True
         if self._worker is not None:
-            self._worker.cancel()
+            self._queue.put_nowait(_STOP)
+            self._changed.set()
+            await self._worker
         self._executor.shutdown(wait=False)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._gather(loop)
-            images = np.stack([image for image, _ in batch]).astype("float32")
-            try:
-                rows = await loop.run_in_executor(self._executor, self.predictor, images)
-            except Exception as error:  # the model failed: every waiting request hears of it
-                log.exception("model call failed")
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            self.calls += 1
-            self.images += len(batch)
-            self.largest_batch = max(self.largest_batch, len(batch))
-            for (_, future), row in zip(batch, rows, strict=True):
-                if not future.done():  # its client may have gone
-                    future.set_result(row)
+        stop = False
+        while not stop:
+            batch, stop = await self._gather(loop)
+            if batch:
+                await self._call(loop, batch)
 
-    async def _gather(self, loop) -> list:
-        batch = [await self._queue.get()]
+    async def _call(self, loop, batch: list) -> None:
+        images = np.stack([image for image, _ in batch]).astype("float32")
+        try:
+            rows = await loop.run_in_executor(self._executor, self.predictor, images)
+        except Exception as error:  # the model failed: every waiting request hears of it
+            log.exception("model call failed")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        self.calls += 1
+        self.images += len(batch)
+        self.largest_batch = max(self.largest_batch, len(batch))
+        for (_, future), row in zip(batch, rows, strict=True):
+            if not future.done():  # its client may have gone
+                future.set_result(row)
+
+    async def _gather(self, loop) -> tuple[list, bool]:
+        """The next call's images: all those queued now (waiting for the first), then, while
+        images are announced and not full, those arriving within ``max_wait``; and whether
+        close() asked to stop."""
+        first = await self._queue.get()
+        if first is _STOP:
+            return [], True
+        batch = [first]
+        await asyncio.sleep(0)  # requests that became ready in this same loop turn join in
         deadline = loop.time() + self.max_wait
-        while len(batch) < self.max_batch:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                continue
+        while True:
+            while len(batch) < self.max_batch and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is _STOP:
+                    return batch, True
+                batch.append(item)
             remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
+            if len(batch) >= self.max_batch or not self._coming or remaining <= 0:
+                return batch, False
+            self._changed.clear()
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                await asyncio.wait_for(self._changed.wait(), remaining)
             except TimeoutError:
-                break
-        return batch
+                pass
 
     def stats(self) -> dict:
         return {
@@ -127,9 +178,11 @@ def serve(
     max_wait_ms: float = 5.0,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
 ) -> None:
-    """Serve ``run`` (a run directory or an exported artifact) until Ctrl-C.
+    """Serve ``run`` (a run directory or an exported artifact) until Ctrl-C or SIGTERM.
 
     Binds to 127.0.0.1 by default: only this machine can connect unless ``host`` says otherwise.
+    SIGTERM shuts down gracefully: no new connections, the requests in flight are answered
+    (for at most ``SHUTDOWN_GRACE_S``), then this returns normally (the CLI exits 0).
     """
     _require_server()
     import uvicorn
@@ -144,7 +197,29 @@ def serve(
         max_upload_mb=max_upload_mb,
     )
     log.info("serving %s on http://%s:%d/ (API docs at /docs)", run, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    with _sigterm_ends_normally():
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        )
+
+
+@contextmanager
+def _sigterm_ends_normally():
+    """uvicorn finishes the requests in flight on SIGTERM, then raises SIGTERM again with the
+    handler that was there before it: make that one a no-op, so that a graceful shutdown ends
+    as a normal return (exit status 0) rather than death by signal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _require_server() -> None:
@@ -234,8 +309,10 @@ def create_app(
         top_k: Annotated[int, Query(ge=1, description="labels per image")] = DEFAULT_TOP_K,
     ):
         """Top-k labels and probabilities for each uploaded image."""
-        images = [await decode(upload) for upload in files]
-        rows = await batcher.predict(images)
+        with batcher.coming(len(files)):  # a model call starting meanwhile may wait for them
+            images = [await decode(upload) for upload in files]
+            answer = batcher.submit(images)
+        rows = np.stack(await answer)
         return {
             "predictions": [
                 {"file": upload.filename, "top": _top(row, predictor.class_names, top_k)}
