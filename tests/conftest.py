@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import io
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -362,3 +364,57 @@ def child_processes():
         return found
 
     return children
+
+
+@pytest.fixture(scope="session")
+def run_cluster():
+    """``run_cluster(commands, env, logs) -> (exit codes, log tails)``: one process per
+    command, started together (the manual ``--coordinator`` form of a distributed run), each
+    one's stderr in its log file (a full pipe would block it), all waited for (10 minutes at
+    most) and none left running."""
+
+    def run(commands: list[list[str]], env: dict, logs: list[Path]) -> tuple[list[int], str]:
+        outputs = [log.open("w") for log in logs]
+        processes = [
+            subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=output, env=env)
+            for command, output in zip(commands, outputs, strict=True)
+        ]
+        try:
+            for process in processes:
+                process.wait(timeout=600)
+        finally:
+            for process, output in zip(processes, outputs, strict=True):
+                process.kill()
+                output.close()
+        return [p.returncode for p in processes], "".join(log.read_text()[-3000:] for log in logs)
+
+    return run
+
+
+def assert_same_training(run: Path, reference: Path, atol: float = 1e-4) -> list[dict]:
+    """Two runs trained alike: the same stages, every epoch's losses and accuracies and the
+    saved model's weights within ``atol`` (a distributed run's all-reduce sums in another order
+    than one process: measured 1e-6 on the losses). Returns ``run``'s history rows."""
+    import keras  # noqa: PLC0415  (conftest is imported by subprocesses that need no Keras)
+
+    def history(folder: Path) -> list[dict]:
+        return list(csv.DictReader((folder / "history.csv").open()))
+
+    def weights(folder: Path) -> list[np.ndarray]:
+        model = keras.saving.load_model(folder / "model.keras")
+        return [np.asarray(v) for v in model.get_weights()]
+
+    rows, reference_rows = history(run), history(reference)
+    assert [r["stage"] for r in rows] == [r["stage"] for r in reference_rows]
+    for a, b in zip(rows, reference_rows, strict=True):
+        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=atol), key
+    for a, b in zip(weights(run), weights(reference), strict=True):
+        np.testing.assert_allclose(a, b, atol=atol)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def same_training():
+    """`assert_same_training`, for test modules (they do not import conftest)."""
+    return assert_same_training

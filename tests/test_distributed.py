@@ -4,7 +4,6 @@ The multi-process tests run real processes on 127.0.0.1 (JAX backend, gloo colle
 scratch CNN at 32 px; each is bounded by a timeout.
 """
 
-import csv
 import importlib.util
 import json
 import re
@@ -53,14 +52,6 @@ BOTH_STAGES = [  # tiny_test (random weights, 32 px): a head epoch, then a fine-
     "--augment=none",
     "--no-check",
 ]
-
-
-def _weights(run: Path) -> list[np.ndarray]:
-    return [np.asarray(v) for v in keras.saving.load_model(run / "model.keras").get_weights()]
-
-
-def _history(run: Path) -> list[dict]:
-    return list(csv.DictReader((run / "history.csv").open()))
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the TensorFlow refusal")
@@ -112,7 +103,9 @@ def test_launch_refuses_other_verbs_and_no_processes():
 
 @pytest.mark.slow
 @needs_jax
-def test_two_processes_end_identical_and_match_one_process(image_folder_factory, tmp_path, jax_env):
+def test_two_processes_end_identical_and_match_one_process(
+    image_folder_factory, tmp_path, jax_env, same_training
+):
     """Both stages. Tolerance: weights and every epoch's losses and accuracies within 1e-4 of a
     one-process run with the same global batch and seed (the all-reduce sums in another order;
     measured: 1e-6 on the losses)."""
@@ -142,13 +135,8 @@ def test_two_processes_end_identical_and_match_one_process(image_folder_factory,
         timeout=600,
     )
     assert alone.returncode == 0, alone.stderr[-3000:]
-    for a, b in zip(_weights(two), _weights(one), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-4)
-    rows_two, rows_one = _history(two), _history(one)
-    assert [r["stage"] for r in rows_two] == [r["stage"] for r in rows_one] == ["head", "fine_tune"]
-    for a, b in zip(rows_two, rows_one, strict=True):
-        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
-            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), key
+    rows = same_training(two, one)
+    assert [r["stage"] for r in rows] == ["head", "fine_tune"]
 
 
 @pytest.mark.slow  # a full training run
@@ -217,7 +205,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def sharded_runs(image_folder_factory, tmp_path_factory, jax_env):
+def sharded_runs(image_folder_factory, tmp_path_factory, jax_env, run_cluster):
     """A 2-process extract-mode run (the manual --coordinator form) crashed after its first
     epoch and resumed by `headstart launch --nproc 2`, each process filling its part of cache
     "two"; and the same run in one process, uninterrupted, with cache "one"."""
@@ -227,26 +215,12 @@ def sharded_runs(image_folder_factory, tmp_path_factory, jax_env):
     port = free_port()
     train = ["train", str(data), f"--out={run}", f"--cache-dir={tmp / 'cache-two'}", *EXTRACT]
     cluster = ["--distributed", f"--coordinator=127.0.0.1:{port}", "--num-processes=2"]
-    logs = [tmp / f"crashed-{i}.log" for i in range(2)]  # files: a full pipe would block
-    outputs = [log.open("w") for log in logs]
-    crashed = [
-        subprocess.Popen(
-            [sys.executable, "-c", CRASH_AFTER_FIRST_EPOCH, *train, *cluster, f"--process-id={i}"],
-            stdout=subprocess.DEVNULL,
-            stderr=output,
-            env=env,
-        )
-        for i, output in enumerate(outputs)
+    commands = [
+        [sys.executable, "-c", CRASH_AFTER_FIRST_EPOCH, *train, *cluster, f"--process-id={i}"]
+        for i in range(2)
     ]
-    try:
-        for process in crashed:
-            process.wait(timeout=300)
-    finally:
-        for process, output in zip(crashed, outputs, strict=True):
-            process.kill()
-            output.close()
-    tails = "".join(log.read_text()[-3000:] for log in logs)
-    assert [p.returncode for p in crashed] == [3, 3], tails
+    codes, tails = run_cluster(commands, env, [tmp / f"crashed-{i}.log" for i in range(2)])
+    assert codes == [3, 3], tails
     state = read_state(run)
     scratch_before = sorted((tmp / "scratch").iterdir())
     resumed = subprocess.run(
@@ -309,7 +283,7 @@ def test_sharded_extraction_fills_the_cache_one_process_would(sharded_runs):
 
 @pytest.mark.slow
 @needs_jax
-def test_resumed_distributed_run_ends_as_one_uninterrupted_process(sharded_runs):
+def test_resumed_distributed_run_ends_as_one_uninterrupted_process(sharded_runs, same_training):
     """The 2-process run crashed after epoch 1 and resumed with `launch --nproc 2` ends
     bit-identical on both processes and within 1e-4 of one uninterrupted process (weights,
     every epoch's losses and accuracies: the all-reduce sums in another order)."""
@@ -323,11 +297,5 @@ def test_resumed_distributed_run_ends_as_one_uninterrupted_process(sharded_runs)
     assert not sharded_runs["new_scratch"]  # process 1's scratch copy is gone
     two, one = tmp / "two", tmp / "one"
     assert not (two / "resume.npz").exists() and (two / "metrics.json").is_file()
-    rows_two, rows_one = _history(two), _history(one)
-    assert [r["epoch"] for r in rows_two] == ["0", "1", "2"]
-    assert [r["stage"] for r in rows_two] == [r["stage"] for r in rows_one]
-    for a, b in zip(rows_two, rows_one, strict=True):
-        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
-            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), key
-    for a, b in zip(_weights(two), _weights(one), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-4)
+    rows = same_training(two, one)
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]

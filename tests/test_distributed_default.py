@@ -9,7 +9,6 @@ look most alike (the demo's images, 10 each: 28 train, 8 validation, 4 test), so
 candidates' scores differ; global batch 4, so every batch is whole on both sides.
 """
 
-import csv
 import importlib.util
 import json
 import os
@@ -20,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import keras
-import numpy as np
 import pytest
 
 from headstart.backbones.efficientnet_lite import imagenet_weights_available
@@ -65,30 +62,18 @@ def _run(command: list[str], env: dict, log: Path) -> None:
     assert done.returncode == 0, log.read_text()[-3000:]
 
 
-def _manual_cluster(data: Path, run: Path, caches: list[Path], env: dict, tmp: Path) -> None:
+def _manual_cluster(data, run, caches, env, tmp, run_cluster) -> None:
     """The multi-machine form: each process started on its own, with its own feature cache."""
-    port, logs = free_port(), [tmp / f"machine-{i}.log" for i in range(2)]
-    outputs = [log.open("w") for log in logs]
-    processes = [
-        subprocess.Popen(
-            [*HEADSTART, "train", str(data), f"--out={run}", f"--cache-dir={cache}", *DEFAULTS]
-            + ["--distributed", f"--coordinator=127.0.0.1:{port}", "--num-processes=2"]
-            + [f"--process-id={i}"],
-            stdout=subprocess.DEVNULL,
-            stderr=output,
-            env=env,
-        )
-        for i, (cache, output) in enumerate(zip(caches, outputs, strict=True))
+    port = free_port()
+    commands = [
+        [*HEADSTART, "train", str(data), f"--out={run}", f"--cache-dir={cache}", *DEFAULTS]
+        + ["--distributed", f"--coordinator=127.0.0.1:{port}", "--num-processes=2"]
+        + [f"--process-id={i}"]
+        for i, cache in enumerate(caches)
     ]
-    try:
-        for process in processes:
-            process.wait(timeout=600)
-    finally:
-        for process, output in zip(processes, outputs, strict=True):
-            process.kill()
-            output.close()
-    tails = "".join(log.read_text()[-3000:] for log in logs)
-    assert [p.returncode for p in processes] == [0, 0], tails
+    logs = [tmp / f"machine-{i}.log" for i in range(2)]
+    codes, tails = run_cluster(commands, env, logs)
+    assert codes == [0, 0], tails
 
 
 def _kill_during_extraction(command: list[str], env: dict, child_processes) -> dict:
@@ -123,7 +108,7 @@ def _kill_during_extraction(command: list[str], env: dict, child_processes) -> d
 
 
 @pytest.fixture(scope="module")
-def default_runs(tmp_path_factory, jax_env, child_processes):
+def default_runs(tmp_path_factory, jax_env, child_processes, run_cluster):
     tmp = tmp_path_factory.mktemp("default")
     data = _fashion_folder(tmp / "data")
     env = jax_env(tmp)
@@ -141,7 +126,7 @@ def default_runs(tmp_path_factory, jax_env, child_processes):
         tmp / "alone.log",
     )
     machines = [tmp / f"cache-machine-{i}" for i in range(2)]
-    _manual_cluster(data, runs["machines"], machines, env, tmp)
+    _manual_cluster(data, runs["machines"], machines, env, tmp, run_cluster)
     runs["killed"] = tmp / "killed"
     launch = [*HEADSTART, "launch", "--nproc", "2", "--", "train"]
     killed = _kill_during_extraction(
@@ -171,30 +156,16 @@ def _flat(scores: dict) -> dict:
     return flat
 
 
-def _weights(run: Path) -> list[np.ndarray]:
-    return [np.asarray(v) for v in keras.saving.load_model(run / "model.keras").get_weights()]
-
-
-def _history(run: Path) -> list[dict]:
-    return list(csv.DictReader((run / "history.csv").open()))
-
-
-def _assert_same_model(run: Path, reference: Path) -> None:
-    """Tolerance 1e-4 on weights and every epoch's figures: the all-reduce sums in another
-    order than one process (measured: 1e-6 on the losses)."""
+def _assert_same_model(run: Path, reference: Path, same_training) -> None:
+    """The same choices, every candidate's validation figures within 1e-4, and the same
+    training (`conftest.assert_same_training`)."""
     (chosen, scores), (reference_chosen, reference_scores) = _choices(run), _choices(reference)
     assert chosen == reference_chosen
     assert _flat(scores) == pytest.approx(_flat(reference_scores), abs=1e-4)
-    rows, reference_rows = _history(run), _history(reference)
-    assert [r["stage"] for r in rows] == [r["stage"] for r in reference_rows]
-    for a, b in zip(rows, reference_rows, strict=True):
-        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
-            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), key
-    for a, b in zip(_weights(run), _weights(reference), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-4)
+    same_training(run, reference)
 
 
-def test_default_recipe_on_two_processes_matches_one_process(default_runs):
+def test_default_recipe_on_two_processes_matches_one_process(default_runs, same_training):
     """Every choice made, the augmented views extracted in parts: the same choices, history
     and model as one process, and both processes ended with the same weights."""
     log = (default_runs["tmp"] / "launched.log").read_text()
@@ -202,18 +173,20 @@ def test_default_recipe_on_two_processes_matches_one_process(default_runs):
     assert len(digests) == 2 and digests[0] == digests[1], log[-3000:]
     assert "(part 1 of 2)" in log  # an augmented view was extracted in parts
     assert "augmentation chosen on validation" in log
-    _assert_same_model(default_runs["launched"], default_runs["alone"])
+    _assert_same_model(default_runs["launched"], default_runs["alone"], same_training)
 
 
-def test_two_machines_without_a_shared_cache_train_the_same_model(default_runs):
+def test_two_machines_without_a_shared_cache_train_the_same_model(default_runs, same_training):
     """Each process fills its own cache, the other process's part of an augmented view with
     the draws a shared cache holds: the same candidates' scores, choices and model."""
-    _assert_same_model(default_runs["machines"], default_runs["launched"])
+    _assert_same_model(default_runs["machines"], default_runs["launched"], same_training)
     for cache in default_runs["machine_caches"]:
         assert list(cache.glob("*/meta.json"))
 
 
-def test_a_process_killed_during_extraction_stops_the_run_and_resume_finishes_it(default_runs):
+def test_a_process_killed_during_extraction_stops_the_run_and_resume_finishes_it(
+    default_runs, same_training
+):
     """Bound: the launcher ends within POLL_SECONDS + GRACE_SECONDS (5.2 s) of the death (10 s
     of slack for a loaded machine); `launch -- train --resume` then ends as an uninterrupted
     run does, from the rows the killed run had cached."""
@@ -224,5 +197,5 @@ def test_a_process_killed_during_extraction_stops_the_run_and_resume_finishes_it
     assert kill["alive"] == []
     resumed = (default_runs["tmp"] / "resumed.log").read_text()
     assert "resuming" in resumed and "stage head, epoch 1" in resumed
-    _assert_same_model(default_runs["killed"], default_runs["alone"])
+    _assert_same_model(default_runs["killed"], default_runs["alone"], same_training)
     assert not (default_runs["killed"] / "resume.npz").exists()
