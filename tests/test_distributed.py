@@ -331,3 +331,10 @@ def test_resumed_distributed_run_ends_as_one_uninterrupted_process(sharded_runs)
             assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), key
     for a, b in zip(_weights(two), _weights(one), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
+    # where the time went: every process logs its breakdown, process 0 writes its own
+    assert re.search(r"\[0\] headstart: time [\d.]+ s: start-up ", resumed)
+    assert re.search(r"\[1\] headstart: time [\d.]+ s: start-up ", resumed)
+    metrics = json.loads((two / "metrics.json").read_text())
+    phases = metrics["phase_seconds"]
+    assert {"start-up", "stage 1", "stage 2", "test", "report"} <= set(phases)
+    assert sum(phases.values()) == pytest.approx(metrics["total_seconds"], rel=0.01)
