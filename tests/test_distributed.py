@@ -299,3 +299,10 @@ def test_resumed_distributed_run_ends_as_one_uninterrupted_process(sharded_runs,
     assert not (two / "resume.npz").exists() and (two / "metrics.json").is_file()
     rows = same_training(two, one)
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    # where the time went: every process logs its breakdown, process 0 writes its own
+    assert re.search(r"\[0\] headstart: time [\d.]+ s: start-up ", resumed)
+    assert re.search(r"\[1\] headstart: time [\d.]+ s: start-up ", resumed)
+    metrics = json.loads((two / "metrics.json").read_text())
+    phases = metrics["phase_seconds"]
+    assert {"start-up", "stage 1", "stage 2", "test", "report"} <= set(phases)
+    assert sum(phases.values()) == pytest.approx(metrics["total_seconds"], rel=0.01)

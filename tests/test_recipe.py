@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import time
 
 import keras
 import numpy as np
@@ -31,8 +33,18 @@ def mirrored_classes(tmp_path_factory):
     return root
 
 
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
-def auto_run(mirrored_classes, tmp_path_factory):
+def timed_auto_run(mirrored_classes, tmp_path_factory):
+    """The default path (tiny_test): (the run, seconds around the call, the recipe's info lines)."""
     config = Config(
         data=str(mirrored_classes),
         out=str(tmp_path_factory.mktemp("runs") / "auto"),
@@ -47,7 +59,60 @@ def auto_run(mirrored_classes, tmp_path_factory):
         fine_tune_epochs=2,  # fine_tune_lr "auto": every rate tried, none can beat 100%
         quiet=True,
     )
-    return train(config)
+    logger, handler = logging.getLogger("headstart.training.recipe"), _Lines()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        started = time.monotonic()
+        result = train(config)
+        seconds = time.monotonic() - started
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return result, seconds, handler.lines
+
+
+@pytest.fixture(scope="module")
+def auto_run(timed_auto_run):
+    return timed_auto_run[0]
+
+
+@pytest.mark.slow  # a full training run
+def test_every_phase_of_the_default_path_is_timed_and_they_add_up(timed_auto_run):
+    result, seconds, lines = timed_auto_run
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    phases, total = metrics["phase_seconds"], metrics["total_seconds"]
+    assert list(phases) == [  # in the order each first ends; from Python: no start-up
+        "build model",
+        "decode check",
+        "data check",
+        "extraction clean",  # the trunk of train and validation, pooled from it
+        "head input",  # its trials (one model built per candidate)
+        "extraction augmented",  # flip's two views
+        "augmentation",
+        "stage 1",
+        "fine-tuning rate",
+        "stage 2",  # what is left of it: unfreezing, the stage's state (no epoch: none won)
+        "test",
+        "report",
+        "other",
+    ]
+    assert all(value >= 0 for value in phases.values())
+    assert sum(phases.values()) == pytest.approx(total, rel=0.01)
+    assert total <= seconds and total == pytest.approx(seconds, abs=0.5)  # all but the return
+    passes = metrics["extraction_passes"]
+    assert [(p["split"], p["view"]) for p in passes] == [
+        ("train", "clean"),
+        ("val", "clean"),
+        ("train", "flip#1"),
+        ("train", "flip#2"),
+    ]
+    assert all(p["computed"] == p["images"] and p["output"].startswith("trunk:") for p in passes)
+    breakdown = [line for line in lines if line.startswith("time ")]
+    assert breakdown == [
+        f"time {total:.1f} s: " + ", ".join(f"{name} {value:.1f}" for name, value in phases.items())
+    ]
 
 
 @pytest.mark.slow  # a full training run

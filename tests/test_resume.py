@@ -133,6 +133,20 @@ def test_killed_in_stage_1_and_in_stage_2_resumes_to_the_uninterrupted_result(
     assert (saved["stage"], saved["epoch"]) == (expected_saved["stage"], expected_saved["epoch"])
     assert saved["val_loss"] == pytest.approx(expected_saved["val_loss"], abs=TOLERANCE)
     assert result.metrics["train_seconds"] > 0
+    # the times are the resumed launch's: it started in stage 2 (from Python: no start-up)
+    phases = result.metrics["phase_seconds"]
+    assert list(phases) == [
+        "decode check",
+        "build model",
+        "extraction clean",  # the cached trunk, read back
+        "stage 2",
+        "test",
+        "report",
+        "other",
+    ]
+    assert all(p["computed"] == 0 for p in result.metrics["extraction_passes"])  # cache hits
+    assert sum(phases.values()) == pytest.approx(result.metrics["total_seconds"], rel=0.01)
+    assert "start-up" in _metrics(reference)["phase_seconds"]  # trained by the command line
 
 
 def test_resume_refuses_what_it_cannot_continue(tiny_run, tmp_path, capsys):

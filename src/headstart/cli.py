@@ -15,12 +15,14 @@ import json
 import logging
 import os
 import sys
+import time
 
 from headstart._version import __version__
 from headstart.config import CLASS_WEIGHT_CHOICES, DEFAULT_AUGMENT, IMBALANCE_THRESHOLD, Config
 from headstart.distributed import launch
 from headstart.errors import DiskFullError, UsageError
 from headstart.files import free_bytes, is_disk_full
+from headstart.training.phases import process_started
 
 EXIT_USAGE = 2
 EXIT_DISK_FULL = 1  # not 2: the command was right, the machine ran out of space
@@ -33,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     """Parse, then run the verb's handler; a UsageError is one line and exit 2, a full disk
     one line naming the file and how to go on, and exit 1, a Ctrl-C one line saying what the
     run folder holds."""
+    # a run's "start-up" phase: from the process's start (here, where it cannot be read)
+    started = process_started() or time.time()
     args = build_parser().parse_args(argv)
+    args.started = started
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="headstart: %(message)s"
     )
@@ -120,7 +125,7 @@ def _train(args: argparse.Namespace) -> int:
     from headstart.training import train  # Keras/TensorFlow
 
     _resolve_out(args)
-    _print_result(train(_config_of(args)))
+    _print_result(train(_config_of(args), started=args.started))
     return 0
 
 
@@ -131,7 +136,7 @@ def _resume(args: argparse.Namespace) -> int:
     from headstart.training import resume  # Keras/TensorFlow
 
     cluster = {key: getattr(args, key) for key in CLUSTER_OPTIONS}
-    _print_result(resume(args.resume, **cluster))
+    _print_result(resume(args.resume, **cluster, started=args.started))
     return 0
 
 
@@ -312,7 +317,7 @@ def _demo(args: argparse.Namespace) -> int:
     from headstart.training.demo import demo  # Keras/TensorFlow
 
     _resolve_out(args)
-    _print_result(demo(args.out, quiet=args.quiet))
+    _print_result(demo(args.out, quiet=args.quiet, started=args.started))
     return 0
 
 
@@ -675,7 +680,8 @@ def _check_resume_arguments(args: argparse.Namespace) -> None:
     given = [
         "--" + key.replace("_", "-")
         for key, value in vars(args).items()
-        if key not in ("quiet", "data", *launch_options) and value != defaults.get(key)
+        if key not in ("quiet", "data", "started", *launch_options)  # started: not an option
+        and value != defaults.get(key)
     ]
     if args.data:
         given.insert(0, "DATA")

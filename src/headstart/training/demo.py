@@ -15,7 +15,10 @@ def demo_data_path() -> str:
     return str(resources.files("headstart") / "demo_data" / "fashion_mnist")
 
 
-def demo(out: str | None = None, *, quiet: bool = False) -> TrainResult:
-    """Train and evaluate the default offline backbone on the demo data."""
+def demo(
+    out: str | None = None, *, quiet: bool = False, started: float | None = None
+) -> TrainResult:
+    """Train and evaluate the default offline backbone on the demo data (``started``: as
+    for `train`)."""
     config = Config(data=demo_data_path(), out=out, image_size=DEMO_IMAGE_SIZE, quiet=quiet)
-    return train(config)
+    return train(config, started=started)

@@ -52,6 +52,7 @@ from headstart.imbalance import resolve_class_weight
 from headstart.model import build_from_config, unfreeze_counts
 from headstart.report import redraw
 from headstart.splits import folder_for, split_manifest
+from headstart.training.phases import PhaseClock, breakdown_line
 from headstart.training.session import Session
 from headstart.training.state import (
     TrainingState,
@@ -78,6 +79,7 @@ def train(
     *,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     head_builder: HeadBuilder | None = None,
+    started: float | None = None,
 ) -> TrainResult:
     """Train, evaluate and save a classifier; everything lands in the run directory.
 
@@ -87,15 +89,20 @@ def train(
     ``head_builder(features, n_classes) -> logits``: a custom head in place of the built-in
     one, on the pooled features (so it trains on the feature cache); config.json records its
     name in ``custom_head``. Neither is a Config field: callables are not JSON.
+    ``started``: when the work began, as a `time.time()` value (the command line passes its
+    process's start): metrics.json's ``phase_seconds`` then has a "start-up" phase up to this
+    call (`headstart.training.phases`); None: the run's time counts from this call.
     """
+    clock = PhaseClock(started)
     config.validate()
     if head_builder is not None:
         config = dataclasses.replace(config, custom_head=_name_of(head_builder))
     cluster = join(config)
-    backbone = get_backbone(config.backbone)
-    image_size = config.image_size or backbone.default_size
-    check_image_size(backbone, image_size)
-    weights = resolve_backbone_weights(backbone, config.weights)
+    with clock.phase("build model"):
+        backbone = get_backbone(config.backbone)
+        image_size = config.image_size or backbone.default_size
+        check_image_size(backbone, image_size)
+        weights = resolve_backbone_weights(backbone, config.weights)
     mode = config.mode if backbone.pretrained else "frozen"
     augment = config.augment
     if augment == AUTO and mode == "frozen":  # choosing needs cached features
@@ -105,7 +112,8 @@ def train(
     choose_norm = mode == "extract" and head_builder is None
     feature_norm = "none" if config.feature_norm == AUTO and not choose_norm else None
     augments = augment == AUTO or parse_augment(augment)  # a bad spec fails before slow work
-    folder = folder_for(config)
+    with clock.phase("decode check"):  # finding the images and decoding each once
+        folder = folder_for(config)
     run_dir = runs.new_run_dir(config.out) if cluster.writes else Path(tempfile.mkdtemp())
     config = dataclasses.replace(
         config,
@@ -124,7 +132,8 @@ def train(
         ),
     )
     config = place(config, cluster)
-    model, base = build_from_config(config, backbone, len(folder.class_names), head_builder)
+    with clock.phase("build model"):
+        model, base = build_from_config(config, backbone, len(folder.class_names), head_builder)
     unfreeze = unfreeze_counts(config.unfreeze, backbone, base) if backbone.pretrained else "0"
     config = dataclasses.replace(config, unfreeze=unfreeze)
     config.save(run_dir / runs.CONFIG_FILE)
@@ -132,10 +141,11 @@ def train(
     files.write_json(run_dir / runs.SPLIT_FILE, split_manifest(folder))
     write_skipped(folder.skipped, str(run_dir / runs.SKIPPED_FILE))
     if config.check:
-        report = check_folder(folder)  # counts, imbalance, duplicates and leakage across splits
+        with clock.phase("data check"):  # counts, imbalance, duplicates and leakage across splits
+            report = check_folder(folder)
         log.info(summary_line(report))
         files.write_json(run_dir / CHECK_FILE, report)
-    return _run(config, backbone, folder, model, base, run_dir, None, callbacks)
+    return _run(config, backbone, folder, model, base, run_dir, None, callbacks, clock)
 
 
 def resume(
@@ -146,6 +156,7 @@ def resume(
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    started: float | None = None,
 ) -> TrainResult:
     """Continue an interrupted run from its last saved epoch (see `headstart.training.state`); a run
     with a custom head needs its ``head_builder`` again.
@@ -154,7 +165,9 @@ def resume(
     launch's cluster (``coordinator``, ``num_processes``, ``process_id``; all None: JAX
     detects it). The number of processes may differ from the first launch's, as long as it
     divides the global batch; each process reads the state process 0 saved in the run folder
-    (which must be shared, or copied to the same path on every machine)."""
+    (which must be shared, or copied to the same path on every machine). ``started``: as
+    for `train`; metrics.json's ``phase_seconds`` are this launch's."""
+    clock = PhaseClock(started)
     run_dir = Path(run)
     if not (run_dir / runs.CONFIG_FILE).is_file():
         raise UsageError(f"--resume {run_dir}: not a headstart run folder (no config.json)")
@@ -182,7 +195,8 @@ def resume(
         )
     config.validate()
     backbone = get_backbone(config.backbone)
-    folder = folder_for(config)
+    with clock.phase("decode check"):
+        folder = folder_for(config)
     recorded = runs.read_json(run_dir / runs.SPLIT_FILE)
     if split_manifest(folder) != recorded:
         raise UsageError(
@@ -194,14 +208,15 @@ def resume(
             f"--resume {run_dir}: the run has a custom head ({config.custom_head}): resume it "
             f"from Python, headstart.training.resume(run, head_builder={config.custom_head})"
         )
-    model, base = build_from_config(config, backbone, len(folder.class_names), head_builder)
+    with clock.phase("build model"):
+        model, base = build_from_config(config, backbone, len(folder.class_names), head_builder)
     log.info("resuming %s at stage %s, epoch %d", run_dir, state.stage, state.next_epoch + 1)
     if not cluster.writes:  # the state is read: train on in a scratch copy of the run folder
         run_dir = _scratch_copy(run_dir)
         config = dataclasses.replace(config, out=str(run_dir))
     if config.distributed:  # process 0 writes the run folder only once every copy is made
         barrier("headstart resume")
-    return _run(config, backbone, folder, model, base, run_dir, state, callbacks)
+    return _run(config, backbone, folder, model, base, run_dir, state, callbacks, clock)
 
 
 def _scratch_copy(run_dir: Path) -> Path:
@@ -217,9 +232,12 @@ def _name_of(head_builder: HeadBuilder) -> str:
     return f"{module}.{getattr(head_builder, '__qualname__', repr(head_builder))}"
 
 
-def _run(config, backbone, folder, model, base, run_dir: Path, state, callbacks=()) -> TrainResult:
-    """Both stages from ``state`` (None: from the start), then the test metrics and report."""
-    session = Session(config, backbone, folder, model, base, run_dir, state)
+def _run(
+    config, backbone, folder, model, base, run_dir: Path, state, callbacks, clock: PhaseClock
+) -> TrainResult:
+    """Both stages from ``state`` (None: from the start), then the test metrics and report;
+    metrics.json ends with where the time went (``clock``'s phases)."""
+    session = Session(config, backbone, folder, model, base, run_dir, state, clock=clock)
     session.user_callbacks = list(callbacks)
     if state is None:  # resumable from here on: a kill during extraction restarts stage 1
         write_state(
@@ -237,8 +255,10 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state, callbacks=
         finish()
         if not cluster.writes:
             shutil.rmtree(run_dir, ignore_errors=True)
+            log.info(breakdown_line(*clock.breakdown()))
             return TrainResult(run_dir, {}, session.config)
-    metrics = _test_metrics(config, folder, run_dir)
+    with clock.phase("test"):
+        metrics = _test_metrics(config, folder, run_dir)
     metrics["train_seconds"] = round(train_seconds, 1)  # both stages, test evaluation excluded
     metrics["skipped"] = len(folder.skipped)
     metrics.update(_what_was_chosen(session, fine_tune))
@@ -249,10 +269,16 @@ def _run(config, backbone, folder, model, base, run_dir: Path, state, callbacks=
             "stage-1 model",
             session.checkpoint.accuracy_floor,
         )
-    if session.summaries:  # a resumed run keeps the summaries written when it started
-        files.write_text_atomic(run_dir / runs.SUMMARY_FILE, "\n".join(session.summaries))
-    redraw(run_dir, folder=folder)  # figures + report.html
+    with clock.phase("report"):
+        if session.summaries:  # a resumed run keeps the summaries written when it started
+            files.write_text_atomic(run_dir / runs.SUMMARY_FILE, "\n".join(session.summaries))
+        redraw(run_dir, folder=folder)  # figures + report.html
     remove_state(run_dir)
+    metrics["total_seconds"], metrics["phase_seconds"] = clock.breakdown()
+    if session.feature_views.passes:  # each backbone pass: how long, how many images computed
+        metrics["extraction_passes"] = session.feature_views.passes
+    files.write_json(run_dir / runs.METRICS_FILE, metrics)  # again, with the report's time
+    log.info(breakdown_line(metrics["total_seconds"], metrics["phase_seconds"]))
     return TrainResult(run_dir, metrics, session.config)
 
 
@@ -260,16 +286,18 @@ def _stages(session: Session, state, fine_tune: bool, unfreeze: list[int]) -> No
     """Stage 1 then (``fine_tune``) stage 2, each skipped when ``state`` says it is done."""
     if fine_tune:
         session.plan_fine_tuning(unfreeze)
-    stage = state.stage if state else "head"
+    stage, clock = state.stage if state else "head", session.clock
     if stage == "head":
-        session.train_head()
-        session.end_stage("fine_tune" if fine_tune else "done")
+        with clock.phase("stage 1"):
+            session.train_head()
+            session.end_stage("fine_tune" if fine_tune else "done")
     elif stage == "fine_tune":
         session.freeze_for_head()
         state.apply(session.model)  # the head as stage 1 left it
     if fine_tune and stage != "done":
-        session.fine_tune(unfreeze)
-        session.end_stage("done")
+        with clock.phase("stage 2"):
+            session.fine_tune(unfreeze)
+            session.end_stage("done")
 
 
 def _test_metrics(config: Config, folder, run_dir: Path) -> dict:

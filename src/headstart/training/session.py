@@ -47,6 +47,7 @@ from headstart.training.choose import (
     choose_fine_tune_lr,
     epochs_of,
 )
+from headstart.training.phases import PhaseClock
 from headstart.training.state import (
     ResumeCheckpoint,
     TrainingState,
@@ -63,9 +64,22 @@ class Session:
     """State shared by the two stages: datasets, callbacks and the best-so-far checkpoint.
 
     ``state`` is where a resumed run stopped (`headstart.training.state`); None for a new run.
+    ``clock`` times the run's phases (`headstart.training.phases`): the choices and the
+    extractions each count under their own name.
     """
 
-    def __init__(self, config, backbone: Backbone, folder, model, base, run_dir: Path, state):
+    def __init__(
+        self,
+        config,
+        backbone: Backbone,
+        folder,
+        model,
+        base,
+        run_dir: Path,
+        state,
+        *,
+        clock: PhaseClock | None = None,
+    ):
         self.config, self.backbone, self.folder = config, backbone, folder
         self.model, self.base, self.run_dir = model, base, run_dir
         self.state = state
@@ -80,8 +94,11 @@ class Session:
             self.history.rows = list(state.callbacks["history"])
         self.summaries: list[str] = []
         self.verbose = 0 if config.quiet else "auto"
+        self.clock = clock or PhaseClock()
         cache = FeatureCache(config.cache_dir) if config.cache else None
-        self.feature_views = FeatureViews(config, backbone, folder, model, cache=cache)
+        self.feature_views = FeatureViews(
+            config, backbone, folder, model, cache=cache, clock=self.clock
+        )
         self.unfreeze: list[int] = []  # top layers to fine-tune, per base
         self._started = time.monotonic()
         self._stage_variables: list[int] = []  # what the stage in progress trains
@@ -242,7 +259,8 @@ class Session:
 
     def train_head(self) -> None:
         if self.config.feature_norm == AUTO:  # only in extract mode (see `train`)
-            choose_feature_norm(self)
+            with self.clock.phase("head input"):
+                choose_feature_norm(self)
         self.freeze_for_head()
         if self.config.mode == "extract":
             self._train_head_on_features()
@@ -265,7 +283,8 @@ class Session:
         activations by the still-frozen top block: the backbone runs once for both stages.
         """
         if self.config.augment == AUTO:
-            choose_augmentation(self)
+            with self.clock.phase("augmentation"):
+                choose_augmentation(self)
         classifier = classifier_of(self.model)
         self.compile(classifier, self.config.lr)
         self.fit(
@@ -296,7 +315,8 @@ class Session:
             train_data = self.images("train", training=True)
             val_data = self.images("val", training=False)
         if self.config.fine_tune_lr == AUTO:
-            choose_fine_tune_lr(self, trainer, train_data, val_data)
+            with self.clock.phase("fine-tuning rate"):
+                choose_fine_tune_lr(self, trainer, train_data, val_data)
         if self.config.fine_tune_lr is None:
             log.info("fine-tuning skipped: no learning rate beat stage 1 on validation")
             return

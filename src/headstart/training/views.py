@@ -15,6 +15,8 @@ benchmarks all extract through it.
 
 from __future__ import annotations
 
+import time
+
 import keras
 import numpy as np
 
@@ -26,6 +28,7 @@ from headstart.distributed.cluster import barrier, current
 from headstart.extract import TrunkSplit, ViewSampler, extract_batches, run_in_batches
 from headstart.model import FEATURES_NAME, feature_extractor, per_part, pooled_name
 from headstart.training.cache import EntrySpec, FeatureCache
+from headstart.training.phases import PhaseClock
 
 
 def weights_id(config: Config, cache: FeatureCache | None, weights: str | None = None) -> str:
@@ -45,7 +48,9 @@ class FeatureViews:
     ``model`` is the run's full model (`headstart.model.build_from_config`): its frozen parts
     make the views. ``cache`` is the on-disk feature cache (None: in memory only). Set
     ``trunk`` to cut the backbone where fine-tuning starts; `use_model` after the model is
-    rebuilt with the same backbone weights (the rows stay valid).
+    rebuilt with the same backbone weights (the rows stay valid). ``clock`` times the
+    extractions ("extraction clean", "extraction augmented"); ``passes`` records each
+    backbone pass: its view, seconds, and how many images it computed (0: all were cached).
     """
 
     def __init__(
@@ -56,10 +61,13 @@ class FeatureViews:
         model: keras.Model,
         *,
         cache: FeatureCache | None,
+        clock: PhaseClock | None = None,
     ):
         self.config, self.backbone, self.folder = config, backbone, folder
         self.model = model
         self.cache = cache
+        self.clock = clock or PhaseClock()
+        self.passes: list[dict] = []
         self.trunk: TrunkSplit | None = None
         # a fusion's cache keys are its backbones' own (see `_extract`)
         self.weights_id = None if backbone.parts else weights_id(config, cache)
@@ -81,7 +89,9 @@ class FeatureViews:
     def rows(self, kind: str, split: str, policy: str = "", view: int = 0):
         """One view's rows (indexable by image: an array, or the cache's rows)."""
         key = (kind, split, policy if view else "", view)
-        if key not in self._memo:
+        if key in self._memo:
+            return self._memo[key]
+        with self.clock.phase("extraction augmented" if view else "extraction clean"):
             if kind == "pooled" and self.trunk is not None:
                 trunk = self.rows("trunk", split, policy, view)
                 self._memo[key] = run_in_batches(self._frozen_part("pooled_from_trunk"), trunk)
@@ -153,10 +163,11 @@ class FeatureViews:
     def _rows(self, extractor, backbone, weights, output, split, policy, view):
         """One frozen part's outputs over a split, through the feature cache when it is on."""
         paths = list(getattr(self.folder, split).paths)
+        computed = [0]
 
         def compute(missing, only=None):  # each pass draws from the view's seed afresh
             augmenter = build_augmenter(policy, self.config.seed + 1000 * view) if view else None
-            return extract_batches(
+            for batch in extract_batches(
                 extractor,
                 missing,
                 self.config.image_size,
@@ -164,21 +175,37 @@ class FeatureViews:
                 augmenter=augmenter,
                 verbose=not self.config.quiet,
                 only=only,
-            )
+            ):
+                computed[0] += len(batch)
+                yield batch
 
+        started = time.monotonic()
         if self.cache is None:  # every row computed here (--distributed: in every process)
-            return np.concatenate(list(compute(paths)))
-        spec = EntrySpec(
-            backbone.name,
-            weights,
-            self.config.image_size,
-            backbone.preprocessing,
-            output,
-            "clean" if view == 0 else f"{policy}#{self.config.seed}#{view}",
+            rows = np.concatenate(list(compute(paths)))
+        else:
+            spec = EntrySpec(
+                backbone.name,
+                weights,
+                self.config.image_size,
+                backbone.preprocessing,
+                output,
+                "clean" if view == 0 else f"{policy}#{self.config.seed}#{view}",
+            )
+            if self.config.distributed:
+                self._fill_my_part(spec, paths, compute)
+            rows = self.cache.rows(spec, paths, compute)
+        self.passes.append(
+            {
+                "backbone": backbone.name,
+                "output": output,
+                "split": split,
+                "view": f"{policy}#{view}" if view else "clean",
+                "images": len(paths),
+                "computed": computed[0],  # 0: every row came from the feature cache
+                "seconds": round(time.monotonic() - started, 2),
+            }
         )
-        if self.config.distributed:
-            self._fill_my_part(spec, paths, compute)
-        return self.cache.rows(spec, paths, compute)
+        return rows
 
     def _fill_my_part(self, spec: EntrySpec, paths: list[str], compute) -> None:
         """``--distributed``: this process extracts its part of the images into the cache,

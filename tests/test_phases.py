@@ -1,0 +1,78 @@
+"""Every second of a run accounted for: metrics.json's ``phase_seconds`` (with "other") add up
+to ``total_seconds``, each second counted once, for the innermost phase open."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from headstart.training.phases import PhaseClock, breakdown_line, process_started
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_nested_phases_count_each_second_once_and_other_is_the_rest():
+    clock = PhaseClock()
+    time.sleep(0.05)  # other
+    with clock.phase("stage 1"):
+        time.sleep(0.05)
+        with clock.phase("extraction clean"):
+            time.sleep(0.1)
+        time.sleep(0.05)
+        with clock.phase("extraction clean"):
+            time.sleep(0.05)
+    total, phases = clock.breakdown()
+    assert list(phases) == ["extraction clean", "stage 1", "other"]  # in the order they end
+    assert phases["extraction clean"] == pytest.approx(0.15, abs=0.03)
+    assert phases["stage 1"] == pytest.approx(0.1, abs=0.03)
+    assert phases["other"] == pytest.approx(0.05, abs=0.03)
+    assert sum(phases.values()) == pytest.approx(total, abs=0.02)
+
+
+def test_start_up_counts_from_the_given_start():
+    clock = PhaseClock(started=time.time() - 2.0)
+    total, phases = clock.breakdown()
+    assert phases["start-up"] == pytest.approx(2.0, abs=0.05)
+    assert total == pytest.approx(2.0, abs=0.05) and list(phases) == ["start-up", "other"]
+    line = breakdown_line(total, phases)
+    assert line.startswith("time 2.0 s: start-up 2.0, other 0.0")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/stat")
+def test_the_process_start_is_read_from_proc():
+    code = (
+        "import time\n"
+        "from headstart.training.phases import process_started\n"
+        "time.sleep(0.5)\n"
+        "print(time.time() - process_started())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    outer = time.time()
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    wall = time.time() - outer
+    assert done.returncode == 0, done.stderr
+    age = float(done.stdout)
+    assert 0.5 <= age <= wall + 0.05  # the interpreter's own start-up included
+    assert 0 <= time.time() - process_started() < 7 * 24 * 3600  # this process's
+
+
+def test_a_run_records_its_phases_and_they_add_up_to_its_total(tiny_run):
+    """tiny_run (tests/conftest.py): a scratch CNN trained from Python, so no start-up phase;
+    workflow 1 (frozen), so no extraction, choice or stage 2."""
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    phases, total = metrics["phase_seconds"], metrics["total_seconds"]
+    expected = ["build model", "decode check", "data check", "stage 1", "test", "report", "other"]
+    assert sorted(phases) == sorted(expected)
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert sum(phases.values()) == pytest.approx(total, rel=0.01)
+    assert total >= metrics["train_seconds"] > 0
+    assert phases["stage 1"] <= metrics["train_seconds"] + 0.1
+    assert "extraction_passes" not in metrics
