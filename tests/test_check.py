@@ -20,6 +20,7 @@ from headstart.check import (
     check,
     check_folder,
     correlated_pairs,
+    count_bits,
     default_out,
     inspect_image,
     near_pairs,
@@ -309,3 +310,15 @@ def test_file_names_that_are_not_utf8_round_trip(tmp_path, capsys):
     assert os.fsdecode(odd) in loaded.train.paths + loaded.val.paths + loaded.test.paths
     assert main(["check", str(data), "--out", str(tmp_path / "c2.json")]) == 0
     assert "data check: 9 images" in capsys.readouterr().out
+
+
+def test_bit_counts_match_numpy_2_and_the_numpy_1_26_fallback(monkeypatch):
+    """pyproject allows NumPy 1.26, which has no ``np.bitwise_count`` (NumPy 2.0+): the
+    duplicate search must count bits without it, to the same numbers."""
+    words = np.random.default_rng(0).integers(0, 2**63, size=(5, 7, 4), dtype=np.uint64)
+    words[0, 0, 0] = np.iinfo(np.uint64).max  # all 64 bits
+    expected = np.array([[[bin(int(w)).count("1") for w in row] for row in b] for b in words])
+    assert count_bits(words).tolist() == expected.tolist()
+    monkeypatch.delattr(np, "bitwise_count", raising=False)
+    assert count_bits(words).tolist() == expected.tolist()
+    assert count_bits(words).dtype == np.uint8

@@ -38,6 +38,7 @@ from headstart.splits import (
 )
 
 log = logging.getLogger(__name__)
+_BITS_IN_BYTE = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 CHECK_FILE = "check.json"
 
@@ -187,6 +188,15 @@ def _inspect_all(paths: list[str], workers: int | None) -> list[ImageFacts | str
 # ----------------------------------------------------------------------------- duplicates
 
 
+def count_bits(words: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64 (a Hamming distance once XORed), as uint8: ``np.bitwise_count``
+    where NumPy has it (2.0+), else byte by byte, so NumPy 1.26 works too."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(words).astype(np.uint8)
+    as_bytes = np.ascontiguousarray(words).view(np.uint8).reshape(*words.shape, 8)
+    return _BITS_IN_BYTE[as_bytes].sum(axis=-1, dtype=np.uint8)
+
+
 def near_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int, int]]:
     """(i, j, distance) for i < j whose packed hashes differ in at most ``max_distance`` bits.
 
@@ -201,7 +211,7 @@ def near_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int, in
         rows, rest = words[start : start + block], words[start:]
         distance = np.zeros((len(rows), len(rest)), dtype=np.uint16)
         for w in range(words.shape[1]):
-            distance += np.bitwise_count(rows[:, w, None] ^ rest[None, :, w])
+            distance += count_bits(rows[:, w, None] ^ rest[None, :, w])
         r, c = np.nonzero(distance <= max_distance)
         keep = c > r  # the upper triangle: each pair once, no self-pairs
         r, c = r[keep], c[keep]
@@ -274,7 +284,7 @@ def _spread(facts: list[ImageFacts], members: list[int]) -> tuple[int, float]:
     if len(shown) < 2:
         return 0, 1.0
     words = np.stack([f.phash for f in shown]).view(np.uint64)
-    distance = np.bitwise_count(words[:, None, :] ^ words[None, :, :]).sum(axis=-1).max()
+    distance = count_bits(words[:, None, :] ^ words[None, :, :]).sum(axis=-1).max()
     vectors = np.stack([f.thumbnail for f in shown])
     return int(distance), round(float((vectors @ vectors.T).min()), 5)
 
