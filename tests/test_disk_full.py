@@ -221,7 +221,7 @@ def test_the_cli_says_it_in_one_line(tmp_path, monkeypatch, capsys, resumable):
 
     run = tmp_path / "run"
 
-    def fake_train(config):
+    def fake_train(config, **_):
         run.mkdir()
         (run / "config.json").write_text("{}")
         if resumable:
@@ -246,7 +246,7 @@ def test_the_cli_says_it_in_one_line(tmp_path, monkeypatch, capsys, resumable):
 def test_the_cli_names_the_file_of_a_write_headstart_does_not_make(tmp_path, monkeypatch, capsys):
     import headstart.training
 
-    def fake_train(config):
+    def fake_train(config, **_):
         raise _enospc(tmp_path / "run" / "tensorboard" / "events")
 
     monkeypatch.setattr(headstart.training, "train", fake_train, raising=False)
