@@ -141,3 +141,34 @@ def test_a_report_that_cannot_be_drawn_is_a_warning(monkeypatch, caplog, capsys)
     assert main(["calibrate", "RUN"]) == 0
     assert "report not written (the run itself is complete): no fonts today" in caplog.text
     assert capsys.readouterr().out == "\n"  # format_calibration of an uncalibrated run: ''
+
+
+def test_every_out_option_has_its_short_form_and_every_verb_takes_verbose():
+    """``-o`` is ``--out`` wherever a verb writes somewhere; ``-v/--verbose`` before or after
+    the verb turns on debug lines (fastai/Ultralytics/pip users type these)."""
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for verb, subparser in verbs.choices.items():
+        options = {o for action in subparser._actions for o in action.option_strings}
+        if "--out" in options:
+            out = next(a for a in subparser._actions if "--out" in a.option_strings)
+            assert "-o" in out.option_strings, verb
+        assert {"-v", "--verbose"} <= options, verb
+    args = parser.parse_args(["train", "DATA", "-o", "runs/x", "-v"])
+    assert (args.out, args.verbose) == ("runs/x", True)
+    assert parser.parse_args(["-v", "cache", "ls"]).verbose
+    assert not parser.parse_args(["cache", "ls"]).verbose
+
+
+def test_verbose_sets_debug_logging_and_the_default_info():
+    """Through `main` in a fresh interpreter (the logging set-up happens once per process)."""
+    code = (
+        "import logging, sys, headstart.cli as cli\n"
+        "cli.main(sys.argv[1:] + ['cache', 'ls'])\n"
+        "print(logging.getLevelName(logging.getLogger().level), file=sys.stderr)\n"
+    )
+    levels = [
+        _python("-c", code, *flags).stderr.strip().splitlines()[-1]
+        for flags in ([], ["-v"], ["--quiet"])
+    ]
+    assert levels == ["INFO", "DEBUG", "WARNING"]

@@ -29,6 +29,7 @@ EXIT_DISK_FULL = 1  # not 2: the command was right, the machine ran out of space
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what shells report after a Ctrl-C
 
 log = logging.getLogger(__name__)
+VERBOSE_HELP = "debug lines, and TensorFlow's C++ warnings and errors (hidden otherwise)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,9 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     started = process_started() or time.time()
     args = build_parser().parse_args(argv)
     args.started = started
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO, format="headstart: %(message)s"
-    )
+    # TensorFlow's C++ warnings and errors (such as CUDA probing on a machine with no GPU) only
+    # with --verbose; read when TensorFlow is first imported, which the verbs do after this.
+    # (Its few lines logged before absl is initialised ignore it: TensorFlow 2.21.)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.verbose else "2")
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="headstart: %(message)s")
     try:
         return args.handler(args)
     except UsageError as error:
@@ -70,11 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="no progress bars or info lines",
     )
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+    )
     parser = argparse.ArgumentParser(
         prog="headstart", description="Folder of labelled images -> fine-tuned Keras classifier."
     )
     # its own action: set_defaults on a shared parent action would reach the verbs' copies too
     parser.add_argument("--quiet", action="store_true", help="no progress bars or info lines")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     parser.add_argument("--version", action="version", version=f"headstart {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True)
     add_verb = functools.partial(verbs.add_parser, parents=[common])
@@ -201,7 +209,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _add_check(add_verb) -> None:
     parser = add_verb("check", help="check a data folder: counts, bad files, duplicates, leakage")
     parser.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
-    parser.add_argument("--out", help="report file (default: ./check-<DATA name>.json)")
+    parser.add_argument("-o", "--out", help="report file (default: ./check-<DATA name>.json)")
     parser.add_argument(
         "--fix-split",
         metavar="PATH",
@@ -309,7 +317,7 @@ def _summary(args: argparse.Namespace) -> int:
 
 def _add_demo(add_verb) -> None:
     parser = add_verb("demo", help="train on the bundled Fashion-MNIST sample")
-    parser.add_argument("--out")
+    parser.add_argument("-o", "--out")
     parser.set_defaults(handler=_demo)
 
 
@@ -325,7 +333,7 @@ def _add_explain(add_verb) -> None:
     parser = add_verb("explain", help="Grad-CAM heatmaps: where the model looked")
     parser.add_argument("run")
     parser.add_argument("paths", nargs="+", metavar="image")
-    parser.add_argument("--out", help="folder for the PNGs (default: RUN/explain)")
+    parser.add_argument("-o", "--out", help="folder for the PNGs (default: RUN/explain)")
     parser.add_argument(
         "--class", dest="target", metavar="NAME", help="explain this class, not the predicted one"
     )
@@ -396,7 +404,7 @@ def _report(args: argparse.Namespace) -> int:
 def _add_compare(add_verb) -> None:
     parser = add_verb("compare", help="compare runs: table and validation curves")
     parser.add_argument("runs", nargs="+", metavar="run")
-    parser.add_argument("--out", help="folder for compare.md and compare.png (./comparison)")
+    parser.add_argument("-o", "--out", help="folder for compare.md and compare.png (./comparison)")
     parser.set_defaults(handler=_compare)
 
 
@@ -418,7 +426,9 @@ def _add_export(add_verb) -> None:
         "--format", required=True, choices=("saved_model", "onnx", "litert", "openvino")
     )
     parser.add_argument("--quantize", choices=("none", "dynamic", "int8"), default="none")
-    parser.add_argument("--out", help="export folder (default: RUN/exports/FORMAT[-QUANTIZE])")
+    parser.add_argument(
+        "-o", "--out", help="export folder (default: RUN/exports/FORMAT[-QUANTIZE])"
+    )
     parser.set_defaults(handler=_export)
 
 
@@ -478,7 +488,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _add_ensemble(add_verb) -> None:
     parser = add_verb("ensemble", help="average runs' class probabilities into one model")
     parser.add_argument("runs", nargs="+", metavar="run", help="runs sharing labels and split")
-    parser.add_argument("--out", help="the ensemble's run folder (default: runs/<timestamp>)")
+    parser.add_argument("-o", "--out", help="the ensemble's run folder (default: runs/<timestamp>)")
     parser.add_argument(
         "--weights", help="w1,w2,... (one per run), or fit: chosen on validation (default: mean)"
     )
@@ -537,7 +547,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a training run, shared by ``train``, ``cv`` and ``tune``."""
     defaults = Config(data="")
     add = parser.add_argument
-    add("--out", help="run directory (default: runs/<timestamp>)")
+    add("-o", "--out", help="run directory (default: runs/<timestamp>)")
     add(
         "--backbone",
         default=defaults.backbone,
@@ -680,7 +690,7 @@ def _check_resume_arguments(args: argparse.Namespace) -> None:
     given = [
         "--" + key.replace("_", "-")
         for key, value in vars(args).items()
-        if key not in ("quiet", "data", "started", *launch_options)  # started: not an option
+        if key not in ("quiet", "verbose", "data", "started", *launch_options)  # started: no option
         and value != defaults.get(key)
     ]
     if args.data:
