@@ -43,12 +43,18 @@ def test_three_class_confusion_matrix(three_class):
 
 def test_three_class_per_class_scores(three_class):
     pc = three_class["per_class"]
-    # cat: tp 1, predicted 2, support 2 -> P 1/2, R 1/2, F1 1/2
-    assert pc["cat"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
-    # dog: tp 2, predicted 3, support 2 -> P 2/3, R 1, F1 2*(2/3)/(5/3) = 4/5
-    assert pc["dog"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
-    # fox: tp 1, predicted 1, support 2 -> P 1, R 1/2, F1 2*(1/2)/(3/2) = 2/3
-    assert pc["fox"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})
+    # ROC-AUC: P(a positive outscores a negative), ties half; each class 2 positives, 4 negatives
+    # cat: tp 1, predicted 2, support 2 -> P 1/2, R 1/2, F1 1/2; AUC (3.5 + 1.5) / 8
+    expected = {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2, "roc_auc": 0.625}
+    assert pc["cat"] == pytest.approx(expected)
+    # dog: tp 2, predicted 3, support 2 -> P 2/3, R 1, F1 2*(2/3)/(5/3) = 4/5; AUC 7 / 8
+    expected = {"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2, "roc_auc": 0.875}
+    assert pc["dog"] == pytest.approx(expected)
+    # fox: tp 1, predicted 1, support 2 -> P 1, R 1/2, F1 2*(1/2)/(3/2) = 2/3; AUC (4 + 2) / 8
+    expected = {"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2, "roc_auc": 0.75}
+    assert pc["fox"] == pytest.approx(expected)
+    assert three_class["roc_auc"] == pytest.approx(0.75)
+    assert "top_3_accuracy" not in three_class  # only where there are more than 3 classes
 
 
 def test_three_class_summary_scores(three_class):
@@ -87,6 +93,7 @@ def test_never_predicted_class_scores_zero_not_nan():
         "recall": 0.0,
         "f1": 0.0,
         "support": 1,
+        "roc_auc": 0.5,  # its probability is 0.2 on every image: all ties
     }
     assert metrics["per_class"]["dog"]["precision"] == pytest.approx(0.5)
     assert metrics["macro_f1"] == pytest.approx((1.0 + 2 / 3 + 0.0) / 3)
@@ -98,7 +105,13 @@ def test_class_absent_from_test_set_is_left_out_of_averages():
     labels = np.array([0, 0, 1, 1])
     probs = one_hot_ish([0, 1, 1, 1], 3)
     metrics = compute_metrics(labels, probs, NAMES3)
-    assert metrics["per_class"]["fox"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert metrics["per_class"]["fox"] == {
+        "precision": 0.0,
+        "recall": 0.0,
+        "f1": 0.0,
+        "support": 0,
+        "roc_auc": None,  # undefined without a positive
+    }
     assert metrics["balanced_accuracy"] == pytest.approx((0.5 + 1.0) / 2)
     # cat: P 1, R 1/2 -> F1 2/3; dog: P 2/3, R 1 -> F1 4/5
     assert metrics["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
@@ -163,8 +176,9 @@ def test_binary_logits_through_compute_metrics():
     expected_loss = np.mean(np.log1p(np.exp(-np.array([2.0, 3.0, -0.5, 1.0]))))
     assert metrics["loss"] == pytest.approx(expected_loss)
     assert metrics["per_class"]["pos"] == pytest.approx(
-        {"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1}
+        {"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1, "roc_auc": 1.0}
     )
+    assert metrics["roc_auc"] == 1.0  # the one positive has the highest p(pos)
 
 
 def test_softmax_matches_hand_formula():
@@ -238,7 +252,9 @@ def test_format_metrics_headline_and_aligned_table():
 
 def test_format_metrics_accepts_compute_metrics_output(three_class):
     text = format_metrics(three_class)
-    assert text.splitlines()[0] == "accuracy 0.6667 (n=6)  loss 0.8770  macro-F1 0.6556"
+    assert text.splitlines()[0] == (
+        "accuracy 0.6667 (n=6)  loss 0.8770  macro-F1 0.6556  ROC-AUC 0.7500"
+    )
     assert len(text.splitlines()) == 1 + 1 + 3
 
 
@@ -359,3 +375,61 @@ def test_format_uncertainty_line(three_class):
     assert line.startswith("95% bootstrap intervals: accuracy ")
     assert "ECE" in line and "(15 bins)" in line
     assert format_uncertainty({"accuracy": 0.5}) == ""
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 7])
+def test_every_metric_agrees_with_scikit_learn(n_classes):
+    """On random predictions (every class present, a few probability ties), each number in
+    metrics.json that scikit-learn also computes equals its value to 1e-9."""
+    from sklearn import metrics as sk  # noqa: PLC0415  (a test-only cross-check)
+
+    rng = np.random.default_rng(n_classes)
+    labels = np.concatenate([np.arange(n_classes), rng.integers(0, n_classes, 200)])
+    logits = rng.normal(size=(labels.size, n_classes)) + 1.5 * np.eye(n_classes)[labels]
+    probabilities = probabilities_from_logits(np.round(logits, 1))  # rounding makes ties
+    names = [f"c{i}" for i in range(n_classes)]
+    metrics = compute_metrics(labels, probabilities, names, resamples=10)
+    predictions = probabilities.argmax(axis=1)
+    everything = list(range(n_classes))
+    assert metrics["accuracy"] == pytest.approx(sk.accuracy_score(labels, predictions), abs=1e-9)
+    assert metrics["balanced_accuracy"] == pytest.approx(
+        sk.balanced_accuracy_score(labels, predictions), abs=1e-9
+    )
+    assert metrics["macro_f1"] == pytest.approx(
+        sk.f1_score(labels, predictions, average="macro"), abs=1e-9
+    )
+    assert metrics["loss"] == pytest.approx(sk.log_loss(labels, probabilities), abs=1e-9)
+    assert metrics["confusion_matrix"] == sk.confusion_matrix(labels, predictions).tolist()
+    precision, recall, f1, support = sk.precision_recall_fscore_support(
+        labels, predictions, labels=everything, zero_division=0
+    )
+    for i, name in enumerate(names):
+        row = metrics["per_class"][name]
+        assert [row["precision"], row["recall"], row["f1"]] == pytest.approx(
+            [precision[i], recall[i], f1[i]], abs=1e-9
+        )
+        assert row["support"] == support[i]
+        assert row["roc_auc"] == pytest.approx(
+            sk.roc_auc_score(labels == i, probabilities[:, i]), abs=1e-9
+        )
+    if n_classes == 2:
+        expected_auc = sk.roc_auc_score(labels, probabilities[:, 1])
+    else:
+        expected_auc = sk.roc_auc_score(labels, probabilities, multi_class="ovr", average="macro")
+    assert metrics["roc_auc"] == pytest.approx(expected_auc, abs=1e-9)
+    for k in (3, 5):
+        if k < n_classes:
+            expected = sk.top_k_accuracy_score(labels, probabilities, k=k, labels=everything)
+            assert metrics[f"top_{k}_accuracy"] == pytest.approx(expected, abs=1e-9)
+        else:
+            assert f"top_{k}_accuracy" not in metrics
+
+
+def test_roc_auc_is_undefined_for_a_class_absent_from_the_test_set():
+    labels = np.array([0, 0, 1, 1])
+    probabilities = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.8, 0.1], [0.3, 0.6, 0.1]])
+    metrics = compute_metrics(labels, probabilities, ["a", "b", "c"], resamples=10)
+    assert metrics["per_class"]["c"]["roc_auc"] is None
+    aucs = [metrics["per_class"][name]["roc_auc"] for name in ("a", "b")]
+    assert metrics["roc_auc"] == pytest.approx(np.mean(aucs))
+    json.dumps(metrics)  # None is valid JSON (null)

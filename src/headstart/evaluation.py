@@ -15,6 +15,7 @@ from headstart.config import Config
 from headstart.data import ImageFolder, Split, make_dataset
 from headstart.errors import UsageError
 from headstart.metrics import (
+    TOP_K,
     compute_metrics,
     macro_f1_rows,
     paired_difference,
@@ -40,9 +41,16 @@ def format_uncertainty(metrics: dict) -> str:
 
 def format_metrics(metrics: dict) -> str:
     """A headline line plus an aligned per-class table, for the terminal and run logs."""
+    ranking = "".join(
+        f"  top-{k} {metrics[f'top_{k}_accuracy']:.4f}"
+        for k in TOP_K
+        if f"top_{k}_accuracy" in metrics
+    )
+    if metrics.get("roc_auc") is not None:
+        ranking += f"  ROC-AUC {metrics['roc_auc']:.4f}"
     lines = [
         f"accuracy {metrics['accuracy']:.4f} (n={metrics['n_test']})  "
-        f"loss {metrics['loss']:.4f}  macro-F1 {metrics['macro_f1']:.4f}"
+        f"loss {metrics['loss']:.4f}  macro-F1 {metrics['macro_f1']:.4f}{ranking}"
     ]
     names = metrics["class_names"]
     width = max(len("class"), *(len(name) for name in names))

@@ -16,6 +16,7 @@ EPSILON = 1e-7
 CI_RESAMPLES = 1000  # bootstrap resamples: the interval ends move by < 0.005 between seeds
 CI_LEVEL = 0.95
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017 ("On calibration...")
+TOP_K = (3, 5)  # top-k accuracies reported where there are more than k classes
 _BOOTSTRAP_CELLS = 2**22  # resampled labels held in memory at once
 
 
@@ -70,6 +71,46 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, n_classes: int
     return flat.reshape(n_classes, n_classes)
 
 
+def top_k_accuracy(labels: np.ndarray, probabilities: np.ndarray, k: int) -> float:
+    """Share of images whose true class is among the ``k`` most probable (among tied classes,
+    the higher index first, as scikit-learn's ``top_k_accuracy_score``)."""
+    order = np.argsort(probabilities, axis=1, kind="stable")[:, ::-1][:, :k]
+    return float(np.mean((order == labels[:, None]).any(axis=1)))
+
+
+def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float | None:
+    """Area under the ROC curve of ``scores`` for the boolean ``positive``: the probability
+    that a random positive outscores a random negative, ties counting half (the Mann-Whitney
+    statistic, from average ranks). None when one side is empty (undefined)."""
+    n_positive = int(positive.sum())
+    n_negative = positive.size - n_positive
+    if not n_positive or not n_negative:
+        return None
+    values, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2  # 1-based, ties share their mean rank
+    ranks = average_rank[inverse.reshape(-1)]
+    return float(
+        (ranks[positive].sum() - n_positive * (n_positive + 1) / 2) / n_positive / n_negative
+    )
+
+
+def _ranking_metrics(labels: np.ndarray, probabilities: np.ndarray) -> tuple[dict, list]:
+    """Top-k accuracies (k in `TOP_K` below the number of classes), the one-vs-rest ROC-AUC
+    of each class (None where the test set lacks it or has nothing else), and their mean over
+    the classes where it is defined: for two classes, the AUC of the second class's
+    probability (both classes' AUCs are equal then)."""
+    n_classes = probabilities.shape[1]
+    per_class = [roc_auc(labels == c, probabilities[:, c]) for c in range(n_classes)]
+    defined = [auc for auc in per_class if auc is not None]
+    summary = {f"top_{k}_accuracy": top_k_accuracy(labels, probabilities, k) for k in TOP_K}
+    summary = {key: value for key, value in summary.items() if int(key.split("_")[1]) < n_classes}
+    if n_classes == 2:
+        summary["roc_auc"] = per_class[1]
+    else:
+        summary["roc_auc"] = float(np.mean(defined)) if defined else None
+    return summary, per_class
+
+
 def compute_metrics(
     labels: np.ndarray,
     probabilities: np.ndarray,
@@ -78,8 +119,9 @@ def compute_metrics(
     resamples: int = CI_RESAMPLES,
     seed: int = 0,
 ) -> dict:
-    """Accuracy, loss, balanced accuracy, macro-F1, per-class scores and the confusion matrix,
-    with 95% bootstrap intervals for accuracy and macro-F1 (`bootstrap_intervals`, seeded) and
+    """Accuracy, loss, balanced accuracy, macro-F1, top-3/top-5 accuracy (where there are more
+    classes), one-vs-rest ROC-AUC, per-class scores and the confusion matrix, with 95%
+    bootstrap intervals for accuracy and macro-F1 (`bootstrap_intervals`, seeded) and
     the expected calibration error over 15 bins (`calibration`).
 
     ``labels`` are int class indices (N,); ``probabilities`` is (N, C) in ``class_names`` order
@@ -109,6 +151,7 @@ def compute_metrics(
     seen = present | (predicted > 0)
     intervals = bootstrap_intervals(labels, predictions, n_classes, resamples=resamples, seed=seed)
     reliability = calibration(labels, probabilities)
+    ranking, class_auc = _ranking_metrics(labels, probabilities)
     return {
         "accuracy": float(np.mean(predictions == labels)),
         "loss": float(np.mean(-np.log(p_true))),
@@ -121,6 +164,7 @@ def compute_metrics(
             f"{CI_LEVEL:.0%} percentile bootstrap over test images, {resamples} resamples, "
             f"seed {seed}"
         ),
+        **ranking,
         "ece": reliability["ece"],
         "reliability": reliability,
         "per_class": {
@@ -129,6 +173,7 @@ def compute_metrics(
                 "recall": float(recall[i]),
                 "f1": float(f1[i]),
                 "support": int(support[i]),
+                "roc_auc": class_auc[i],
             }
             for i, name in enumerate(class_names)
         },

@@ -29,7 +29,7 @@ from headstart.config import Config
 from headstart.data import make_dataset, read_image
 from headstart.evaluation import PREDICTIONS_FILE
 from headstart.explain import gradcam
-from headstart.metrics import confusion_matrix, probabilities_from_logits
+from headstart.metrics import TOP_K, confusion_matrix, probabilities_from_logits
 from headstart.splits import run_split
 
 log = logging.getLogger(__name__)
@@ -531,6 +531,13 @@ def _result_section(metrics: dict, notes: _Notes) -> str:
         ("test loss", f"{metrics['loss']:.4f}"),
         ("test images", metrics["n_test"]),
     ]
+    rows += [
+        (f"top-{k} accuracy", f"{metrics[f'top_{k}_accuracy']:.4f}")
+        for k in TOP_K
+        if f"top_{k}_accuracy" in metrics
+    ]
+    if metrics.get("roc_auc") is not None:
+        rows.append(("ROC-AUC (one-vs-rest, mean over classes)", f"{metrics['roc_auc']:.4f}"))
     if "ece" in metrics:
         bins = metrics.get("reliability", {}).get("bins", "?")
         rows.append(("expected calibration error", f"{metrics['ece']:.4f} ({bins} bins)"))
