@@ -16,6 +16,7 @@ from PIL import Image
 from headstart import Config, train
 from headstart.augment import AUTO_CANDIDATES
 from headstart.config import FEATURE_NORMS, FINE_TUNE_LR_CANDIDATES
+from headstart.model import classifier_of
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +248,65 @@ def test_stage_2_repeats_the_winning_rate_and_stops_at_its_best_epoch(mirrored_c
     assert saved["stage"] == "fine_tune" and saved["epoch"] == chosen["epochs"]
     assert saved["val_loss"] == pytest.approx(chosen["val_loss"], abs=1e-6)
     assert saved["val_accuracy"] == chosen["val_accuracy"]
+
+
+@pytest.mark.slow  # two training runs
+def test_a_stage_that_repeats_its_chosen_trial_replays_it_to_the_same_run_folder(
+    mirrored_classes, tmp_path, caplog
+):
+    """Both stages repeat a chosen trial: replayed (no training), they leave the same history
+    and model.keras as a run that trains them again (a user callback makes a run train live)."""
+
+    def run(name: str, callbacks=()):
+        config = Config(
+            data=str(mirrored_classes),
+            out=str(tmp_path / name),
+            backbone="tiny_test",
+            weights="none",
+            image_size=32,
+            epochs=1,  # a weak stage 1 (one epoch at a tiny rate): fine-tuning beats it
+            lr=1e-5,
+            fine_tune_epochs=4,
+            batch_size=8,
+            views=1,
+            val_split=0.3,
+            quiet=True,
+        )
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="headstart.training.session"):
+            result = train(config, callbacks=callbacks)
+        return result, [r.getMessage() for r in caplog.records if "replayed" in r.getMessage()]
+
+    replayed, lines = run("replayed")
+    assert replayed.config.fine_tune_lr in FINE_TUNE_LR_CANDIDATES  # stage 2 ran
+    epochs = [
+        replayed.config.augment_scores[replayed.config.augment]["epochs"],
+        replayed.config.fine_tune_lr_scores[str(replayed.config.fine_tune_lr)]["epochs"],
+    ]
+    assert lines == [
+        f"stage {n}: the chosen candidate's trial replayed ({e} epochs, no retraining)"
+        for n, e in zip((1, 2), epochs, strict=True)
+    ]
+    live, lines = run("live", callbacks=[keras.callbacks.Callback()])
+    assert lines == []
+    assert live.config.augment_scores == replayed.config.augment_scores
+    assert live.config.fine_tune_lr_scores == replayed.config.fine_tune_lr_scores
+
+    def history(result) -> list[dict]:
+        rows = list(csv.DictReader((result.run_dir / "history.csv").open()))
+        return [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in rows]
+
+    rows = history(replayed)
+    assert [r["stage"] for r in rows] == ["head"] * epochs[0] + ["fine_tune"] * epochs[1]
+    assert rows == history(live)
+    models = [keras.saving.load_model(r.run_dir / "model.keras") for r in (replayed, live)]
+    for a, b in zip(*(m.get_weights() for m in models), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # the head's optimizer, saved with it (stage 1's, built: moments and step count)
+    optimizers = [[v.numpy() for v in classifier_of(m).optimizer.variables] for m in models]
+    assert len(optimizers[0]) == len(optimizers[1]) > 2
+    for a, b in zip(*optimizers, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for key in ("saved_from", "accuracy", "loss"):
+        assert replayed.metrics[key] == live.metrics[key]
+    assert not (replayed.run_dir / "resume.npz").exists()

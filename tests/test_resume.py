@@ -27,6 +27,9 @@ OPTIONS = (
     *("--epochs", str(EPOCHS), "--fine-tune-epochs", str(EPOCHS), "--patience", "100"),
     *("--batch-size", "8", "--views", "2"),
     *("--fine-tune-lr", "1e-4"),  # fixed: "auto" would skip a stage 2 that cannot beat 100%
+    # fixed: with "auto" stage 1 repeats the chosen trial by replaying it, no epoch to kill
+    # (`test_killed_while_a_stage_replays_its_trial_resumes_to_the_uninterrupted_result`)
+    *("--augment", "none"),
 )
 # the processes see this tree and, through its sitecustomize, the suite's tiny backbones
 _TESTS = Path(__file__).resolve().parent
@@ -147,6 +150,52 @@ def test_killed_in_stage_1_and_in_stage_2_resumes_to_the_uninterrupted_result(
     assert all(p["computed"] == 0 for p in result.metrics["extraction_passes"])  # cache hits
     assert sum(phases.values()) == pytest.approx(result.metrics["total_seconds"], rel=0.01)
     assert "start-up" in _metrics(reference)["phase_seconds"]  # trained by the command line
+
+
+@pytest.mark.slow
+def test_killed_while_a_stage_replays_its_trial_resumes_to_the_uninterrupted_result(
+    tiny_folder, tmp_path
+):
+    """A stage that repeats its chosen trial replays it (`Session.fit`): the model holds only
+    the trial's best weights, so the training state is written at the stage's last epoch only.
+    A kill while the replay writes history.csv leaves the state before the stage or after it,
+    never one that continues from the wrong weights; the resumed run ends as an uninterrupted
+    one."""
+    options = [*OPTIONS[: OPTIONS.index("--epochs")], "--epochs", "6", "--fine-tune-epochs", "2"]
+    options += ["--batch-size", "8", "--views", "1", "--fine-tune-lr", "1e-4", "--augment", "auto"]
+    reference = tmp_path / "reference"
+    assert main(["--quiet", "train", str(tiny_folder), "--out", str(reference), *options]) == 0
+    head = [r for r in _history(reference) if r["stage"] == "head"]
+
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "headstart", "--quiet", "train", str(tiny_folder)]
+        + ["--out", str(run), *options],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": _PYTHONPATH},
+    )
+    _kill_during(process, run, "head", after_rows=1)
+    state = read_state(run)
+    assert (state.stage, state.next_epoch) in (("head", 0), ("head", len(head)), ("fine_tune", 0))
+    if state.stage == "head" and state.next_epoch == 0:
+        assert state.variables == {}  # before the stage: it runs again from the start
+
+    resume(run)
+    expected, got = _history(reference), _history(run)
+    assert [r["stage"] for r in got] == [r["stage"] for r in expected]
+    for column in ("loss", "val_loss", "accuracy", "val_accuracy", "learning_rate"):
+        np.testing.assert_allclose(
+            [float(r[column]) for r in got],
+            [float(r[column]) for r in expected],
+            rtol=TOLERANCE,
+            atol=TOLERANCE,
+            err_msg=column,
+        )
+    np.testing.assert_allclose(
+        _probabilities(run), _probabilities(reference), rtol=0, atol=TOLERANCE
+    )
 
 
 def test_resume_refuses_what_it_cannot_continue(tiny_run, tmp_path, capsys):

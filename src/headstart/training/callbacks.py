@@ -46,6 +46,18 @@ class EpochTimer(keras.callbacks.Callback):
             logs["epoch_seconds"] = round(time.perf_counter() - self._started, 3)
 
 
+class EpochLogs(keras.callbacks.Callback):
+    """Keeps a copy of every epoch's logs as the callbacks before it left them: what a stage's
+    history would get from the same epochs (a trial's record, `headstart.training.session`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs: list[dict] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append(dict(logs or {}))
+
+
 class BestModelCheckpoint(keras.callbacks.Callback):
     """Save the *full* model whenever validation loss improves, across both stages.
 
@@ -68,6 +80,8 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         self.saved = {"stage": "", "epoch": -1, "val_loss": None, "val_accuracy": None}
         self.tracked: list[int] = []  # indices into full_model.variables trained in this stage
         self.best_values: dict[int, np.ndarray] = {}
+        self.keep_optimizer = False  # also keep the optimizer's variables of the best epoch
+        self.best_optimizer: list[np.ndarray] = []
 
     @property
     def best_accuracy(self) -> float | None:
@@ -97,6 +111,8 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         }
         variables = self.full_model.variables
         self.best_values = {i: np.array(variables[i].numpy()) for i in self.tracked}
+        if self.keep_optimizer:
+            self.best_optimizer = [np.array(v.numpy()) for v in self.model.optimizer.variables]
         if self.path is not None:  # None: only keep score and values (choosing a recipe)
             files.save_model_atomic(self.full_model, self.path)
 

@@ -41,7 +41,15 @@ def choose_feature_norm(session) -> None:
             candidate = dataclasses.replace(config, feature_norm=norm)
             model, _ = build_from_config(candidate, session.backbone, session.n_classes)
         classifier = classifier_of(model)
-        scores[norm] = session.trial(classifier, train_data, val_data, config.epochs, config.lr)
+        scores[norm] = session.trial(
+            classifier,
+            train_data,
+            val_data,
+            config.epochs,
+            config.lr,
+            model=model,
+            key=("head input", norm),
+        )
     reset()
     chosen = best_of(scores)
     session.record_choice(feature_norm=chosen, feature_norm_scores=scores)
@@ -56,8 +64,9 @@ def choose_augmentation(session) -> None:
 
     The candidates grow stronger, so the first one that does worse than the best so far ends
     the search: stronger ones are not extracted (each costs a backbone pass per view). "none"
-    is a candidate, so the choice is never worse on validation than plain cached features; the
-    run then retrains the winner from the same start, to the same weights.
+    is a candidate, so the choice is never worse on validation than plain cached features.
+    Stage 1 then repeats the winner's trial (`Session.fit` replays it: same start, data and
+    procedure, so the same weights), and stage 2 likewise the winning rate's.
     """
     config = session.config
     classifier = classifier_of(session.model)
@@ -67,11 +76,16 @@ def choose_augmentation(session) -> None:
     def score(policy: str) -> dict:
         if policy == "none" and config.feature_norm_scores:
             # the same head, start and data as the chosen --feature-norm candidate
+            record = session.trials.get(("head input", config.feature_norm))
+            if record is not None:
+                session.trials[("head", policy)] = record
             return config.feature_norm_scores[config.feature_norm]
         reset()
         n_views = config.views if policy != "none" else 0
         train_data = session.sampler(session.views("pooled", "train", policy, n_views), "train")
-        return session.trial(classifier, train_data, val_data, config.epochs, config.lr)
+        return session.trial(
+            classifier, train_data, val_data, config.epochs, config.lr, key=("head", policy)
+        )
 
     scores = climb(AUTO_CANDIDATES, score)
     reset()
@@ -109,6 +123,7 @@ def choose_fine_tune_lr(session, trainer, train_data, val_data) -> None:
             session.config.fine_tune_epochs,
             rate,
             floor=session.checkpoint.accuracy_floor,
+            key=("fine_tune", str(rate)),
         )
     reset()
     chosen = best_of(scores)

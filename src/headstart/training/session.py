@@ -37,6 +37,7 @@ from headstart.model import (
 from headstart.training.cache import FeatureCache
 from headstart.training.callbacks import (
     BestModelCheckpoint,
+    EpochLogs,
     EpochTimer,
     RunCallback,
     StageCSVLogger,
@@ -58,6 +59,22 @@ from headstart.training.state import (
 from headstart.training.views import FeatureViews
 
 log = logging.getLogger(__name__)
+
+STAGE_NAMES = {"head": "stage 1", "fine_tune": "stage 2"}
+
+
+@dataclasses.dataclass
+class TrialRecord:
+    """What a candidate's trial (`Session.trial`) leaves for the stage that would repeat it:
+    the logs of its epochs up to its best one, as the stage's history gets them, and the
+    values at that epoch of every variable training changed (by index into the variables of
+    the model trained, built like the session's) and of the optimizer's variables (as the
+    checkpoint saved them in model.keras). ``floor``: the trial's accuracy floor."""
+
+    epochs: list[dict]
+    best_values: dict[int, np.ndarray]
+    optimizer: list[np.ndarray]
+    floor: float | None
 
 
 class Session:
@@ -103,6 +120,8 @@ class Session:
         self._started = time.monotonic()
         self._stage_variables: list[int] = []  # what the stage in progress trains
         self.user_callbacks: list[keras.callbacks.Callback] = []  # train(callbacks=...)
+        # the records of the current choice's trials (`trial`), by (stage, candidate)
+        self.trials: dict[tuple[str, str], TrialRecord] = {}
 
     def elapsed(self) -> float:
         """Seconds of training so far, including those before an interruption."""
@@ -139,9 +158,21 @@ class Session:
     def sampler(self, views, split: str) -> ViewSampler:
         return self.feature_views.sampler(views, split)
 
-    def fit(self, trainer, stage: str, train_data, val_data, epochs: int) -> None:
+    def fit(self, trainer, stage: str, train_data, val_data, epochs: int, replay=None) -> None:
         """``trainer.fit`` for one stage, from where a resumed run stopped; the training state
-        is saved after every epoch."""
+        is saved after every epoch.
+
+        ``replay``: the key in `trials` of the trial this stage repeats (same start, data and
+        procedure, ``epochs`` up to its best epoch: the same weights epoch by epoch). When
+        nothing needs to see the epochs run (`_replayable`), the trial's best weights are put
+        in the model and its epochs fed to the stage's callbacks instead of training again.
+        """
+        try:
+            self._fit(trainer, stage, train_data, val_data, epochs, replay)
+        finally:
+            self.trials.clear()  # the next choice's trials start from this stage's result
+
+    def _fit(self, trainer, stage: str, train_data, val_data, epochs: int, replay) -> None:
         self.history.stage = self.checkpoint.stage = stage
         self._stage_variables = trained_indices(self.model, trainer)
         self.checkpoint.tracked = trained_indices(self.model, trainer, seeds=False)
@@ -153,6 +184,26 @@ class Session:
         if start >= epochs:
             return  # the run was stopped after its last epoch of this stage
         *schedule, early_stopping, plateau = self._training_callbacks(train_data)
+        resume = ResumeCheckpoint(
+            self.run_dir,
+            self.model,
+            self._stage_variables,
+            stage,
+            epochs,
+            (self.checkpoint, self.history, early_stopping, plateau),
+            self.elapsed,
+            resume_from=state if start > 0 else None,
+        )
+        record = self._replayable(replay, start, epochs)
+        if record is not None:
+            callbacks = [*schedule, self.checkpoint, early_stopping, plateau, self.history]
+            self._replay(trainer, record, callbacks, resume)
+            log.info(
+                "%s: the chosen candidate's trial replayed (%d epochs, no retraining)",
+                STAGE_NAMES.get(stage, stage),
+                epochs,
+            )
+            return
         callbacks = [*schedule, EpochTimer(), self.checkpoint, early_stopping, plateau]
         callbacks.append(self.history)
         for callback in self.user_callbacks:
@@ -162,18 +213,7 @@ class Session:
         if self.config.tensorboard:
             log_dir = self.run_dir / "tensorboard" / stage
             callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir)))
-        callbacks.append(
-            ResumeCheckpoint(
-                self.run_dir,
-                self.model,
-                self._stage_variables,
-                stage,
-                epochs,
-                (self.checkpoint, self.history, early_stopping, plateau),
-                self.elapsed,
-                resume_from=state if start > 0 else None,
-            )
-        )
+        callbacks.append(resume)
         trainer.fit(
             self._feed(train_data, training=True),
             validation_data=self._feed(val_data, training=False),
@@ -184,6 +224,53 @@ class Session:
             shuffle=False,
             class_weight=self.class_weight,
         )
+
+    def _replayable(self, replay, start: int, epochs: int) -> TrialRecord | None:
+        """The record to replay the stage from, or None: the stage trains live when there is
+        no record, or something must see its epochs run (user callbacks, TensorBoard), or it
+        resumes mid-stage, or runs distributed, or would not end where the trial saved."""
+        record = self.trials.get(replay) if replay is not None else None
+        if record is None or start > 0 or len(record.epochs) != epochs:
+            return None
+        if self.user_callbacks or self.config.tensorboard or self.config.distributed:
+            return None
+        checkpoint = self.checkpoint
+        if checkpoint.best != np.inf or checkpoint.accuracy_floor != record.floor:
+            return None  # the stage's checkpoint would not decide as the trial's did
+        variables = self.model.variables
+        for index, value in record.best_values.items():
+            if index >= len(variables) or tuple(variables[index].shape) != value.shape:
+                return None
+        return record
+
+    def _replay(self, trainer, record: TrialRecord, callbacks, resume) -> None:
+        """The stage's callbacks fed the trial's epochs, the model holding its best weights.
+
+        The model holds only the last epoch's weights (and the optimizer its state then), so
+        the checkpoint saves model.keras and ``resume`` the training state at the last epoch
+        only (where the trial saved): a run killed before resumes from the previous stage's
+        state and repeats this stage."""
+        variables = self.model.variables
+        for index, value in record.best_values.items():
+            variables[index].assign(value)
+        trainer.stop_training = False
+        callback_list = keras.callbacks.CallbackList(callbacks, model=trainer)
+        resume.set_model(trainer)
+        path, last = self.checkpoint.path, len(record.epochs) - 1
+        callback_list.on_train_begin()
+        try:
+            for epoch, logs in enumerate(record.epochs):
+                self.checkpoint.path = path if epoch == last else None
+                callback_list.on_epoch_begin(epoch)
+                if epoch == last:  # the optimizer as it was when the trial saved
+                    _put_optimizer(trainer, record.optimizer)
+                logs = dict(logs)
+                callback_list.on_epoch_end(epoch, logs)
+                if epoch == last:
+                    resume.on_epoch_end(epoch, logs)
+        finally:
+            self.checkpoint.path = path
+        callback_list.on_train_end()
 
     def compile(self, trainer: keras.Model, learning_rate: float) -> None:
         """`compile_for` this run: its classes, and weighted accuracy when distributed."""
@@ -293,6 +380,7 @@ class Session:
             self.sampler(self.views("pooled", "train"), "train"),
             self.sampler(self.views("pooled", "val"), "val"),
             epochs_of(self.config.augment_scores, self.config.augment, self.config.epochs),
+            replay=("head", self.config.augment),
         )
 
     def fine_tune(self, unfreeze: list[int]) -> None:
@@ -323,24 +411,51 @@ class Session:
         self.compile(trainer, self.config.fine_tune_lr)
         scores, rate = self.config.fine_tune_lr_scores, self.config.fine_tune_lr
         epochs = epochs_of(scores, str(rate), self.config.fine_tune_epochs)
-        self.fit(trainer, "fine_tune", train_data, val_data, epochs)
+        self.fit(
+            trainer, "fine_tune", train_data, val_data, epochs, replay=("fine_tune", str(rate))
+        )
 
-    def trial(self, trainer, train_data, val_data, epochs, learning_rate, floor=None) -> dict:
+    def trial(
+        self,
+        trainer,
+        train_data,
+        val_data,
+        epochs,
+        learning_rate,
+        floor=None,
+        *,
+        model: keras.Model | None = None,
+        key: tuple[str, str] | None = None,
+    ) -> dict:
         """Train one candidate by the stage's own procedure, writing nothing, and score it on
-        validation (accuracy None: no epoch beat ``floor``)."""
+        validation (accuracy None: no epoch beat ``floor``).
+
+        ``model``: the model ``trainer`` trains (by default the session's). With ``key``, the
+        trial's epochs and best weights are kept in `trials` (a `TrialRecord`), for the stage
+        to replay if the candidate is chosen."""
+        model = self.model if model is None else model
         self.compile(trainer, learning_rate)
-        best = BestModelCheckpoint(self.model, path=None)
+        best = BestModelCheckpoint(model, path=None)
         best.accuracy_floor = floor
+        if key is not None:
+            best.tracked = _changed_indices(model, trainer)
+            best.keep_optimizer = True
+        *schedule, early_stopping, plateau = self._training_callbacks(train_data)
+        logs = EpochLogs()  # in the stage's order, so the logs are those its history gets
         trainer.fit(
             self._feed(train_data, training=True),
             validation_data=self._feed(val_data, training=False),
             epochs=epochs,
-            callbacks=[*self._training_callbacks(train_data), best],
+            callbacks=[*schedule, EpochTimer(), best, early_stopping, plateau, logs],
             verbose=0,
             shuffle=False,
             class_weight=self.class_weight,
         )
         epochs = best.saved["epoch"] + 1 if best.best_accuracy is not None else None
+        if key is not None and epochs is not None:
+            self.trials[key] = TrialRecord(
+                logs.epochs[:epochs], best.best_values, best.best_optimizer, floor
+            )
         return {
             "val_accuracy": best.best_accuracy,
             "val_loss": best.saved["val_loss"],
@@ -351,3 +466,21 @@ class Session:
         """A choice made during the run goes to config.json (a resumed run keeps it)."""
         self.config = dataclasses.replace(self.config, **choices)
         self.config.save(self.run_dir / runs.CONFIG_FILE)
+
+
+def _changed_indices(model: keras.Model, trainer: keras.Model) -> list[int]:
+    """Indices into ``model.variables`` of every variable that training ``trainer`` can
+    change: `trained_indices` (with every random-seed state) and the trainer's own variables
+    (a BatchNormalization's statistics in a user's head, say)."""
+    position = {id(v): i for i, v in enumerate(model.variables)}
+    own = {position[id(v)] for v in trainer.variables if id(v) in position}
+    return sorted(own.union(trained_indices(model, trainer)))
+
+
+def _put_optimizer(trainer: keras.Model, values: list[np.ndarray]) -> None:
+    """The optimizer of ``trainer`` built, with ``values`` (of the same trainer's optimizer)."""
+    optimizer = trainer.optimizer
+    if not optimizer.built:
+        optimizer.build(trainer.trainable_variables)
+    for variable, value in zip(optimizer.variables, values, strict=True):
+        variable.assign(value)
