@@ -113,6 +113,7 @@ def test_changed_image_misses_renamed_image_hits(tmp_path):
         {"output": "trunk:block7a_expand_conv"},
         {"view": "flip#0#1"},
         {"preprocessing": "tf"},
+        {"runtime": "openvino:f32"},
     ],
 )
 def test_anything_that_changes_the_output_changes_the_entry(tmp_path, change):

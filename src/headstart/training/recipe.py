@@ -302,6 +302,9 @@ def _what_was_chosen(session: Session, fine_tune: bool) -> dict:
     record = {"saved_from": {**checkpoint.saved, "epoch": checkpoint.saved["epoch"] + 1}}
     if fine_tune:
         record["fine_tune_kept"] = checkpoint.saved["stage"] == "fine_tune"
+    runtimes = session.feature_views.runtimes()
+    if runtimes:  # what ran the frozen parts this time (cached rows say nothing of it)
+        record["extraction_runtime"] = runtimes
     record["feature_norm"] = config.feature_norm
     if config.feature_norm_scores:
         record["feature_norm_scores"] = config.feature_norm_scores
