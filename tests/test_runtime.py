@@ -121,7 +121,9 @@ def test_a_disagreeing_runtime_falls_back_to_keras_with_one_line(
     parts, tmp_path, caplog, monkeypatch
 ):
     real = runtime_module.compile_openvino
-    monkeypatch.setattr(runtime_module, "compile_openvino", lambda path: _Off(real(path)))
+    monkeypatch.setattr(
+        runtime_module, "compile_openvino", lambda path, batch=None: _Off(real(path, batch))
+    )
     views = _views(parts, tmp_path)
     views.trunk = None
     expected = _views(parts, tmp_path / "keras", runtime="keras", cache=False)
@@ -221,7 +223,9 @@ def test_a_run_whose_runtime_disagrees_finishes_on_keras(
     from headstart import train
 
     real = runtime_module.compile_openvino
-    monkeypatch.setattr(runtime_module, "compile_openvino", lambda path: _Off(real(path)))
+    monkeypatch.setattr(
+        runtime_module, "compile_openvino", lambda path, batch=None: _Off(real(path, batch))
+    )
     result = train(
         Config(
             data=str(tiny_folder),

@@ -211,6 +211,7 @@ class FeatureViews:
                 self._frozen_part(kind),
                 self.runtime,
                 ir_dir=self.cache.ir_dir(clean) if self.cache is not None else None,
+                batch_size=self.config.batch_size,
                 what=f"{clean.backbone} {clean.output}",
             )
         return self._runners[kind]
