@@ -9,7 +9,7 @@ files. Every variant runs in this one process, interleaved (one pass of each, th
 - ``keras``: ``predict_on_batch``, batch after batch (headstart before the runtime seam);
 - ``openvino f32 sync``: the compiled model (dynamic batch) called batch after batch;
 - ``headstart openvino``: `headstart.runtime.FrozenRunner`, what extraction now uses (static
-  batch of 32, 2 requests in flight);
+  batch of 32, `headstart.runtime.OPENVINO_CONFIG`, one request in flight per stream);
 - ``openvino f32 throughput``: PERFORMANCE_HINT THROUGHPUT (streams chosen by OpenVINO), an
   AsyncInferQueue of as many requests as it suggests;
 - ``openvino f32 static 32``: the IR reshaped to a static batch of 32, called batch after batch;

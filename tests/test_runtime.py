@@ -122,7 +122,9 @@ def test_a_disagreeing_runtime_falls_back_to_keras_with_one_line(
 ):
     real = runtime_module.compile_openvino
     monkeypatch.setattr(
-        runtime_module, "compile_openvino", lambda path, batch=None: _Off(real(path, batch))
+        runtime_module,
+        "compile_openvino",
+        lambda path, batch=None, config=None: _Off(real(path, batch, config)),
     )
     views = _views(parts, tmp_path)
     views.trunk = None
@@ -224,7 +226,9 @@ def test_a_run_whose_runtime_disagrees_finishes_on_keras(
 
     real = runtime_module.compile_openvino
     monkeypatch.setattr(
-        runtime_module, "compile_openvino", lambda path, batch=None: _Off(real(path, batch))
+        runtime_module,
+        "compile_openvino",
+        lambda path, batch=None, config=None: _Off(real(path, batch, config)),
     )
     result = train(
         Config(

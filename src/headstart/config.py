@@ -132,7 +132,7 @@ class Config:
             ),
             (
                 self.runtime != "openvino" or importlib.util.find_spec("openvino") is not None,
-                "--runtime openvino needs the openvino package: pip install 'headstart[export]'",
+                "--runtime openvino needs the openvino package: pip install openvino",
             ),
             (
                 not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,

@@ -5,7 +5,7 @@ every image of a run, often several times (views, splits): it is the run's domin
 is pure inference. `FrozenRunner` runs such a part on OpenVINO when it is installed and Keras
 runs on TensorFlow: the part goes through Keras' own ``model.export(format="openvino")``, is
 compiled once in float32 (OpenVINO would pick bfloat16 on CPUs that have it), and batches go
-through a queue of asynchronous requests while the next batch is decoded.
+through a queue of asynchronous requests (one per stream) while the next batch is decoded.
 
 Before its first output is used, the part's answer on that real batch is compared with Keras':
 the largest difference must be at most `AGREEMENT_BOUND` times the batch's largest absolute
@@ -42,10 +42,14 @@ KERAS = "keras"
 OPENVINO = "openvino"
 PRECISION = "f32"
 AGREEMENT_BOUND = 2.0**-14  # of the batch's largest |output|: see the module docstring
-IN_FLIGHT = 2  # asynchronous requests: one computing while the next is handed over
-# float32 explicitly: OpenVINO's CPU default is bfloat16 where the CPU has it (about 1e-2 off)
-OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": PRECISION, "PERFORMANCE_HINT": "LATENCY"}
-EXTRA = "pip install 'headstart[export]'"
+MAX_IN_FLIGHT = 4  # asynchronous requests, at most (OpenVINO suggests one per stream)
+# float32 explicitly: OpenVINO's CPU default is bfloat16 where the CPU has it (about 1e-2 off).
+# THROUGHPUT: one single-threaded stream per core (2 here), each batch on one stream: as fast as
+# one two-threaded request on an idle machine, and up to 1.5x faster on a shared one, where the
+# two threads of one request wait for each other (bench/results/runtime-latency.md).
+OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": PRECISION, "PERFORMANCE_HINT": "THROUGHPUT"}
+LATENCY = {**OPENVINO_CONFIG, "PERFORMANCE_HINT": "LATENCY"}  # one request at a time (predict)
+EXTRA = "pip install openvino"
 
 
 class RuntimeFallback(Exception):
@@ -92,17 +96,17 @@ def predict_on_batch(model: keras.Model, batch) -> np.ndarray:
     return np.asarray(model.predict_on_batch(batch))
 
 
-def compile_openvino(path: str | Path, batch: int | None = None):
-    """An OpenVINO IR (``.xml``) compiled for the CPU in float32 (`OPENVINO_CONFIG`); with
-    ``batch``, for that batch size only (a static shape: about 15% faster than a dynamic batch
-    on EfficientNet-Lite0 here, bench/runtime.py)."""
+def compile_openvino(path: str | Path, batch: int | None = None, config: dict | None = None):
+    """An OpenVINO IR (``.xml``) compiled for the CPU in float32 (``config``, by default
+    `OPENVINO_CONFIG`); with ``batch``, for that batch size only (a static shape: about 15%
+    faster than a dynamic batch on EfficientNet-Lite0 here, bench/runtime.py)."""
     import openvino  # optional (the export extra), and 1-2 s to import: only when it runs
 
     core = openvino.Core()
     model = core.read_model(str(path))
     if batch is not None:
         model.reshape([batch, *list(model.inputs[0].partial_shape)[1:]])
-    return core.compile_model(model, "CPU", OPENVINO_CONFIG)
+    return core.compile_model(model, "CPU", config or OPENVINO_CONFIG)
 
 
 class FrozenRunner:
@@ -156,7 +160,8 @@ class FrozenRunner:
 
     # ------------------------------------------------------------------ OpenVINO
     def _openvino_outputs(self, batches: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-        """Batches go to a queue of `IN_FLIGHT` asynchronous requests; outputs come back in order.
+        """Batches go to a queue of asynchronous requests (one per OpenVINO stream, at most
+        `MAX_IN_FLIGHT`); outputs come back in order.
         Reading the next batch (tf.data decodes it in its own threads) overlaps the inference:
         OpenVINO computes without holding Python's lock."""
         first = next(batches, None)
@@ -260,7 +265,8 @@ class FrozenRunner:
 def _async_queue(compiled):
     import openvino  # optional, see compile_openvino
 
-    return openvino.AsyncInferQueue(compiled, IN_FLIGHT)
+    requests = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+    return openvino.AsyncInferQueue(compiled, max(1, min(requests, MAX_IN_FLIGHT)))
 
 
 def _output(request, size: int) -> np.ndarray:
