@@ -18,7 +18,8 @@ computed again by Keras: rows of one cache entry never mix runtimes (the runtime
 entry's key, `FrozenRunner.key`).
 
 ``--runtime auto`` (default) is OpenVINO where it is importable on the TensorFlow backend, Keras
-elsewhere (JAX, thus ``--distributed``: Keras' OpenVINO export converts JAX through jax2tf).
+elsewhere: on JAX (thus ``--distributed``) Keras' OpenVINO export goes through jax2tf, whose
+graph OpenVINO 2026.4 does not convert (OpConversionFailure, even for a Conv2D and a pooling).
 """
 
 from __future__ import annotations
