@@ -115,7 +115,8 @@ def test_cache_holds_each_backbone_under_its_own_key(fusion, tiny_folder):
     single = Config(data="", backbone="tiny_test", weights="none", image_size=SIZE)
     model, _ = build_from_config(single, get_backbone("tiny_test"), 2)
     paths = list(load_image_folder(str(tiny_folder), seed=0).train.paths[:6])  # the run's split
-    spec = EntrySpec("tiny_test", "none:0", SIZE, "tf", "pooled:gap", "clean")
+    runtime = {entry["runtime"] for entry in entries}.pop()  # the run's: OpenVINO if installed
+    spec = EntrySpec("tiny_test", "none:0", SIZE, "tf", "pooled:gap", "clean", runtime)
 
     def must_not_run(missing):
         raise AssertionError(f"{len(missing)} images were not cached")

@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
         "training.callbacks",
         "training.state",
     ),
+    ("runtime",),  # the frozen parts on OpenVINO or Keras (extract and evaluation run them)
     ("runs", "tta", "model", "distributed", "distributed.cluster"),
     ("splits", "freeze", "figures", "imbalance"),
     ("config", "data", "augment", "layers", "backbones"),

@@ -18,7 +18,13 @@ import sys
 import time
 
 from headstart._version import __version__
-from headstart.config import CLASS_WEIGHT_CHOICES, DEFAULT_AUGMENT, IMBALANCE_THRESHOLD, Config
+from headstart.config import (
+    CLASS_WEIGHT_CHOICES,
+    DEFAULT_AUGMENT,
+    IMBALANCE_THRESHOLD,
+    RUNTIME_CHOICES,
+    Config,
+)
 from headstart.distributed import launch
 from headstart.errors import DiskFullError, UsageError
 from headstart.files import free_bytes, is_disk_full
@@ -608,6 +614,13 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         dest="cache_trunk",
         action="store_false",
         help="fine-tune the full model on images instead of cached trunk activations",
+    )
+    add(
+        "--runtime",
+        choices=RUNTIME_CHOICES,
+        default=defaults.runtime,
+        help="what runs the frozen backbone when extracting: auto (OpenVINO when installed, on "
+        "TensorFlow; checked against Keras, which it falls back to), keras, or openvino",
     )
     add("--head", choices=("gap", "flatten"), default=defaults.head)
     add("--hidden", type=int, default=defaults.hidden, help="hidden Dense width (0: none)")

@@ -27,6 +27,7 @@ GUIDE_FINE_TUNE_LR = 1e-5  # the Keras transfer-learning guide's fine-tuning rat
 FINE_TUNE_LR_CANDIDATES = (1e-4, 1e-3)
 DEFAULT_AUGMENT = "auto"  # chosen on validation (headstart.augment.AUTO_CANDIDATES)
 FEATURE_NORMS = ("none", "l2")  # the head's input: raw pooled features, or L2-normalised
+RUNTIME_CHOICES = ("auto", "keras", "openvino")  # --runtime, see headstart.runtime
 
 
 @dataclass
@@ -63,6 +64,9 @@ class Config:
     cache: bool = True  # keep backbone outputs in the on-disk feature cache, reused across runs
     cache_dir: str | None = None  # None: $HEADSTART_CACHE or ~/.cache/headstart
     cache_trunk: bool = True  # fine-tune on cached activations of the frozen trunk
+    # what runs the frozen parts when extracting (headstart.runtime): auto = OpenVINO where it
+    # is installed and the backend is TensorFlow, else Keras; every output is checked first
+    runtime: str = "auto"
     head: Head = "gap"
     hidden: int = 0  # width of an optional hidden Dense layer in the head; 0: none
     # "auto": each of FEATURE_NORMS trained on cached features and the best on validation
@@ -121,6 +125,14 @@ class Config:
             (
                 self.class_weight in CLASS_WEIGHT_CHOICES,
                 "--class-weight must be auto, balanced or none",
+            ),
+            (
+                self.runtime in RUNTIME_CHOICES,
+                f"--runtime must be one of {', '.join(RUNTIME_CHOICES)}",
+            ),
+            (
+                self.runtime != "openvino" or importlib.util.find_spec("openvino") is not None,
+                "--runtime openvino needs the openvino package: pip install openvino",
             ),
             (
                 not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,

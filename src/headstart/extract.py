@@ -19,6 +19,7 @@ import numpy as np
 
 from headstart.data import Split, make_dataset
 from headstart.model import FEATURES_NAME, classifier_of
+from headstart.runtime import FrozenRunner, predict_on_batch
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class InferenceModeTop(keras.Model):
 
 
 def extract_batches(
-    extractor: keras.Model,
+    extractor: keras.Model | FrozenRunner,
     paths: Sequence[str],
     image_size: int,
     *,
@@ -101,13 +102,16 @@ def extract_batches(
     verbose: bool = True,
     only: Collection[int] | None = None,
 ) -> Iterator[np.ndarray]:
-    """Outputs of ``extractor`` for image files, batch by batch (memory: one batch).
+    """Outputs of ``extractor`` for image files, batch by batch (memory: a few batches).
 
-    Decoding runs in tf.data's parallel map and is prefetched, so the model is not kept
-    waiting for the files. The augmentation runs in order, batch after batch: in a parallel
-    map its random draws would go to other images on every pass. ``only``: the numbers of the
-    batches to run the extractor on; the others are still decoded and augmented, so that each
-    image gets the draw a full pass gives it (``--distributed``: each process its part).
+    ``extractor``: a frozen Keras model, run by Keras, or a `headstart.runtime.FrozenRunner`
+    (which may run it on OpenVINO, and raises `headstart.runtime.RuntimeFallback` when it falls
+    back to Keras mid-pass). Decoding runs in tf.data's parallel map and is prefetched, so the
+    model is not kept waiting for the files. The augmentation runs in order, batch after batch:
+    in a parallel map its random draws would go to other images on every pass. ``only``: the
+    numbers of the batches to run the extractor on; the others are still decoded and augmented,
+    so that each image gets the draw a full pass gives it (``--distributed``: each process its
+    part).
     """
     import tensorflow as tf  # the input pipeline is tf.data on every backend
 
@@ -119,10 +123,13 @@ def extract_batches(
     sizes = [min(batch_size, len(paths) - start) for start in range(0, len(paths), batch_size)]
     total = sum(sizes) if only is None else sum(sizes[i] for i in only)
     progress = keras.utils.Progbar(total, unit_name="image") if verbose else None
-    for number, (images, _) in enumerate(dataset.as_numpy_iterator()):  # JAX takes no tf tensor
-        if only is not None and number not in only:
-            continue
-        outputs = _predict(extractor, images)
+    images = (  # JAX takes no tf tensor
+        batch
+        for number, (batch, _) in enumerate(dataset.as_numpy_iterator())
+        if only is None or number in only
+    )
+    runner = extractor if isinstance(extractor, FrozenRunner) else FrozenRunner(extractor)
+    for outputs in runner.outputs(images):
         if progress:
             progress.add(len(outputs))
         yield outputs
@@ -131,26 +138,10 @@ def extract_batches(
 def run_in_batches(model: keras.Model, rows, batch_size: int = 256) -> np.ndarray:
     """``model`` over cached rows (anything with ``len`` and index-array access), in memory."""
     outputs = [
-        _predict(model, rows[np.arange(i, min(i + batch_size, len(rows)))])
+        predict_on_batch(model, rows[np.arange(i, min(i + batch_size, len(rows)))])
         for i in range(0, len(rows), batch_size)
     ]
     return np.concatenate(outputs) if outputs else np.zeros((0,))
-
-
-def _predict(model: keras.Model, batch) -> np.ndarray:
-    """``model.predict_on_batch``, its compiled step rebuilt if the model's variables changed
-    sides (trainable or not) since it was built.
-
-    A frozen part shares its layers with the run's model, which is frozen and thawed between
-    passes. Keras builds the predict step once; on JAX under a distribution its output
-    shardings list the variables by side, and a stale step fails with a pytree structure error.
-    """
-    sides = (len(model.trainable_variables), len(model.non_trainable_variables))
-    step = model.predict_function
-    if step is None or getattr(step, "variable_sides", None) != sides:
-        model.make_predict_function(force=True)
-        model.predict_function.variable_sides = sides
-    return np.asarray(model.predict_on_batch(batch))
 
 
 class ViewSampler(keras.utils.PyDataset):

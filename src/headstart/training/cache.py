@@ -51,6 +51,7 @@ CACHE_FORMAT = 1  # bump when the meaning of a cached array changes
 STORAGE_DTYPE = np.float16
 _HASHES_FILE = "file_hashes.json"
 _LOCKS = ".locks"  # outside the entries: `cache ls` and the entries' listings never see them
+_IRS = ".openvino"  # frozen parts converted for OpenVINO (`FeatureCache.ir_dir`), also outside
 # A leftover no process holds is deleted only past this age: a writer creates its file an
 # instant before locking it, and must not lose it in that instant.
 STALE_SECONDS = 60.0
@@ -74,9 +75,19 @@ class EntrySpec:
     preprocessing: str
     output: str  # "pooled:gap", "pooled:flatten" or "trunk:<first layer after the cut>"
     view: str  # "clean" or "<augment spec>#<seed>#<view index>"
+    # what computed the rows, and in what precision (`headstart.runtime.FrozenRunner.key`):
+    # "keras" or "openvino:f32"; runtimes agree to well within float16, but rows never mix
+    runtime: str = "keras"
 
     def key(self) -> str:
         text = json.dumps({"format": CACHE_FORMAT, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def part_key(self) -> str:
+        """What names the frozen part itself (every view and runtime of it): its OpenVINO IR
+        is kept under it."""
+        part = {**asdict(self), "view": "", "runtime": ""}
+        text = json.dumps({"format": CACHE_FORMAT, **part}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -236,6 +247,10 @@ class FeatureCache:
         self._touch(entry, spec)  # meta first: `cache ls` and `clear` see even a partial entry
         _sweep(entry)
         return entry
+
+    def ir_dir(self, spec: EntrySpec) -> Path:
+        """Where the frozen part that computes ``spec``'s rows is kept as an OpenVINO IR."""
+        return self.directory / _IRS / spec.part_key()
 
     def _lock_path(self, name: str) -> Path:
         folder = self.directory / _LOCKS
@@ -408,4 +423,5 @@ def clear(directory: str | Path | None = None) -> int:
         shutil.rmtree(entry)
     (root / _HASHES_FILE).unlink(missing_ok=True)
     shutil.rmtree(root / _LOCKS, ignore_errors=True)
+    shutil.rmtree(root / _IRS, ignore_errors=True)
     return freed

@@ -48,8 +48,16 @@ from headstart.evaluation import (
     predict_split,
     write_predictions,
 )
+from headstart.extract import run_in_batches, split_at_cut
 from headstart.imbalance import resolve_class_weight
-from headstart.model import build_from_config, unfreeze_counts
+from headstart.metrics import probabilities_from_logits
+from headstart.model import (
+    base_of,
+    build_from_config,
+    classifier_of,
+    temperature_of,
+    unfreeze_counts,
+)
 from headstart.report import redraw
 from headstart.splits import folder_for, split_manifest
 from headstart.training.phases import PhaseClock, breakdown_line
@@ -258,7 +266,7 @@ def _run(
             log.info(breakdown_line(*clock.breakdown()))
             return TrainResult(run_dir, {}, session.config)
     with clock.phase("test"):
-        metrics = _test_metrics(config, folder, run_dir)
+        metrics = _test_metrics(config, folder, run_dir, session, fine_tune)
     metrics["train_seconds"] = round(train_seconds, 1)  # both stages, test evaluation excluded
     metrics["skipped"] = len(folder.skipped)
     metrics.update(_what_was_chosen(session, fine_tune))
@@ -300,16 +308,16 @@ def _stages(session: Session, state, fine_tune: bool, unfreeze: list[int]) -> No
             session.end_stage("done")
 
 
-def _test_metrics(config: Config, folder, run_dir: Path) -> dict:
+def _test_metrics(config: Config, folder, run_dir: Path, session=None, fine_tune=True) -> dict:
     """The saved model (the best on validation; calibrated with --calibrate) scored on the test
-    split, its predictions written to predictions.csv."""
+    split, its predictions written to predictions.csv (see `_test_probabilities`)."""
     model = keras.saving.load_model(run_dir / runs.MODEL_FILE)
     calibration = None
     if config.calibrate:  # T fitted on validation, saved inside model.keras (headstart.calibrate)
         model, calibration = calibrate_model(model, folder.val, config.batch_size)
         files.save_model_atomic(model, run_dir / runs.MODEL_FILE)
     if len(folder.test):
-        probabilities = predict_split(model, folder.test, config.batch_size)
+        probabilities = _test_probabilities(model, folder.test, config, session, fine_tune)
         metrics = metrics_for_split(
             model, folder.test, folder.class_names, probabilities=probabilities
         )
@@ -323,6 +331,33 @@ def _test_metrics(config: Config, folder, run_dir: Path) -> dict:
     return metrics
 
 
+def _test_probabilities(model, split, config: Config, session, fine_tune: bool):
+    """The saved model's probabilities for the test images.
+
+    Its frozen part is the one extraction ran: the trunk (when fine-tuning ran on the cached
+    trunk), or the whole backbone (when nothing was fine-tuned); its weights never changed. So
+    the test images go through it like every other split, on the run's runtime and through the
+    feature cache (a second run on the same images does not run it), and the rest of the saved
+    model (top block, head, temperature) runs in Keras on those rows, float16 as validation
+    saw them. Otherwise (fine-tuned without a cached trunk, a distributed run, workflow 1) the
+    whole model runs on the images in Keras."""
+    views = session.feature_views if session is not None else None
+    plain = views is None or config.distributed or config.mode != "extract"
+    if not plain and views.trunk is not None:
+        base = base_of(model, session.backbone)
+        names = [layer.name for layer in base.layers]
+        cut = split_at_cut(model, base, len(names) - names.index(views.trunk.cut_layer))
+        rest, kind = (cut.top, "trunk") if cut is not None else (None, "")
+    elif not plain and not fine_tune:
+        rest, kind = classifier_of(model), "pooled"
+    else:
+        rest, kind = None, ""
+    if rest is None:
+        return predict_split(model, split, config.batch_size)
+    logits = run_in_batches(rest, views.rows(kind, "test"), config.batch_size)
+    return probabilities_from_logits(logits / temperature_of(model))
+
+
 def _what_was_chosen(session: Session, fine_tune: bool) -> dict:
     """metrics.json's record of the run's choices: the saved epoch, head input, class weights,
     augmentation and fine-tuning rate, with every candidate's validation scores."""
@@ -330,6 +365,9 @@ def _what_was_chosen(session: Session, fine_tune: bool) -> dict:
     record = {"saved_from": {**checkpoint.saved, "epoch": checkpoint.saved["epoch"] + 1}}
     if fine_tune:
         record["fine_tune_kept"] = checkpoint.saved["stage"] == "fine_tune"
+    runtimes = session.feature_views.runtimes()
+    if runtimes:  # what ran the frozen parts this time (cached rows say nothing of it)
+        record["extraction_runtime"] = runtimes
     record["feature_norm"] = config.feature_norm
     if config.feature_norm_scores:
         record["feature_norm_scores"] = config.feature_norm_scores

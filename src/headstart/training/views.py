@@ -27,6 +27,7 @@ from headstart.data import ImageFolder
 from headstart.distributed.cluster import barrier, current
 from headstart.extract import TrunkSplit, ViewSampler, extract_batches, run_in_batches
 from headstart.model import FEATURES_NAME, feature_extractor, per_part, pooled_name
+from headstart.runtime import KERAS, FrozenRunner, RuntimeFallback, resolve_runtime
 from headstart.training.cache import EntrySpec, FeatureCache
 from headstart.training.phases import PhaseClock
 
@@ -73,11 +74,20 @@ class FeatureViews:
         self.weights_id = None if backbone.parts else weights_id(config, cache)
         self._memo: dict[tuple, object] = {}  # (kind, split, policy, view) -> rows
         self._frozen_parts: dict[str, keras.Model] = {}
+        # --distributed: every process must key (and wait on) the same entries, so Keras
+        self.runtime = KERAS if config.distributed else resolve_runtime(config.runtime)
+        self._runners: dict[str, FrozenRunner] = {}  # by kind, like the frozen parts
+        self._used: dict[str, str] = {}  # `runtimes`
 
     def use_model(self, model: keras.Model) -> None:
         """Extract through ``model`` from now on (same backbone weights: cached rows stay)."""
         self.model = model
         self._frozen_parts.clear()
+        self._runners.clear()
+
+    def runtimes(self) -> dict[str, str]:
+        """Whose rows each frozen part gave so far (kind -> "keras" or "openvino:f32")."""
+        return dict(self._used)
 
     def views(self, kind: str, split: str, policy: str, n_views: int) -> list:
         """View 0 of a split's clean images, then (training split only) ``n_views`` views
@@ -143,12 +153,11 @@ class FeatureViews:
         else:
             output = f"pooled:{self.config.head}"
         if not self.backbone.parts:
-            extractor, weights = self._frozen_part(kind), self.weights_id
-            return self._rows(extractor, self.backbone, weights, output, split, policy, view)
+            return self._rows(kind, self.backbone, self.weights_id, output, split, policy, view)
         weights = per_part(self.config.weights, self.backbone)
         rows = [
             self._rows(
-                self._frozen_part(pooled_name(part)),
+                pooled_name(part),
                 part,
                 weights_id(self.config, self.cache, part_weights),
                 output,
@@ -160,15 +169,22 @@ class FeatureViews:
         ]
         return np.concatenate([np.asarray(r[np.arange(len(r))]) for r in rows], axis=1)
 
-    def _rows(self, extractor, backbone, weights, output, split, policy, view):
-        """One frozen part's outputs over a split, through the feature cache when it is on."""
+    def _rows(self, kind, backbone, weights, output, split, policy, view):
+        """One frozen part's outputs over a split, through the feature cache when it is on.
+
+        The part runs on the run's runtime (`headstart.runtime`); if that falls back to Keras
+        mid-pass, the pass is made again on Keras, under Keras' own cache key."""
         paths = list(getattr(self.folder, split).paths)
+        clean = EntrySpec(
+            backbone.name, weights, self.config.image_size, backbone.preprocessing, output, "clean"
+        )
+        runner = self._runner(kind, clean)
         computed = [0]
 
         def compute(missing, only=None):  # each pass draws from the view's seed afresh
             augmenter = build_augmenter(policy, self.config.seed + 1000 * view) if view else None
             for batch in extract_batches(
-                extractor,
+                runner,
                 missing,
                 self.config.image_size,
                 batch_size=self.config.batch_size,
@@ -179,21 +195,27 @@ class FeatureViews:
                 computed[0] += len(batch)
                 yield batch
 
-        started = time.monotonic()
-        if self.cache is None:  # every row computed here (--distributed: in every process)
-            rows = np.concatenate(list(compute(paths)))
-        else:
+        def read():
+            if self.cache is None:  # every row computed here (--distributed: in every process)
+                return np.concatenate(list(compute(paths)))
             spec = EntrySpec(
-                backbone.name,
-                weights,
-                self.config.image_size,
-                backbone.preprocessing,
-                output,
-                "clean" if view == 0 else f"{policy}#{self.config.seed}#{view}",
+                **{
+                    **clean.__dict__,
+                    "view": "clean" if view == 0 else f"{policy}#{self.config.seed}#{view}",
+                    "runtime": runner.key,
+                }
             )
             if self.config.distributed:
                 self._fill_my_part(spec, paths, compute)
-            rows = self.cache.rows(spec, paths, compute)
+            return self.cache.rows(spec, paths, compute)
+
+        started = time.monotonic()
+        try:
+            rows = read()
+        except RuntimeFallback:  # the runner now runs Keras: computed again, keyed as Keras'
+            computed[0] = 0
+            rows = read()
+        self._used[kind] = runner.key
         self.passes.append(
             {
                 "backbone": backbone.name,
@@ -202,10 +224,24 @@ class FeatureViews:
                 "view": f"{policy}#{view}" if view else "clean",
                 "images": len(paths),
                 "computed": computed[0],  # 0: every row came from the feature cache
+                "runtime": runner.key,
                 "seconds": round(time.monotonic() - started, 2),
             }
         )
         return rows
+
+    def _runner(self, kind: str, clean: EntrySpec) -> FrozenRunner:
+        """The frozen part of ``kind`` on the run's runtime, built (and checked) once; its
+        OpenVINO IR kept in the feature cache (named by ``clean`` without its view)."""
+        if kind not in self._runners:
+            self._runners[kind] = FrozenRunner(
+                self._frozen_part(kind),
+                self.runtime,
+                ir_dir=self.cache.ir_dir(clean) if self.cache is not None else None,
+                batch_size=self.config.batch_size,
+                what=f"{clean.backbone} {clean.output}",
+            )
+        return self._runners[kind]
 
     def _fill_my_part(self, spec: EntrySpec, paths: list[str], compute) -> None:
         """``--distributed``: this process extracts its part of the images into the cache,
