@@ -42,6 +42,25 @@ _PYTHONPATH = os.pathsep.join(
 TOLERANCE = 1e-5
 
 
+def _assert_ends_as(run, reference) -> list[dict]:
+    """The resumed ``run`` ended as the uninterrupted ``reference``: every epoch's figures
+    and the test probabilities within TOLERANCE. Returns ``run``'s history rows."""
+    expected, got = _history(reference), _history(run)
+    assert [r["stage"] for r in got] == [r["stage"] for r in expected]
+    for column in ("loss", "val_loss", "accuracy", "val_accuracy", "learning_rate"):
+        np.testing.assert_allclose(
+            [float(r[column]) for r in got],
+            [float(r[column]) for r in expected],
+            rtol=TOLERANCE,
+            atol=TOLERANCE,
+            err_msg=column,
+        )
+    np.testing.assert_allclose(
+        _probabilities(run), _probabilities(reference), rtol=0, atol=TOLERANCE
+    )
+    return got
+
+
 def _history(run: Path) -> list[dict]:
     return list(csv.DictReader((run / "history.csv").open()))
 
@@ -118,20 +137,8 @@ def test_killed_in_stage_1_and_in_stage_2_resumes_to_the_uninterrupted_result(
     result = resume(run)
     assert not (run / RESUME_FILE).exists()  # a finished run does not keep it
 
-    expected, got = _history(reference), _history(run)
-    assert [r["stage"] for r in got] == [r["stage"] for r in expected]
+    got = _assert_ends_as(run, reference)
     assert [r["epoch"] for r in got] == [str(i) for i in range(2 * EPOCHS)]
-    for column in ("loss", "val_loss", "accuracy", "val_accuracy", "learning_rate"):
-        np.testing.assert_allclose(
-            [float(r[column]) for r in got],
-            [float(r[column]) for r in expected],
-            rtol=TOLERANCE,
-            atol=TOLERANCE,
-            err_msg=column,
-        )
-    np.testing.assert_allclose(
-        _probabilities(run), _probabilities(reference), rtol=0, atol=TOLERANCE
-    )
     saved, expected_saved = result.metrics["saved_from"], _metrics(reference)["saved_from"]
     assert (saved["stage"], saved["epoch"]) == (expected_saved["stage"], expected_saved["epoch"])
     assert saved["val_loss"] == pytest.approx(expected_saved["val_loss"], abs=TOLERANCE)
@@ -183,19 +190,7 @@ def test_killed_while_a_stage_replays_its_trial_resumes_to_the_uninterrupted_res
         assert state.variables == {}  # before the stage: it runs again from the start
 
     resume(run)
-    expected, got = _history(reference), _history(run)
-    assert [r["stage"] for r in got] == [r["stage"] for r in expected]
-    for column in ("loss", "val_loss", "accuracy", "val_accuracy", "learning_rate"):
-        np.testing.assert_allclose(
-            [float(r[column]) for r in got],
-            [float(r[column]) for r in expected],
-            rtol=TOLERANCE,
-            atol=TOLERANCE,
-            err_msg=column,
-        )
-    np.testing.assert_allclose(
-        _probabilities(run), _probabilities(reference), rtol=0, atol=TOLERANCE
-    )
+    _assert_ends_as(run, reference)
 
 
 def test_resume_refuses_what_it_cannot_continue(tiny_run, tmp_path, capsys):
