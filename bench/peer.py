@@ -168,6 +168,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work)
     data = write_dataset(work / "fashion")
+    (work / "peer").mkdir(parents=True, exist_ok=True)  # the tools' logs and run folders
     runs: dict[int, dict[str, list[dict]]] = {
         size: {t: [] for t in args.tools} for size in args.sizes
     }
