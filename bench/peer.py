@@ -176,8 +176,10 @@ def main() -> None:
         order = args.tools if repeat % 2 == 0 else args.tools[::-1]
         for size in args.sizes:
             for tool in order:
+                load = os.getloadavg()[0]  # the machine is shared: how busy it was before
                 result = run_tool(tool, data, size, work / "peer", args)
                 result["date"] = time.strftime("%Y-%m-%d %H:%M")
+                result["load_before_after"] = [round(load, 2), round(os.getloadavg()[0], 2)]
                 runs[size][tool].append(result)
                 print(f"repeat {repeat} size {size} {tool}: {json.dumps(result)}", flush=True)
     results = {
