@@ -32,6 +32,7 @@ import csv
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -54,27 +55,36 @@ WORKFLOW1 = [  # bench/fast_loop.py's a_workflow1
 ]
 
 
-def timed(command: list[str], log: Path) -> float:
-    """Wall seconds of ``command``, its output in ``log``; a failure stops the benchmark."""
+def timed(command: list[str], log: Path) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of ``command``, its output in ``log``; a failure
+    stops the benchmark. CPU seconds say less about a busy machine's other work than wall."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with log.open("w") as out:
         done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False)
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if done.returncode:
         tail = log.read_text(errors="replace").splitlines()[-40:]
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n" + "\n".join(tail))
-    return wall
+    return wall, cpu
 
 
 def run_pytorch(data: Path, size: int, work: Path, args: argparse.Namespace) -> dict:
     script = Path(__file__).parent / "peer_pytorch.py"
     log = work / f"pytorch-{size}.log"
-    wall = timed([args.torch_python, str(script), str(data), f"--image-size={size}"], log)
+    wall, cpu = timed([args.torch_python, str(script), str(data), f"--image-size={size}"], log)
     result = json.loads(log.read_text().strip().splitlines()[-1])
     phases = dict(result.pop("phase_seconds"))
     # interpreter start and `import torch` etc.: the wall clock outside main()
     phases["startup"] = round(wall - result.pop("seconds_in_script"), 2)
-    return {"wall_seconds": round(wall, 1), "phases": phases, **result}
+    return {
+        "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(cpu, 1),
+        "phases": phases,
+        **result,
+    }
 
 
 def run_headstart(data: Path, size: int, work: Path, extra: list[str], name: str) -> dict:
@@ -84,7 +94,7 @@ def run_headstart(data: Path, size: int, work: Path, extra: list[str], name: str
     cache.mkdir(parents=True)  # cold: a new empty feature cache every run
     command = [sys.executable, "-m", "headstart", "train", str(data), f"--out={out}"]
     command += [f"--image-size={size}", f"--cache-dir={cache}", *extra]
-    wall = timed(command, work / f"{name}-{size}.log")
+    wall, cpu = timed(command, work / f"{name}-{size}.log")
     metrics = json.loads((out / "metrics.json").read_text())
     history = list(csv.DictReader((out / "history.csv").open()))
     epochs = {
@@ -105,6 +115,7 @@ def run_headstart(data: Path, size: int, work: Path, extra: list[str], name: str
     shutil.rmtree(cache, ignore_errors=True)  # features of 11,500 images: don't keep them
     return {
         "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(cpu, 1),
         "test_accuracy": round(metrics["accuracy"], 4),
         "n_test": metrics.get("n_test"),
         "phases": phases,
@@ -140,8 +151,9 @@ def markdown(results: dict) -> str:
         "cold feature cache. Wall s: median over repeats of the whole subprocess. Ratio: "
         "wall / the PyTorch script's wall at that size.",
         "",
-        "| size | tool | wall s | test accuracy | ratio to PyTorch | phases (s) |",
-        "|---|---|---|---|---|---|",
+        "| size | tool | wall s | CPU s | test accuracy | ratio to PyTorch (wall) | load before, "
+        "after | phases (wall s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for size, tools in sorted(results["sizes"].items(), key=lambda item: int(item[0])):
         reference = tools.get("pytorch", {}).get("wall_seconds")
@@ -150,7 +162,8 @@ def markdown(results: dict) -> str:
             phases = ", ".join(f"{k} {v}" for k, v in row["phases"].items())
             accuracy = f"{row['test_accuracy']:.4f}"
             lines.append(
-                f"| {size} | {tool} | {row['wall_seconds']} | {accuracy} | {ratio} | {phases} |"
+                f"| {size} | {tool} | {row['wall_seconds']} | {row['cpu_seconds']} | {accuracy} "
+                f"| {ratio} | {row['load_before_after']} | {phases} |"
             )
     lines += ["", *results["notes"], ""]
     return "\n".join(lines)
