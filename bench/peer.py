@@ -195,11 +195,20 @@ def main() -> None:
                 result["load_before_after"] = [round(load, 2), round(os.getloadavg()[0], 2)]
                 runs[size][tool].append(result)
                 print(f"repeat {repeat} size {size} {tool}: {json.dumps(result)}", flush=True)
+                write(runs, args)  # after every tool: a stopped benchmark keeps what it measured
+    print((args.out / "peer.md").read_text())
+
+
+def write(runs: dict[int, dict[str, list[dict]]], args: argparse.Namespace) -> None:
+    sizes = {
+        str(size): {tool: summarise(r) for tool, r in tools.items() if r}
+        for size, tools in runs.items()
+    }
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
         "command": "python bench/peer.py " + " ".join(sys.argv[1:]),
-        "sizes": {str(s): {t: summarise(r) for t, r in tools.items()} for s, tools in runs.items()},
+        "sizes": {size: tools for size, tools in sizes.items() if tools},
         "notes": [
             "pytorch: bench/peer_pytorch.py (torch.set_num_threads(2)); phases: its own "
             "(startup = interpreter and imports, outside its main).",
@@ -208,6 +217,9 @@ def main() -> None:
             "headstart phases without phase_seconds in metrics.json: before_epochs = "
             "train_seconds - epoch seconds (extraction of every view, the choices, model "
             "building), outside_train = wall - train_seconds (startup, data check, test, report).",
+            "load before, after: the 1-minute load average when the tool started and ended. The "
+            "machine is shared: above 2 (its cores), other work took CPU time too and the walls "
+            "are inflated, by more for the tool that ran at the busier moment.",
         ],
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -219,7 +231,6 @@ def main() -> None:
         }
     (args.out / "peer.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "peer.md").write_text(markdown(results))
-    print(markdown(results))
 
 
 if __name__ == "__main__":
