@@ -22,7 +22,8 @@ the machine's two cores (torch.set_num_threads(2); TensorFlow's defaults). Usage
 
     python bench/peer.py [--sizes 96 224] [--repeats 1] [--tools pytorch headstart workflow1]
 
-writes bench/results/peer.{json,md} (``--keep`` keeps the rows of sizes not run this time).
+writes bench/results/peer.{json,md} (``--keep`` keeps the rows of sizes and tools not run this
+time, each with its own date).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fast_loop import write_dataset  # noqa: E402  (the same split, written once as PNGs)
 
 RESULTS = Path(__file__).parent / "results"
-TOOLS = ("pytorch", "headstart", "workflow1")
+TOOLS = ("pytorch", "pytorch1", "headstart", "workflow1")
 WORKFLOW1 = [  # bench/fast_loop.py's a_workflow1
     "--mode=frozen",
     "--augment=flip,rotate=0.1,zoom=0.2",
@@ -71,10 +72,11 @@ def timed(command: list[str], log: Path) -> tuple[float, float]:
     return wall, cpu
 
 
-def run_pytorch(data: Path, size: int, work: Path, args: argparse.Namespace) -> dict:
+def run_pytorch(data: Path, size: int, work: Path, args: argparse.Namespace, threads: int) -> dict:
     script = Path(__file__).parent / "peer_pytorch.py"
-    log = work / f"pytorch-{size}.log"
-    wall, cpu = timed([args.torch_python, str(script), str(data), f"--image-size={size}"], log)
+    log = work / f"pytorch-{size}-{threads}.log"
+    command = [args.torch_python, str(script), str(data), f"--image-size={size}"]
+    wall, cpu = timed([*command, f"--threads={threads}"], log)
     result = json.loads(log.read_text().strip().splitlines()[-1])
     phases = dict(result.pop("phase_seconds"))
     # interpreter start and `import torch` etc.: the wall clock outside main()
@@ -130,8 +132,8 @@ def run_headstart(data: Path, size: int, work: Path, extra: list[str], name: str
 
 
 def run_tool(tool: str, data: Path, size: int, work: Path, args: argparse.Namespace) -> dict:
-    if tool == "pytorch":
-        return run_pytorch(data, size, work, args)
+    if tool.startswith("pytorch"):
+        return run_pytorch(data, size, work, args, threads=1 if tool == "pytorch1" else 2)
     return run_headstart(data, size, work, WORKFLOW1 if tool == "workflow1" else [], tool)
 
 
@@ -145,7 +147,7 @@ def summarise(runs: list[dict]) -> dict:
 def markdown(results: dict) -> str:
     lines = [
         f"Machine: {results['machine']}; {results['date']}; command: `{results['command']}` "
-        "(with --keep, earlier sizes' rows carry their own date in peer.json)",
+        "(with --keep, rows kept from earlier runs carry their own date in peer.json)",
         "",
         "Fashion-MNIST, 100 train + 50 validation images per class, all 10,000 test images; "
         "cold feature cache. Wall s: median over repeats of the whole subprocess. Ratio: "
@@ -177,7 +179,7 @@ def main() -> None:
     parser.add_argument("--torch-python", default="/work/venv-torch/bin/python")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "headstart-bench"))
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--keep", action="store_true", help="keep other sizes' rows")
+    parser.add_argument("--keep", action="store_true", help="keep earlier rows not run now")
     args = parser.parse_args()
     work = Path(args.work)
     data = write_dataset(work / "fashion")
@@ -211,7 +213,8 @@ def write(runs: dict[int, dict[str, list[dict]]], args: argparse.Namespace) -> N
         "sizes": {size: tools for size, tools in sizes.items() if tools},
         "notes": [
             "pytorch: bench/peer_pytorch.py (torch.set_num_threads(2)); phases: its own "
-            "(startup = interpreter and imports, outside its main).",
+            "(startup = interpreter and imports, outside its main). pytorch1: the same with "
+            "torch.set_num_threads(1) (what the second thread buys on a busy machine).",
             "headstart: `headstart train DATA --image-size N --cache-dir <empty>`, defaults.",
             "workflow1: the same with " + " ".join(WORKFLOW1) + ".",
             "headstart phases without phase_seconds in metrics.json: before_epochs = "
@@ -223,12 +226,13 @@ def write(runs: dict[int, dict[str, list[dict]]], args: argparse.Namespace) -> N
         ],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.keep and (args.out / "peer.json").exists():
-        earlier = json.loads((args.out / "peer.json").read_text())["sizes"]
-        results["sizes"] = {
-            **{s: r for s, r in earlier.items() if int(s) not in args.sizes},
-            **results["sizes"],
-        }
+    if args.keep and (args.out / "peer.json").exists():  # rows not run this time
+        for size, tools in json.loads((args.out / "peer.json").read_text())["sizes"].items():
+            ran = results["sizes"].setdefault(size, {})
+            results["sizes"][size] = {
+                **{t: row for t, row in tools.items() if t not in ran},
+                **ran,
+            }
     (args.out / "peer.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "peer.md").write_text(markdown(results))
 
