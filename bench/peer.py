@@ -150,8 +150,9 @@ def markdown(results: dict) -> str:
         "(with --keep, rows kept from earlier runs carry their own date in peer.json)",
         "",
         "Fashion-MNIST, 100 train + 50 validation images per class, all 10,000 test images; "
-        "cold feature cache. Wall s: median over repeats of the whole subprocess. Ratio: "
-        "wall / the PyTorch script's wall at that size.",
+        "cold feature cache. Wall s: median over repeats of the whole subprocess (each repeat's "
+        "in brackets); the other columns are from the repeat with the median wall (the faster "
+        "of two). Ratio: wall / the PyTorch script's wall at that size.",
         "",
         "| size | tool | wall s | CPU s | test accuracy | ratio to PyTorch (wall) | load before, "
         "after | phases (wall s) |",
@@ -163,8 +164,12 @@ def markdown(results: dict) -> str:
             ratio = f"{row['wall_seconds'] / reference:.2f}" if reference else "-"
             phases = ", ".join(f"{k} {v}" for k, v in row["phases"].items())
             accuracy = f"{row['test_accuracy']:.4f}"
+            walls = row.get("walls", [])
+            wall = f"{row['wall_seconds']}" + (
+                f" ({', '.join(map(str, walls))})" if len(walls) > 1 else ""
+            )
             lines.append(
-                f"| {size} | {tool} | {row['wall_seconds']} | {row['cpu_seconds']} | {accuracy} "
+                f"| {size} | {tool} | {wall} | {row['cpu_seconds']} | {accuracy} "
                 f"| {ratio} | {row['load_before_after']} | {phases} |"
             )
     lines += ["", *results["notes"], ""]
