@@ -108,8 +108,10 @@ def test_every_phase_of_the_default_path_is_timed_and_they_add_up(timed_auto_run
         ("val", "clean"),
         ("train", "flip#1"),
         ("train", "flip#2"),
+        ("test", "clean"),  # the test pass's frozen part, through the runtime and the cache
     ]
     assert all(p["computed"] == p["images"] and p["output"].startswith("trunk:") for p in passes)
+    assert {p["runtime"] for p in passes} == {metrics["extraction_runtime"]["trunk"]}
     breakdown = [line for line in lines if line.startswith("time ")]
     assert breakdown == [
         f"time {total:.1f} s: " + ", ".join(f"{name} {value:.1f}" for name, value in phases.items())
