@@ -274,9 +274,13 @@ def test_sharded_extraction_fills_the_cache_one_process_would(sharded_runs):
     assert set(two) == set(one)
     for key, entry in one.items():
         assert two[key]["meta"] == entry["meta"]
-        assert set(two[key]["rows"]) == set(entry["rows"])
-        for content, row in entry["rows"].items():
-            np.testing.assert_array_equal(two[key]["rows"][content], row)
+        # one process also cached its test split's rows (its test pass runs the frozen part
+        # like extraction; a distributed run's process 0 scores the test images on Keras)
+        extra = set(entry["rows"]) - set(two[key]["rows"])
+        assert set(two[key]["rows"]) <= set(entry["rows"])
+        assert len(extra) == (4 if entry["meta"]["view"] == "clean" else 0)
+        for content, row in two[key]["rows"].items():
+            np.testing.assert_array_equal(row, entry["rows"][content])
         shards = list((tmp / "cache-two" / key).glob("*.keys.npy"))
         assert len(shards) >= 2  # written in parts, by both processes
 
