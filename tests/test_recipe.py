@@ -222,22 +222,28 @@ def test_stage_1_repeats_the_chosen_trial_and_stops_at_its_best_epoch(auto_run):
     assert saved["val_accuracy"] == chosen["val_accuracy"]
 
 
+# a weak stage 1 (one epoch at a tiny rate): fine-tuning beats it
+WEAK_STAGE_1 = dict(
+    backbone="tiny_test",
+    weights="none",
+    image_size=32,
+    epochs=1,
+    lr=1e-5,
+    fine_tune_epochs=4,
+    batch_size=8,
+    val_split=0.3,
+    quiet=True,
+)
+
+
 def test_stage_2_repeats_the_winning_rate_and_stops_at_its_best_epoch(mirrored_classes, tmp_path):
     result = train(
         Config(
             data=str(mirrored_classes),
             out=str(tmp_path / "run"),
-            backbone="tiny_test",
-            weights="none",
-            image_size=32,
-            epochs=1,  # a weak stage 1 (one epoch at a tiny rate): fine-tuning beats it
-            lr=1e-5,
-            fine_tune_epochs=4,
+            **WEAK_STAGE_1,
             augment="none",
             feature_norm="none",
-            batch_size=8,
-            val_split=0.3,
-            quiet=True,
         )
     )
     rate = result.config.fine_tune_lr
@@ -261,18 +267,7 @@ def test_a_stage_that_repeats_its_chosen_trial_replays_it_to_the_same_run_folder
 
     def run(name: str, callbacks=()):
         config = Config(
-            data=str(mirrored_classes),
-            out=str(tmp_path / name),
-            backbone="tiny_test",
-            weights="none",
-            image_size=32,
-            epochs=1,  # a weak stage 1 (one epoch at a tiny rate): fine-tuning beats it
-            lr=1e-5,
-            fine_tune_epochs=4,
-            batch_size=8,
-            views=1,
-            val_split=0.3,
-            quiet=True,
+            data=str(mirrored_classes), out=str(tmp_path / name), **WEAK_STAGE_1, views=1
         )
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="headstart.training.session"):

@@ -116,16 +116,21 @@ class _Off:
         return [np.asarray(self.compiled(batch)[0]) + 1.0]
 
 
-@needs_openvino
-def test_a_disagreeing_runtime_falls_back_to_keras_with_one_line(
-    parts, tmp_path, caplog, monkeypatch
-):
+def _disagree(monkeypatch) -> None:
+    """OpenVINO's outputs from now on are off by 1.0 (`_Off`)."""
     real = runtime_module.compile_openvino
     monkeypatch.setattr(
         runtime_module,
         "compile_openvino",
         lambda path, batch=None, config=None: _Off(real(path, batch, config)),
     )
+
+
+@needs_openvino
+def test_a_disagreeing_runtime_falls_back_to_keras_with_one_line(
+    parts, tmp_path, caplog, monkeypatch
+):
+    _disagree(monkeypatch)
     views = _views(parts, tmp_path)
     views.trunk = None
     expected = _views(parts, tmp_path / "keras", runtime="keras", cache=False)
@@ -224,12 +229,7 @@ def test_a_run_whose_runtime_disagrees_finishes_on_keras(
 ):
     from headstart import train
 
-    real = runtime_module.compile_openvino
-    monkeypatch.setattr(
-        runtime_module,
-        "compile_openvino",
-        lambda path, batch=None, config=None: _Off(real(path, batch, config)),
-    )
+    _disagree(monkeypatch)
     result = train(
         Config(
             data=str(tiny_folder),
