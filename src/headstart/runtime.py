@@ -25,6 +25,7 @@ graph OpenVINO 2026.4 does not convert (OpConversionFailure, even for a Conv2D a
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import shutil
 import tempfile
@@ -183,8 +184,7 @@ class FrozenRunner:
         done: dict[int, np.ndarray] = {}
         queue.set_callback(lambda request, job: done.__setitem__(job[0], _output(request, job[1])))
         submitted = returned = 0
-        pending = [first] if first is not None else []
-        for batch in _chain(pending, batches):
+        for batch in batches if first is None else itertools.chain([first], batches):
             try:  # waits while every request is busy
                 queue.start_async(self._padded(batch), (submitted, len(batch)))
             except Exception as error:
@@ -273,11 +273,6 @@ def _async_queue(compiled):
 def _output(request, size: int) -> np.ndarray:
     """The first ``size`` rows (the rest are padding), copied: the request's buffer is reused."""
     return np.array(request.get_output_tensor(0).data[:size])
-
-
-def _chain(first: list, rest: Iterator):
-    yield from first
-    yield from rest
 
 
 def _one_line(error: BaseException) -> str:

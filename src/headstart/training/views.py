@@ -15,6 +15,7 @@ benchmarks all extract through it.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import keras
@@ -198,12 +199,10 @@ class FeatureViews:
         def read():
             if self.cache is None:  # every row computed here (--distributed: in every process)
                 return np.concatenate(list(compute(paths)))
-            spec = EntrySpec(
-                **{
-                    **clean.__dict__,
-                    "view": "clean" if view == 0 else f"{policy}#{self.config.seed}#{view}",
-                    "runtime": runner.key,
-                }
+            spec = dataclasses.replace(
+                clean,
+                view="clean" if view == 0 else f"{policy}#{self.config.seed}#{view}",
+                runtime=runner.key,
             )
             if self.config.distributed:
                 self._fill_my_part(spec, paths, compute)
