@@ -17,7 +17,7 @@ import glob
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -27,6 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from headstart.errors import UsageError
 from headstart.files import write_text_atomic
+from headstart.progress import progress_bar
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -89,27 +90,34 @@ class UnreadableImage(Exception):
 def read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
     """uint8 RGB array (H, W, 3); resized (bilinear) to size=(height, width) when given.
 
-    Training, checking and prediction all read through here, so pixels always match.
-    Any failure becomes `UnreadableImage` with a short reason, never another exception type.
+    Training, checking and prediction all read through here (or `decode_image`), so pixels
+    always match. Any failure becomes `UnreadableImage` with a short reason, never another
+    exception type.
     """
     try:
         if os.path.getsize(path) == 0:
             raise UnreadableImage("empty file")
         with Image.open(path, formats=PIL_FORMATS) as img:
-            _refuse_bombs(img)
-            if size is not None:
-                # JPEG only: decode at 1/2, 1/4 or 1/8 scale, still >= size (square, so that an
-                # EXIF rotation cannot make one side too small).
-                img.draft("RGB", (max(size),) * 2)
-            img.load()
-            rgb = _to_rgb(_exif_transpose(img))
-            if size is not None and rgb.size != (size[1], size[0]):
-                rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR, reducing_gap=3.0)
-            return np.array(rgb, dtype=np.uint8)
+            return decode_image(img, size)
     except UnreadableImage:
         raise
     except Exception as exc:  # any decoder failure means: skip this file
-        raise UnreadableImage(_reason(exc)) from exc
+        raise UnreadableImage(unreadable_reason(exc)) from exc
+
+
+def decode_image(img: Image.Image, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The pixels of an opened image as `read_image` gives them (for a caller that opened the
+    file itself, from bytes it also hashes, say); PIL's own exceptions pass through."""
+    _refuse_bombs(img)
+    if size is not None:
+        # JPEG only: decode at 1/2, 1/4 or 1/8 scale, still >= size (square, so that an
+        # EXIF rotation cannot make one side too small).
+        img.draft("RGB", (max(size),) * 2)
+    img.load()
+    rgb = _to_rgb(_exif_transpose(img))
+    if size is not None and rgb.size != (size[1], size[0]):
+        rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.array(rgb, dtype=np.uint8)
 
 
 def _refuse_bombs(img: Image.Image) -> None:
@@ -151,7 +159,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _reason(exc: Exception) -> str:
+def unreadable_reason(exc: Exception) -> str:
     """Short, stable reasons so skipped.txt can be grepped and summarised."""
     text = str(exc)
     if isinstance(exc, Image.DecompressionBombError):
@@ -263,12 +271,17 @@ def _detect_layout(root: str) -> tuple[str, dict[str, dict[str, list[str]]]]:
 # ----------------------------------------------------------------------------- checking
 
 
-def _check_images(paths: list[str], check_size: int, workers: int | None) -> dict[str, str]:
+Reader = Callable[[str], object]  # decodes one file; raises UnreadableImage when it cannot
+
+
+def _check_images(
+    paths: list[str], check_size: int, workers: int | None, reader: Reader | None, progress: bool
+) -> dict[str, str]:
     """`unreadable_images`, logged: how many, and the first few by name."""
     if not paths:
         return {}
     start = time.perf_counter()
-    bad = unreadable_images(paths, check_size, workers)
+    bad = unreadable_images(paths, check_size, workers, reader=reader, progress=progress)
     logger.info(
         "checked %d images in %.1fs: %d unreadable",
         len(paths),
@@ -285,21 +298,47 @@ def _check_images(paths: list[str], check_size: int, workers: int | None) -> dic
     return bad
 
 
-def unreadable_images(paths: list[str], check_size: int, workers: int | None) -> dict[str, str]:
+def unreadable_images(
+    paths: list[str],
+    check_size: int,
+    workers: int | None,
+    *,
+    reader: Reader | None = None,
+    progress: bool = False,
+) -> dict[str, str]:
     """path -> reason for each of ``paths`` that `read_image` cannot decode (at ``check_size``
-    pixels); in parallel threads, since PIL drops the GIL while it decodes."""
-    workers = workers or min(32, (os.cpu_count() or 1) + 4)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="headstart-check") as pool:
-        reasons = list(pool.map(lambda p: _check_one(p, check_size), paths))
+    pixels); in parallel threads, since PIL drops the GIL while it decodes.
+
+    ``reader(path)`` decodes each file instead, raising `UnreadableImage` for one training
+    cannot read: `headstart.check.FactsReader` learns what the data check needs from that same
+    read, so the files are not decoded again for it. ``progress``: a bar on a terminal
+    (`headstart.progress`).
+    """
+    workers = workers or default_workers()
+    read = reader or (lambda path: read_image(path, (check_size, check_size)))
+
+    def reason(path: str) -> str | None:
+        try:
+            read(path)
+        except UnreadableImage as exc:
+            return str(exc)
+        return None
+
+    reasons = []
+    with (
+        progress_bar(len(paths), "checking images", enabled=progress) as advance,
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="headstart-check") as pool,
+    ):
+        for verdict in pool.map(reason, paths):
+            reasons.append(verdict)
+            advance(1)
     return {p: r for p, r in zip(paths, reasons, strict=True) if r is not None}
 
 
-def _check_one(path: str, check_size: int) -> str | None:
-    try:
-        read_image(path, (check_size, check_size))
-    except UnreadableImage as exc:
-        return str(exc)
-    return None
+def default_workers() -> int:
+    """Threads that decode files in the checks: PIL decodes without Python's lock, the rest of
+    the work (a small image's hashes, say) holds it."""
+    return min(32, (os.cpu_count() or 1) + 4)
 
 
 # ----------------------------------------------------------------------------- scanning
@@ -316,9 +355,17 @@ class Scan:
     unreadable: dict[str, str]
 
 
-def scan_folder(root: str, *, check_size: int = 64, workers: int | None = None) -> Scan:
+def scan_folder(
+    root: str,
+    *,
+    check_size: int = 64,
+    workers: int | None = None,
+    reader: Reader | None = None,
+    progress: bool = False,
+) -> Scan:
     """Find the class folders under ``root`` and decode every image once (unreadable files
-    are recorded with their reason, never fatal); `headstart.splits` splits the result."""
+    are recorded with their reason, never fatal); `headstart.splits` splits the result.
+    ``reader`` and ``progress``: see `unreadable_images`."""
     if workers is not None and workers < 1:
         raise UsageError(f"workers must be at least 1, got {workers!r}")
     if check_size < 1:
@@ -326,7 +373,7 @@ def scan_folder(root: str, *, check_size: int = 64, workers: int | None = None) 
     root = _existing_folder(root)
     layout, found = _detect_layout(root)
     paths = [p for classes in found.values() for files in classes.values() for p in files]
-    bad = _check_images(paths, check_size, workers)
+    bad = _check_images(paths, check_size, workers, reader, progress)
     found = {
         split: _drop_unreadable(classes, bad, "" if split == "all" else f" in {split}/")
         for split, classes in found.items()

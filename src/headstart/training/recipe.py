@@ -29,7 +29,7 @@ from headstart.backbones import (
 )
 from headstart.backbones import resolve_weights as resolve_backbone_weights
 from headstart.calibrate import calibrate_model
-from headstart.check import CHECK_FILE, check_folder, summary_line
+from headstart.check import CHECK_FILE, FactsReader, check_folder, summary_line
 from headstart.config import Config
 from headstart.data import write_skipped
 from headstart.distributed.cluster import (
@@ -120,8 +120,10 @@ def train(
     choose_norm = mode == "extract" and head_builder is None
     feature_norm = "none" if config.feature_norm == AUTO and not choose_norm else None
     augments = augment == AUTO or parse_augment(augment)  # a bad spec fails before slow work
+    # the data check's facts of each image, learnt as the decode check reads it (one read)
+    reader = FactsReader() if config.check else None
     with clock.phase("decode check"):  # finding the images and decoding each once
-        folder = folder_for(config)
+        folder = folder_for(config, reader)
     run_dir = runs.new_run_dir(config.out) if cluster.writes else Path(tempfile.mkdtemp())
     config = dataclasses.replace(
         config,
@@ -148,9 +150,10 @@ def train(
     files.write_json(run_dir / runs.LABELS_FILE, list(folder.class_names))
     files.write_json(run_dir / runs.SPLIT_FILE, split_manifest(folder))
     write_skipped(folder.skipped, str(run_dir / runs.SKIPPED_FILE))
-    if config.check:
+    if reader is not None:
         with clock.phase("data check"):  # counts, imbalance, duplicates and leakage across splits
-            report = check_folder(folder)
+            report = check_folder(folder, facts=reader.facts)
+        reader = None  # every image's facts: not kept for the rest of the run
         log.info(summary_line(report))
         files.write_json(run_dir / CHECK_FILE, report)
     return _run(config, backbone, folder, model, base, run_dir, None, callbacks, clock)
