@@ -140,10 +140,12 @@ class Session:
         elif self.config.mode == "extract" and self.config.cache_trunk:
             self.feature_views.trunk = split_at_cut(self.model, self.base, unfreeze[0])
 
-    def rebuild(self) -> None:
-        """The model built anew from the (changed) config, as a resumed run would build it:
-        same backbone weights, so the cached rows stay valid."""
-        self.model, self.base = build_from_config(self.config, self.backbone, self.n_classes)
+    def rebuild(self, built: tuple | None = None) -> None:
+        """The model built anew from the (changed) config, as a resumed run would build it
+        (``built``: a (model, base) already built so): same backbone weights, so the cached
+        rows stay valid."""
+        built = built or build_from_config(self.config, self.backbone, self.n_classes)
+        self.model, self.base = built
         self.checkpoint.full_model = self.model
         self.feature_views.use_model(self.model)
         if self.feature_views.trunk is not None:

@@ -81,10 +81,11 @@ class FeatureViews:
         self._used: dict[str, str] = {}  # `runtimes`
 
     def use_model(self, model: keras.Model) -> None:
-        """Extract through ``model`` from now on (same backbone weights: cached rows stay)."""
+        """Extract through ``model`` from now on (same backbone weights: cached rows stay, and
+        so do the runners of the frozen parts, the same functions, whose conversion and check
+        against Keras cost seconds)."""
         self.model = model
         self._frozen_parts.clear()
-        self._runners.clear()
 
     def runtimes(self) -> dict[str, str]:
         """Whose rows each frozen part gave so far (kind -> "keras" or "openvino:f32")."""
