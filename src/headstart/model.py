@@ -275,13 +275,20 @@ def unfreeze_counts(spec: str, backbone: Backbone, base) -> str:
 
 
 def compile_for(
-    model: keras.Model, n_classes: int, learning_rate: float, *, weighted: bool = False
+    model: keras.Model,
+    n_classes: int,
+    learning_rate: float,
+    *,
+    weighted: bool = False,
+    steps_per_execution: int = 1,
 ) -> None:
     """Logit outputs: binary cross-entropy for 2 classes, sparse categorical otherwise.
 
     ``weighted``: accuracy counts sample weights (``--distributed``, where validation's padding
     rows have weight 0, see `distributed.cluster.even_batches`; training accuracy then also
-    counts --class-weight's weights)."""
+    counts --class-weight's weights). ``steps_per_execution``: batches per call of the
+    compiled step (Keras's option: the same weights, fewer calls from Python; per-batch
+    callbacks see only every so many batches)."""
     if n_classes == 2:
         loss = keras.losses.BinaryCrossentropy(from_logits=True)
         accuracy = keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)
@@ -289,4 +296,9 @@ def compile_for(
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
     metrics = {"weighted_metrics" if weighted else "metrics": [accuracy]}
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, **metrics)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=loss,
+        steps_per_execution=steps_per_execution,
+        **metrics,
+    )
