@@ -416,3 +416,17 @@ def test_duplicate_groups_are_those_every_pair_gives(near_copies, tmp_path):
     found = {frozenset(f["path"] for f in g["files"]) for g in report["duplicates"]["groups"]}
     assert found == expected
     assert len(found) >= 10  # copies of most originals were found, smooth ones included
+
+
+def test_a_large_file_is_inspected_from_the_file_to_the_same_facts(planted, monkeypatch):
+    """A file too large to hold whole is hashed as it streams and decoded from the file: the
+    same facts as from its bytes in memory (JPEG and PNG)."""
+    paths = [str(p) for p in sorted(planted.rglob("*.*")) if p.suffix in (".jpg", ".png")][-6:]
+    in_memory = [inspect_image(path) for path in paths]
+    monkeypatch.setattr(check_module, "_IN_MEMORY_BYTES", 0)
+    for path, expected in zip(paths, in_memory, strict=True):
+        facts = inspect_image(path)
+        for name in ("sha1", "width", "height", "mode", "format", "odd"):
+            assert getattr(facts, name) == getattr(expected, name)
+        np.testing.assert_array_equal(facts.phash, expected.phash)
+        np.testing.assert_array_equal(facts.thumbnail, expected.thumbnail)

@@ -79,6 +79,7 @@ _EXTENSION_FORMATS = {
     ".webp": "WEBP",
 }
 _PAIR_BUDGET = 2**22  # cells of the pairwise distance matrix computed at once
+_IN_MEMORY_BYTES = 2**24  # a larger file is not held in memory whole while it is inspected
 _PIECE_BITS = 8  # `near_pairs` compares pairs sharing a piece this long, at least; all otherwise
 _SHARED_FRACTION = 8  # ... unless more than this fraction of all pairs share a piece
 _CANDIDATES = 2**19  # pairs sharing a piece compared at once
@@ -164,10 +165,16 @@ def _inspect(path: str) -> ImageFacts | str:
     counted: training still reads the first) instead of facts otherwise."""
     try:
         with open(path, "rb") as handle:
-            content = handle.read()
-        if not content:
+            size = os.fstat(handle.fileno()).st_size
+            if size > _IN_MEMORY_BYTES:  # hashed as it streams, decoded from the file
+                sha1 = hashlib.file_digest(handle, "sha1").hexdigest()
+            else:
+                content = handle.read()
+                sha1 = hashlib.sha1(content).hexdigest()
+        if not size:
             raise UnreadableImage("empty file")
-        with Image.open(io.BytesIO(content), formats=PIL_FORMATS) as img:
+        source = path if size > _IN_MEMORY_BYTES else io.BytesIO(content)
+        with Image.open(source, formats=PIL_FORMATS) as img:
             width, height, mode, fmt = img.width, img.height, img.mode, img.format or "?"
             small = decode_image(img, (HASH_SIDE, HASH_SIDE))
             try:  # after the pixels: counting seeks through a GIF's frames
@@ -179,7 +186,7 @@ def _inspect(path: str) -> ImageFacts | str:
     except Exception as exc:  # as `read_image` words it
         raise UnreadableImage(unreadable_reason(exc)) from exc
     return ImageFacts(
-        hashlib.sha1(content).hexdigest(),
+        sha1,
         *_hashes(small),
         width,
         height,
@@ -192,7 +199,10 @@ def _inspect(path: str) -> ImageFacts | str:
 class FactsReader:
     """The decode check's reader (`headstart.data.unreadable_images`) when the data check
     follows: it decodes each file once, as training will, and keeps its facts (or the check's
-    own reason, see `_inspect`) by path for `check_folder`."""
+    own reason, see `_inspect`) by path for `check_folder`. It decodes at the data check's
+    32 px where the decode check alone decodes at 64: the same decoder either way (a JPEG at
+    a reduced scale, which still reads all its data), so the same files are found unreadable,
+    for the same reasons."""
 
     def __init__(self):
         self.facts: dict[str, ImageFacts | str] = {}

@@ -62,6 +62,9 @@ from headstart.training.views import FeatureViews
 log = logging.getLogger(__name__)
 
 STAGE_NAMES = {"head": "stage 1", "fine_tune": "stage 2"}
+# A trial's batches per call of its compiled step: Python's per-batch overhead gone, and a
+# Ctrl-C still answered within that many batches
+STEPS_PER_CALL = 64
 
 
 @dataclasses.dataclass
@@ -461,11 +464,11 @@ class Session:
         trial's epochs and best weights are kept in `trials` (a `TrialRecord`), for the stage
         to replay if the candidate is chosen."""
         model = self.model if model is None else model
-        # nothing sees a trial's batches: on TensorFlow, an epoch of cached views per call
-        # of the compiled step (the same weights as one batch per call)
-        whole_epoch = isinstance(train_data, ViewSampler) and not self.config.distributed
-        whole_epoch = whole_epoch and keras.backend.backend() == "tensorflow"
-        self.compile(trainer, learning_rate, len(train_data) if whole_epoch else 1)
+        # nothing sees a trial's batches: on TensorFlow, up to an epoch of cached views per
+        # call of the compiled step (the same weights as one batch per call)
+        many = isinstance(train_data, ViewSampler) and not self.config.distributed
+        many = many and keras.backend.backend() == "tensorflow"
+        self.compile(trainer, learning_rate, min(len(train_data), STEPS_PER_CALL) if many else 1)
         best = BestModelCheckpoint(model, path=None)
         best.accuracy_floor = floor
         if key is not None:
