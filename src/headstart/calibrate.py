@@ -139,6 +139,12 @@ def calibrate(run: str | Path, *, batch_size: int = 32) -> dict:
     report: `headstart.report.redraw`).
     Accuracy is unchanged; the confidences, loss and ECE are those of the calibrated model."""
     run_dir = runs.open_run_dir(run)
+    if runs.was_refit(run_dir):
+        raise UsageError(
+            f"{run_dir}: model.keras was refit on the training and validation images, so T "
+            f"cannot be fitted on validation any more: train with --calibrate (T from the model "
+            f"chosen on validation) or --no-refit"
+        )
     config = Config.load(run_dir / runs.CONFIG_FILE)
     class_names = runs.read_labels(run_dir)
     folder = run_split(run_dir, config.data)
