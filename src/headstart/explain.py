@@ -46,6 +46,11 @@ def gradcam(model: keras.Model, images: np.ndarray, classes=None) -> Explanation
     pool = model.get_layer(FEATURES_NAME)
     if isinstance(pool, keras.layers.Concatenate):
         raise UsageError("Grad-CAM: a two-backbone fusion model has no single feature map")
+    if len(pool.input.shape) != 4:  # a transformer's (batch, tokens, d), e.g. a hub: ViT
+        raise UsageError(
+            f"Grad-CAM needs a spatial feature map: {backbone_layer_name(model)} outputs "
+            f"tokens {tuple(pool.input.shape[1:])} (a vision transformer), so there is no heatmap"
+        )
     if not isinstance(pool, keras.layers.GlobalAveragePooling2D | keras.layers.Flatten):
         raise UsageError(f"Grad-CAM: unsupported pooling layer {type(pool).__name__}")
     head = model.get_layer(CLASSIFIER_NAME)
