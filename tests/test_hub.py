@@ -236,6 +236,8 @@ def test_hub_vit_counts_transformer_blocks_and_has_no_gradcam(vit_preset):
     assert trainable == {"transformer_block_3", "ln"}
     model = build_model(spec, base, 2)
     assert isinstance(model.get_layer("features"), keras.layers.GlobalAveragePooling1D)
+    with pytest.raises(UsageError, match=r"--image-size 48: .*: use --image-size 32$"):
+        build_backbone(spec, 48, "imagenet")
     with pytest.raises(UsageError, match="Grad-CAM needs a spatial feature map.*tokens"):
         gradcam(model, _images(1))
 

@@ -187,7 +187,10 @@ def weights_files(preset: Preset) -> list[str]:
         folder = Path(preset.handle)
         shards = sorted(str(p) for p in folder.glob("model_*.weights.h5"))
         return files + (shards or [str(folder / WEIGHTS_FILE)])
-    return files + [preset_file(preset.handle, WEIGHTS_FILE)]
+    try:
+        return files + [preset_file(preset.handle, WEIGHTS_FILE)]
+    except FileNotFoundError:  # sharded: a remote version's handle names its weights already
+        return files
 
 
 def preprocessing_layers(preset: Preset, name: str) -> list[keras.layers.Layer]:
@@ -224,6 +227,12 @@ def build(preset: Preset, input_shape: tuple[int, int, int], weights: str | None
     except UsageError:
         raise
     except Exception as error:
+        if "divisible by patch size" in str(error):
+            raise UsageError(
+                f"--image-size {input_shape[0]}: {PREFIX}:{preset.handle} cuts images into "
+                f"patches; use a multiple of its patch size (its preset's size is "
+                f"{preset.image_size})"
+            ) from None
         if "shape of the target variable" in str(error):  # a ViT's position embeddings
             raise UsageError(
                 f"--image-size {input_shape[0]}: the weights of {PREFIX}:{preset.handle} fit "
