@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -264,3 +265,9 @@ def test_hub_vit_trains_and_its_model_loads(vit_preset, tiny_folder, tmp_path):
     model = keras.saving.load_model(result.run_dir / "model.keras")
     probabilities = keras.ops.convert_to_numpy(model(_images(2)))
     assert probabilities.shape == (2, 1) and np.isfinite(probabilities).all()
+
+
+def test_hub_without_keras_hub_names_the_extra(monkeypatch, resnet_preset):
+    monkeypatch.setitem(sys.modules, "keras_hub", None)  # import keras_hub raises ImportError
+    with pytest.raises(UsageError, match=r'need keras-hub: pip install "headstart\[hub\]"'):
+        get_backbone(f"hub:{resnet_preset}")
