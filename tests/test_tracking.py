@@ -251,3 +251,35 @@ def test_a_runs_config_json_as_config_trains_that_run_again(tracked, monkeypatch
     client = _client(first["mlflow"], monkeypatch)
     experiment = client.get_experiment_by_name("headstart")
     assert len(client.search_runs([experiment.experiment_id])) == 2
+
+
+@pytest.mark.slow  # importing MLflow: 2-5 s
+def test_mlflow_run_goes_on_after_a_resume_and_records_a_ctrl_c(tmp_path, monkeypatch):
+    """No training: the tracker alone, as a run killed by Ctrl-C and resumed would drive it."""
+    pytest.importorskip("mlflow")
+    from headstart.tracking import MlflowTracker
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = Config(data="D", out=str(run), mlflow=str(tmp_path / "mlruns"))
+    first = MlflowTracker(config.mlflow)
+    first.start(config)
+    first.epoch({"epoch": 0, "stage": "head", "loss": 0.9, "val_loss": 1.0})
+    first.trial("augment", "flip,rotate=0.1", {"val_accuracy": 0.5, "val_loss": 1.0, "epochs": 2})
+    first.fail(KeyboardInterrupt())
+    client = _client(first.uri, monkeypatch)
+    assert client.get_run(first.run_id).info.status == "KILLED"
+    again = MlflowTracker(config.mlflow)
+    again.start(config)  # resumed: the same MLflow run, named in the run folder's mlflow.json
+    assert again.run_id == first.run_id
+    again.epoch({"epoch": 1, "stage": "head", "loss": 0.8, "val_loss": 0.7})
+    (run / "metrics.json").write_text("{}")
+    again.end(config, {"accuracy": 0.75, "train_seconds": 3.0}, [run / "metrics.json"])
+    logged = client.get_run(first.run_id)
+    assert logged.info.status == "FINISHED"
+    history = client.get_metric_history(first.run_id, "val_loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.7)]
+    metrics = logged.data.metrics
+    assert metrics["trial/augment/flip_rotate_0.1/val_accuracy"] == 0.5  # MLflow-safe name
+    assert (metrics["test_accuracy"], metrics["train_seconds"]) == (0.75, 3.0)
+    assert [a.path for a in client.list_artifacts(first.run_id)] == ["metrics.json"]
