@@ -283,3 +283,10 @@ def test_mlflow_run_goes_on_after_a_resume_and_records_a_ctrl_c(tmp_path, monkey
     assert metrics["trial/augment/flip_rotate_0.1/val_accuracy"] == 0.5  # MLflow-safe name
     assert (metrics["test_accuracy"], metrics["train_seconds"]) == (0.75, 3.0)
     assert [a.path for a in client.list_artifacts(first.run_id)] == ["metrics.json"]
+
+
+def test_a_custom_head_runs_config_needs_its_head_builder():
+    from headstart import train
+
+    with pytest.raises(UsageError, match=r"custom_head my\.head: that run's head is Python code"):
+        train(Config(data="D", custom_head="my.head"))

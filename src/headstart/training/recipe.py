@@ -110,6 +110,12 @@ def train(
     config.validate()
     if head_builder is not None:
         config = dataclasses.replace(config, custom_head=_name_of(head_builder))
+    elif config.custom_head:  # a custom-head run's config.json given back: its head is code
+        raise UsageError(
+            f"custom_head {config.custom_head}: that run's head is Python code: train it from "
+            f"Python, headstart.train(config, head_builder={config.custom_head}), or set "
+            f"custom_head to null for the built-in head"
+        )
     cluster = join(config)
     with clock.phase("build model"):
         backbone = get_backbone(config.backbone)
