@@ -34,6 +34,7 @@ from headstart.model import (
     summary_text,
     trainer_for,
 )
+from headstart.tracking import Tracker
 from headstart.training.cache import FeatureCache
 from headstart.training.callbacks import (
     BestModelCheckpoint,
@@ -82,7 +83,8 @@ class Session:
 
     ``state`` is where a resumed run stopped (`headstart.training.state`); None for a new run.
     ``clock`` times the run's phases (`headstart.training.phases`): the choices and the
-    extractions each count under their own name.
+    extractions each count under their own name. ``tracker`` (`headstart.tracking`) is told
+    every epoch of the stages and every candidate's score of the choices.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class Session:
         state,
         *,
         clock: PhaseClock | None = None,
+        tracker: Tracker | None = None,
     ):
         self.config, self.backbone, self.folder = config, backbone, folder
         self.model, self.base, self.run_dir = model, base, run_dir
@@ -105,7 +108,8 @@ class Session:
         self.class_weight = class_weights(config.class_weight, folder.train.counts(self.n_classes))
         self.size = (config.image_size, config.image_size)
         self.checkpoint = BestModelCheckpoint(model, run_dir / runs.MODEL_FILE)
-        self.history = StageCSVLogger(str(run_dir / runs.HISTORY_FILE))
+        self.tracker = tracker or Tracker()
+        self.history = StageCSVLogger(str(run_dir / runs.HISTORY_FILE), on_row=self.tracker.epoch)
         if state is not None:
             self.checkpoint.set_state(state.callbacks["checkpoint"])
             self.history.rows = list(state.callbacks["history"])
