@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("runs", "tta", "model", "distributed", "distributed.cluster"),
     ("splits", "freeze", "figures", "imbalance", "tracking"),
     ("config", "data", "augment", "layers", "backbones"),
-    ("files", "metrics", "backbones.efficientnet_lite", "training.phases"),
+    ("files", "metrics", "backbones.efficientnet_lite", "backbones.hub", "training.phases"),
     ("_version", "errors"),  # the foundation
 ]
 

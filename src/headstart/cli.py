@@ -567,7 +567,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("-o", "--out", help="run directory (default: runs/<timestamp>)")
     add(
         "--backbone",
-        help="see `headstart backbones`; A+B fuses two (their pooled features concatenated)",
+        help="see `headstart backbones`; A+B fuses two (their pooled features concatenated); "
+        "hub:PRESET or hub:/path/to/preset is a keras-hub image backbone",
     )
     add("--weights", help="imagenet, none, or a weights file path")
     add("--image-size", type=int, help="input size in pixels (default: the backbone's)")
@@ -923,6 +924,10 @@ def _print_backbones(rows: list[dict]) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1])
+    print(
+        "\nhub:PRESET, hub:/path/to/preset: a keras-hub image backbone, by preset name or local "
+        'preset folder (pip install "headstart[hub]"; docs/backbones.md)'
+    )
 
 
 def _print_cache_entries(entries: list[dict]) -> None:

@@ -45,7 +45,7 @@ class Config:
 
     data: str
     out: str | None = None
-    backbone: str = "efficientnet_lite0"
+    backbone: str = "efficientnet_lite0"  # a registry name, "A+B" (fusion) or "hub:PRESET"
     weights: str = "default"  # "imagenet", "none", a path, or "default" (the backbone's own)
     image_size: int | None = None  # None: the backbone's default input size
     mode: Mode = "extract"  # extract: cache backbone features (workflow 2); frozen: workflow 1

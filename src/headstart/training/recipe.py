@@ -136,6 +136,7 @@ def train(
     run_dir = runs.new_run_dir(config.out) if cluster.writes else Path(tempfile.mkdtemp())
     config = dataclasses.replace(
         config,
+        backbone=backbone.name,  # canonical: a hub: preset folder as an absolute path
         data=str(Path(config.data).resolve()),
         out=str(run_dir),
         image_size=image_size,

@@ -20,7 +20,7 @@ import numpy as np
 
 from headstart import runs
 from headstart.augment import AUTO, build_augmenter
-from headstart.backbones import Backbone
+from headstart.backbones import Backbone, unfreeze_units
 from headstart.data import make_dataset
 from headstart.distributed.cluster import even_batches, sampler_batches
 from headstart.extract import InferenceModeTop, ViewSampler, split_at_cut
@@ -141,6 +141,8 @@ class Session:
         self.unfreeze = unfreeze
         if self.backbone.parts:
             log.info("fusion: fine-tuning runs the full model on images (no cached trunk)")
+        elif unfreeze_units(self.backbone, self.base) != self.base.layers:  # a ViT's blocks
+            log.info("%s: fine-tuning runs the full model on images", self.backbone.name)
         elif self.config.mode == "extract" and self.config.cache_trunk:
             self.feature_views.trunk = split_at_cut(self.model, self.base, unfreeze[0])
 
@@ -394,8 +396,8 @@ class Session:
         With a cached trunk only the top block and head run, on cached activations of the
         clean and augmented views; otherwise the full model runs on augmented images.
         """
-        for (_, base), count in zip(base_parts(self.backbone, self.base), unfreeze, strict=True):
-            unfreeze_top(base, count, self.config.bn)
+        for (part, base), count in zip(base_parts(self.backbone, self.base), unfreeze, strict=True):
+            unfreeze_top(base, count, self.config.bn, part)
         self.summaries.append("# stage 2: fine-tuning\n" + summary_text(self.model))
         trunk = self.feature_views.trunk
         if trunk is not None:
