@@ -16,6 +16,7 @@ from PIL import Image
 
 from headstart import Config, UsageError, train
 from headstart.calibrate import calibrate
+from headstart.cli import _config_of, build_parser
 from headstart.ensemble import ensemble
 from headstart.model import temperature_of
 from headstart.splits import run_split
@@ -173,3 +174,10 @@ def test_joined_rows_read_each_split_s_rows_in_order():
     np.testing.assert_array_equal(
         joined[[9, 0, 6, 5]], [val_rows[3], train_rows[0], val_rows[0], train_rows[5]]
     )
+
+
+def test_the_refit_is_the_default_and_no_refit_turns_it_off():
+    parser = build_parser()
+    assert Config(data="D").refit is True
+    assert _config_of(parser.parse_args(["train", "D"])).refit is True
+    assert _config_of(parser.parse_args(["train", "D", "--no-refit"])).refit is False
