@@ -19,9 +19,11 @@ from headstart.calibrate import calibrate
 from headstart.cli import _config_of, build_parser
 from headstart.ensemble import ensemble
 from headstart.model import temperature_of
+from headstart.runs import was_refit
 from headstart.splits import run_split
 from headstart.training.phases import PhaseClock
 from headstart.training.refit import CHOSEN_MODEL_FILE
+from headstart.training.session import Session
 from headstart.training.views import JoinedRows
 
 # A weak stage 1 (one epoch at a tiny rate) that fine-tuning beats, so the refit has both
@@ -74,14 +76,18 @@ def _recorded(events: list):
 
 @pytest.fixture(scope="module")
 def runs(mirrored_classes, tmp_path_factory):
-    """The same run refit (the default, every image file it opens recorded) and --no-refit."""
+    """The same run refit (the default, every image file it opens recorded), --no-refit, and
+    refit with the refit model made to fail its check (`headstart.training.refit.refit`)."""
     root = tmp_path_factory.mktemp("refit")
     common = dict(data=str(mirrored_classes), cache_dir=str(root / "cache"), **CONFIG)
     events: list = []
     with _recorded(events):
         refit = train(Config(out=str(root / "refit"), **common))
     chosen = train(Config(out=str(root / "chosen"), refit=False, **common))
-    return refit, chosen, events
+    with pytest.MonkeyPatch.context() as patch:  # right on half its images: chance, 2 classes
+        patch.setattr(Session, "evaluate", lambda *_: {"loss": 0.7, "accuracy": 0.5})
+        rejected = train(Config(out=str(root / "rejected"), **common))
+    return refit, chosen, events, rejected
 
 
 def _history(run) -> list[dict]:
@@ -89,9 +95,9 @@ def _history(run) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in rows]
 
 
-@pytest.mark.slow  # two training runs
+@pytest.mark.slow  # three training runs
 def test_the_refit_trains_both_stages_again_on_train_and_validation_for_the_chosen_epochs(runs):
-    refit, chosen, _ = runs
+    refit, chosen, *_ = runs
     metrics, folder = refit.metrics, run_split(refit.run_dir, refit.config.data)
     assert metrics["refit"] is True and chosen.metrics["refit"] is False
     assert json.loads((refit.run_dir / "config.json").read_text())["refit"] is True
@@ -129,13 +135,30 @@ def test_the_refit_trains_both_stages_again_on_train_and_validation_for_the_chos
         not np.allclose(a, b) for a, b in zip(*(m.get_weights() for m in models), strict=True)
     )
     assert metrics["n_test"] == chosen.metrics["n_test"] == len(folder.test)
+    assert metrics["refit_accuracy_on_its_images"] > 0.5  # its check: better than chance
 
 
-@pytest.mark.slow  # two training runs
+@pytest.mark.slow  # three training runs
+def test_a_refit_model_no_better_than_chance_on_its_own_images_is_not_kept(runs):
+    """model.keras stays the chosen model: the --no-refit run's, weight for weight."""
+    refit, chosen, _, rejected = runs
+    metrics = rejected.metrics
+    assert metrics["refit"] is False and metrics["saved_from"] == chosen.metrics["saved_from"]
+    assert metrics["refit_rejected"]["refit_accuracy_on_its_images"] == 0.5
+    assert metrics["refit_rejected"]["refit_epochs"] == refit.metrics["refit_epochs"]
+    models = [keras.saving.load_model(r.run_dir / "model.keras") for r in (rejected, chosen)]
+    for a, b in zip(*(m.get_weights() for m in models), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert metrics["accuracy"] == chosen.metrics["accuracy"]
+    assert metrics["calibration"] == chosen.metrics["calibration"]  # T on the chosen model
+    assert not was_refit(rejected.run_dir)  # calibrate and ensembles take it
+
+
+@pytest.mark.slow  # three training runs
 def test_the_test_split_is_read_only_after_the_refit(runs):
     """Apart from the decode check at the start (every image decoded once), no test image is
     opened before the refit's model is saved: not by the choices, the stages or the refit."""
-    refit, _, events = runs
+    refit, _, events, _ = runs
     test = {os.path.realpath(p) for p in run_split(refit.run_dir, refit.config.data).test.paths}
     refit_end = events.index(("end", "refit"))
     test_reads = [
@@ -148,9 +171,9 @@ def test_the_test_split_is_read_only_after_the_refit(runs):
     assert {phases[0] for phases in late} == {"test", "report"}
 
 
-@pytest.mark.slow  # two training runs
+@pytest.mark.slow  # three training runs
 def test_calibrate_fits_t_on_the_chosen_model_and_puts_it_on_the_refit_model(runs):
-    refit, chosen, _ = runs
+    refit, chosen, *_ = runs
     record, chosen_record = refit.metrics["calibration"], chosen.metrics["calibration"]
     # the same model (the choosing phase's) and validation images: the same T
     assert record["temperature"] == chosen_record["temperature"]

@@ -69,8 +69,12 @@ def test_run_directory_holds_everything(scratch_run, tiny_folder):
 def test_scratch_baseline_learns_the_tiny_folder(scratch_run):
     assert scratch_run.metrics["accuracy"] >= 0.75
     rows = list(csv.DictReader((scratch_run.run_dir / "history.csv").open()))
-    assert rows and {row["stage"] for row in rows} == {"head"}  # scratch: no fine-tune stage
-    assert float(rows[-1]["accuracy"]) > float(rows[0]["accuracy"])
+    # scratch: no fine-tune stage; the default refit trains stage 1 again on train + val (and
+    # model.keras is the refit model only if it beats chance on those images: this scratch CNN's
+    # BatchNormalization can leave it answering one class, which the checkpoint never keeps)
+    assert rows and {row["stage"] for row in rows} == {"head", "refit_head"}
+    head = [row for row in rows if row["stage"] == "head"]
+    assert float(head[-1]["accuracy"]) > float(head[0]["accuracy"])
 
 
 @pytest.mark.core

@@ -69,6 +69,7 @@ from headstart.training.refit import (
     calibrate_refit,
     end_refit,
     refit,
+    refit_kept,
     refit_record,
     start_refit,
 )
@@ -371,6 +372,7 @@ def _stages_and_test(
     fine_tune = fine_tune and any(unfreeze)
     refits = _refits(config, folder)
     _stages(session, state, fine_tune, unfreeze, refits)
+    refitted = refits and refit_kept(session.plan)  # model.keras is the refit model
     train_seconds = session.elapsed()
     if config.distributed:  # evaluation and the report are process 0's, on one device
         cluster = current(True)
@@ -381,7 +383,7 @@ def _stages_and_test(
             log.info(breakdown_line(*clock.breakdown()))
             return TrainResult(run_dir, {}, session.config)
     with clock.phase("test"):  # the first time the test split is read since the checks
-        metrics = _test_metrics(config, folder, run_dir, session, fine_tune, refits)
+        metrics = _test_metrics(config, folder, run_dir, session, fine_tune, refitted)
     metrics["train_seconds"] = round(train_seconds, 1)  # training and refit, test excluded
     metrics["skipped"] = len(folder.skipped)
     metrics.update(_what_was_chosen(session, fine_tune, refits))
@@ -391,7 +393,7 @@ def _stages_and_test(
             "fine-tuning did not beat stage 1's validation accuracy (%.4f): model.keras is the "
             "stage-1 model%s",
             session.checkpoint.accuracy_floor,
-            " (refit: stage 1 only)" if refits else "",
+            " (refit: stage 1 only)" if refitted else "",
         )
     with clock.phase("report"):
         if session.summaries:  # a resumed run keeps the summaries written when it started
@@ -511,12 +513,15 @@ def _what_was_chosen(session: Session, fine_tune: bool, refits: bool = False) ->
     augmentation and fine-tuning rate, with every candidate's validation scores."""
     config, checkpoint = session.config, session.checkpoint
     chosen = {**checkpoint.saved, "epoch": checkpoint.saved["epoch"] + 1}
-    record: dict = {"refit": refits}
-    if refits:  # the validation figures are the choosing phase's: the refit has none
+    refitted = refits and refit_kept(session.plan)
+    record: dict = {"refit": refitted}
+    if refitted:  # the validation figures are the choosing phase's: the refit has none
         record["validation_choosing_phase"] = chosen
-        record.update(refit_record(session.plan))
+        record.update(refit_record(session.plan, session.folder.class_names))
     else:
         record["saved_from"] = chosen
+        if refits:  # refit, and found wanting (`headstart.training.refit.refit`)
+            record["refit_rejected"] = refit_record(session.plan, session.folder.class_names)
     if fine_tune:
         record["fine_tune_kept"] = checkpoint.saved["stage"] == "fine_tune"
     runtimes = session.feature_views.runtimes()

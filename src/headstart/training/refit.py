@@ -21,6 +21,14 @@ training data): model.keras is the refit's last epoch, saved when it ends; the v
 figures of the run are the choosing phase's, in metrics.json's ``validation_choosing_phase``.
 The test split is read only after that, by the test pass.
 
+One check stands in for the checkpoint the refit cannot have: the refit model, in inference
+mode, must classify the images it trained on better than always answering their most
+frequent class. A from-scratch network with BatchNormalization can end its last epoch with
+statistics that break inference (seen on 36 tiny images: every answer the same class); the
+choosing phase's checkpoint never saves such an epoch, the refit would. If the check fails,
+model.keras stays the chosen model and the run says so (metrics.json: ``refit`` false,
+``refit_rejected``).
+
 ``--calibrate`` needs held-out outputs, which the refit model no longer has: T is fitted on
 the validation outputs of the choosing phase's chosen model (kept as `CHOSEN_MODEL_FILE`
 until the run ends) and put on the refit model (`calibrate_refit`), which trained by the same
@@ -37,6 +45,7 @@ import keras
 
 from headstart import files, runs
 from headstart.calibrate import calibrate_model, with_temperature
+from headstart.extract import ViewSampler
 from headstart.imbalance import class_weights
 from headstart.training.session import Session
 from headstart.training.views import TRAIN_VAL, split_of
@@ -85,12 +94,22 @@ def refit(session: Session, stage: str, unfreeze: list[int]) -> None:
     """Both stages again on the training and validation images by the session's plan, from
     ``stage`` ("refit_head", or "refit_fine_tune" when resumed after the refit's stage 1);
     model.keras is then the refit model."""
-    plan, config = session.plan, session.config
     state = session.state
     if state is None or state.stage not in REFIT_STAGES:  # the choosing phase trained it
         session.rebuild()
     train_val = split_of(session.folder, TRAIN_VAL)
-    session.class_weight = class_weights(config.class_weight, train_val.counts(session.n_classes))
+    chosen_weights = session.class_weight  # the training split's, which metrics.json records
+    weighting = session.config.class_weight
+    session.class_weight = class_weights(weighting, train_val.counts(session.n_classes))
+    try:
+        _refit(session, stage, unfreeze, train_val)
+    finally:
+        session.class_weight = chosen_weights
+
+
+def _refit(session: Session, stage: str, unfreeze: list[int], train_val) -> None:
+    """`refit`'s stages, its check, and model.keras."""
+    plan, config, state = session.plan, session.config, session.state
     head, fine_tune = plan["head"], plan["fine_tune"]
     log.info(
         "refit on %d training + validation images: stage 1 for %d epochs%s (chosen on validation)",
@@ -116,8 +135,35 @@ def refit(session: Session, stage: str, unfreeze: list[int]) -> None:
         data = session.fine_tune_data(TRAIN_VAL)
         rates = fine_tune["rates"]
         session.fit(trainer, "refit_fine_tune", data, None, fine_tune["epochs"], rates=rates)
-    files.save_model_atomic(session.model, session.run_dir / runs.MODEL_FILE)  # then "done"
+    clean = _clean_images(session, fine_tuned=bool(fine_tune["epochs"]))
+    accuracy = float(session.evaluate(trainer, clean)["accuracy"])
+    counts = train_val.counts(session.n_classes)
+    session.plan["kept"] = accuracy > max(counts) / sum(counts)
+    session.plan["accuracy_on_its_images"] = round(accuracy, 6)
+    if session.class_weight:  # --class-weight: by the counts of both splits
+        session.plan["class_weights"] = {str(i): w for i, w in session.class_weight.items()}
+    if session.plan["kept"]:
+        files.save_model_atomic(session.model, session.run_dir / runs.MODEL_FILE)  # then "done"
+    else:
+        log.warning(
+            "the refit model answers %.4f of its own training images right, no better than "
+            "always answering their most frequent class: model.keras stays the model chosen "
+            "on validation",
+            accuracy,
+        )
     session.end_stage("done")
+
+
+def _clean_images(session: Session, *, fine_tuned: bool):
+    """The training and validation images as the refit's last stage sees them (cached rows,
+    or the images), each once, unaugmented, in order."""
+    views = session.feature_views
+    cached = session.config.mode == "extract" and (views.trunk is not None or not fine_tuned)
+    if not cached:
+        return session.images(TRAIN_VAL, training=False)
+    rows = views.rows("trunk" if fine_tuned else "pooled", TRAIN_VAL)
+    labels = split_of(session.folder, TRAIN_VAL).labels
+    return ViewSampler([rows], labels, session.config.batch_size, shuffle=False)
 
 
 def calibrate_refit(model: keras.Model, run_dir: Path, val, batch_size: int):
@@ -132,12 +178,25 @@ def calibrate_refit(model: keras.Model, run_dir: Path, val, batch_size: int):
     return with_temperature(model, record["temperature"]), record
 
 
-def refit_record(plan: dict) -> dict:
-    """metrics.json's account of the refit: epochs per stage and images trained on."""
-    return {
+def refit_kept(plan: dict) -> bool:
+    """Whether model.keras is the refit model (it passed `refit`'s check)."""
+    return bool(plan.get("kept"))
+
+
+def refit_record(plan: dict, class_names) -> dict:
+    """metrics.json's account of the refit: epochs per stage, images trained on, how many of
+    them the refit model gets right, and its class weights (of both splits' counts)."""
+    record = {
         "refit_epochs": {stage: plan[stage]["epochs"] for stage in ("head", "fine_tune")},
         "refit_images": plan["images"],
+        "refit_accuracy_on_its_images": plan["accuracy_on_its_images"],
     }
+    if plan.get("class_weights"):
+        weights = plan["class_weights"]
+        record["refit_class_weights"] = {
+            name: round(weights[str(i)], 6) for i, name in enumerate(class_names)
+        }
+    return record
 
 
 def end_refit(run_dir: Path) -> None:

@@ -308,6 +308,11 @@ class Session:
         """`compile_for` this run: its classes, and weighted accuracy when distributed."""
         compile_for(trainer, self.n_classes, learning_rate, weighted=self.config.distributed)
 
+    def evaluate(self, trainer, data) -> dict:
+        """``trainer``'s loss and accuracy on ``data`` in inference mode, scored as validation
+        is (every image once, also when distributed)."""
+        return trainer.evaluate(self._feed(data, training=False), verbose=0, return_dict=True)
+
     def _feed(self, data, *, training: bool):
         """What ``fit`` gets for ``data``: cached views go in as tf.data when distributed
         (Keras's multi-process data adapter takes nothing else), as the sampler otherwise."""
