@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from headstart.data import PIL_FORMATS, ImageFolder, UnreadableImage, read_image
+from headstart.data import PIL_FORMATS, ImageFolder, UnreadableImage, is_labels_file, read_image
 from headstart.errors import UsageError
 from headstart.files import write_ascii_json
 from headstart.splits import (
@@ -584,14 +584,17 @@ def leakage_free(folder: ImageFolder, report: dict) -> tuple[ImageFolder, int]:
 
 
 def default_out(data: str | Path) -> Path:
-    """``./check-<DATA folder name>.json``: in the working folder, never inside DATA."""
-    name = Path(os.path.abspath(os.fspath(data))).name or "data"
+    """``./check-<DATA folder name>.json`` (``check-<name>.json`` for ``<name>.csv``): in the
+    working folder, never inside a DATA folder."""
+    path = Path(os.path.abspath(os.fspath(data)))
+    name = (path.stem if is_labels_file(path) else path.name) or "data"
     return Path(f"check-{name}.json")
 
 
 def check(
     data: str | Path,
     *,
+    root: str | Path | None = None,
     val_split: float = 0.2,
     test_split: float = 0.1,
     seed: int = 0,
@@ -599,20 +602,28 @@ def check(
     fix_split: str | Path | None = None,
     near_distance: int = NEAR_DISTANCE,
 ) -> dict:
-    """Check DATA as `train` would split it; write the report to ``out`` (default
-    `default_out`) and, with ``fix_split``, a leakage-free split manifest. Returns the report.
+    """Check DATA (a folder, or a CSV labels file whose relative paths start from ``root``) as
+    `train` would split it; write the report to ``out`` (default `default_out`) and, with
+    ``fix_split``, a leakage-free split manifest. Returns the report.
 
-    Both outputs are refused inside DATA: the data folder is only ever read.
+    Both outputs are refused inside a DATA folder (it is only ever read), and over a CSV file.
     """
     out = Path(out) if out else default_out(data)
     for option, target in (("--out", out), ("--fix-split", fix_split)):
         if target is not None:
             _refuse_inside(data, target, option)
     folder = load_image_folder(
-        str(data), val_split=val_split, test_split=test_split, seed=seed, min_classes=1
+        str(data),
+        root=None if root is None else str(root),
+        val_split=val_split,
+        test_split=test_split,
+        seed=seed,
+        min_classes=1,
     )
     report = check_folder(folder, near_distance=near_distance)
     report["split"] = {"val_split": val_split, "test_split": test_split, "seed": seed}
+    if is_labels_file(data):  # "data" is the folder the file's paths start from
+        report["labels_file"] = os.path.abspath(os.fspath(data))
     if fix_split is not None:
         fixed, moved = leakage_free(folder, report)
         note = (
@@ -630,6 +641,10 @@ def check(
 def _refuse_inside(data: str | Path, target: str | Path, option: str) -> None:
     root = Path(os.path.realpath(os.fspath(data)))
     where = Path(os.path.realpath(os.fspath(target)))
+    if is_labels_file(data):  # the images may sit anywhere: only the file itself is refused
+        if where == root:
+            raise UsageError(f"{option} {target} is the labels file {data}: choose another path")
+        return
     if where == root or root in where.parents:
         raise UsageError(
             f"{option} {target} is inside the data folder {data}, which headstart never writes "

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train(add_verb) -> None:
     parser = add_verb("train", help="train, evaluate and save a classifier")
-    parser.add_argument("data", nargs="?", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
+    _data_arguments(parser)
     _train_arguments(parser)
     parser.add_argument(
         "--resume",
@@ -134,8 +134,11 @@ def _add_train(add_verb) -> None:
 def _train(args: argparse.Namespace) -> int:
     if args.resume:
         return _resume(args)
-    if not args.data:
-        raise UsageError("train needs DATA (a folder of class folders), or --resume RUN")
+    if not args.data and not args.labels:
+        raise UsageError(
+            "train needs DATA (a folder of class folders, or a CSV labels file), or --resume RUN"
+        )
+    _take_labels(args)
     from headstart.training import train  # Keras/TensorFlow
 
     _resolve_out(args)
@@ -167,9 +170,9 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(add_verb) -> None:
-    parser = add_verb("evaluate", help="score a run on a folder of labelled images")
+    parser = add_verb("evaluate", help="score a run on a folder (or CSV file) of labelled images")
     parser.add_argument("run")
-    parser.add_argument("data")
+    _data_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tta", type=int, default=1, metavar="N", help=_TTA_HELP)
     parser.set_defaults(handler=_evaluate)
@@ -179,7 +182,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     # Pillow; evaluate() itself loads Keras/TensorFlow
     from headstart.evaluation import evaluate, format_metrics, format_tta, format_uncertainty
 
-    metrics = evaluate(args.run, args.data, batch_size=args.batch_size, tta=args.tta)
+    _take_labels(args)
+    metrics = evaluate(
+        args.run, args.data, root=args.root, batch_size=args.batch_size, tta=args.tta
+    )
     print(format_metrics(metrics))
     for line in (format_uncertainty(metrics), format_tta(metrics)):
         if line:
@@ -214,7 +220,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _add_check(add_verb) -> None:
     parser = add_verb("check", help="check a data folder: counts, bad files, duplicates, leakage")
-    parser.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
+    _data_arguments(parser)
     parser.add_argument("-o", "--out", help="report file (default: ./check-<DATA name>.json)")
     parser.add_argument(
         "--fix-split",
@@ -242,8 +248,10 @@ def _check(args: argparse.Namespace) -> int:
     from headstart.check import check, format_summary  # Pillow
 
     near = {} if args.near_distance is None else {"near_distance": args.near_distance}
+    _take_labels(args)
     report = check(
         args.data,
+        root=args.root,
         val_split=args.val_split,
         test_split=args.test_split,
         seed=args.seed,
@@ -356,7 +364,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _add_cv(add_verb) -> None:
     parser = add_verb("cv", help="stratified K-fold cross-validation: accuracy mean ± std")
-    parser.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/* (pooled)")
+    _data_arguments(parser, "(train/val/test pooled)")
     parser.add_argument("--folds", type=int, default=5, metavar="K")
     _train_arguments(parser)  # every fold trains with these; --out holds fold1..K and cv.json
     parser.add_argument(
@@ -368,6 +376,7 @@ def _add_cv(add_verb) -> None:
 def _cv(args: argparse.Namespace) -> int:
     if args.test_split != Config(data="").test_split:
         raise UsageError("cv: --test-split does not apply, each fold tests 1/K of the images")
+    _take_labels(args)
     from headstart.cv import cross_validate, format_cv  # Pillow; each fold loads Keras
 
     _resolve_out(args)
@@ -515,7 +524,7 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 def _add_tune(add_verb) -> None:
     parser = add_verb("tune", help="search head hyperparameters with KerasTuner on cached features")
-    parser.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
+    _data_arguments(parser)
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--max-time", type=float, metavar="MIN", help="start no trial after this")
     parser.add_argument(
@@ -530,6 +539,7 @@ def _add_tune(add_verb) -> None:
 
 
 def _tune(args: argparse.Namespace) -> int:
+    _take_labels(args)
     from headstart.tune import tune  # KerasTuner, Keras/TensorFlow
 
     result = tune(
@@ -547,6 +557,33 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------ shared options
+
+
+def _data_arguments(parser: argparse.ArgumentParser, pooled: str = "") -> None:
+    """DATA (optional here: `_take_labels` requires it), or ``--labels CSV``, and ``--root``."""
+    parser.add_argument(
+        "data",
+        nargs="?",
+        help="DATA/<class>/*, DATA/{train,val,test}/<class>/*, or a CSV labels file with "
+        f"columns path,label[,split] {pooled}".rstrip(),
+    )
+    parser.add_argument(
+        "--labels", metavar="CSV", help="a CSV labels file (path,label[,split]), in place of DATA"
+    )
+    parser.add_argument(
+        "--root",
+        metavar="DIR",
+        help="the folder a CSV file's relative image paths start from (default: the CSV's folder)",
+    )
+
+
+def _take_labels(args: argparse.Namespace) -> None:
+    """``--labels CSV`` is DATA; giving both, or neither, is a usage error."""
+    if args.data and args.labels:
+        raise UsageError(f"give DATA ({args.data}) or --labels {args.labels}, not both")
+    args.data = args.data or args.labels
+    if not args.data:
+        raise UsageError(f"{args.verb} needs DATA (a folder, or a CSV labels file) or --labels CSV")
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:

@@ -39,7 +39,9 @@ class Config:
     holds the concrete values that were used.
     """
 
-    data: str
+    data: str  # a folder of labelled images, or a CSV labels file (path,label[,split])
+    # a CSV labels file's relative paths start from this folder (--root); None: the file's own
+    root: str | None = None
     out: str | None = None
     backbone: str = "efficientnet_lite0"
     weights: str = "default"  # "imagenet", "none", a path, or "default" (the backbone's own)

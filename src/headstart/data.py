@@ -1,9 +1,11 @@
 """Read images and folders of labelled images, and feed them to Keras as tf.data pipelines.
 
-Two layouts are accepted: ``DATA/<class>/*`` (split by `headstart.splits`, stratified and
-seeded) and ``DATA/{train,val,test}/<class>/*`` (the user's split is kept). Every image is
-decoded once up front so broken files are reported before training instead of killing it
-halfway. The data folder is only ever read, never written.
+Two folder layouts are accepted: ``DATA/<class>/*`` (split by `headstart.splits`, stratified
+and seeded) and ``DATA/{train,val,test}/<class>/*`` (the user's split is kept). A CSV labels
+file (``path,label[,split]``, `read_labels_csv`) is read into the very same `Scan`: without a
+split column like the first layout, with one like the second. Every image is decoded once up
+front so broken files are reported before training instead of killing it halfway. The data
+folder is only ever read, never written.
 
 Pixel conventions (identical for training and prediction, since both go through `read_image`):
 transparent images are composited on white, 16-bit images are scaled to 8 bits, EXIF
@@ -12,6 +14,7 @@ orientation is applied, and GIF/WebP animations use their first frame.
 
 from __future__ import annotations
 
+import csv
 import errno
 import glob
 import logging
@@ -41,6 +44,8 @@ PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")
 
 CLASS_FOLDERS = "class_folders"
 SPLIT_FOLDERS = "split_folders"
+CSV_LAYOUT = "csv"  # a CSV labels file: path,label[,split]
+CSV_COLUMNS = ("path", "label", "split")  # the columns headstart reads (others are ignored)
 
 _SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 _CACHE_BUDGET_BYTES = 2 * 1024**3
@@ -314,15 +319,27 @@ class Scan:
     layout: str
     found: dict[str, dict[str, list[str]]]
     unreadable: dict[str, str]
+    labels_file: str | None = None  # the CSV labels file, when the data is one
+
+
+def scan_data(
+    data: str, *, root: str | None = None, check_size: int = 64, workers: int | None = None
+) -> Scan:
+    """`scan_folder` for a folder, `scan_csv` for a CSV labels file (``root``: the folder its
+    relative paths start from; only for a CSV)."""
+    if is_labels_file(data):
+        return scan_csv(data, root=root, check_size=check_size, workers=workers)
+    if root is not None:
+        raise UsageError(
+            f"--root {root} applies to a CSV labels file, and {data} is a folder: drop --root"
+        )
+    return scan_folder(data, check_size=check_size, workers=workers)
 
 
 def scan_folder(root: str, *, check_size: int = 64, workers: int | None = None) -> Scan:
     """Find the class folders under ``root`` and decode every image once (unreadable files
     are recorded with their reason, never fatal); `headstart.splits` splits the result."""
-    if workers is not None and workers < 1:
-        raise UsageError(f"workers must be at least 1, got {workers!r}")
-    if check_size < 1:
-        raise UsageError(f"check_size must be at least 1, got {check_size!r}")
+    _check_scan_arguments(check_size, workers)
     root = _existing_folder(root)
     layout, found = _detect_layout(root)
     paths = [p for classes in found.values() for files in classes.values() for p in files]
@@ -332,6 +349,13 @@ def scan_folder(root: str, *, check_size: int = 64, workers: int | None = None) 
         for split, classes in found.items()
     }
     return Scan(root, layout, found, bad)
+
+
+def _check_scan_arguments(check_size: int, workers: int | None) -> None:
+    if workers is not None and workers < 1:
+        raise UsageError(f"workers must be at least 1, got {workers!r}")
+    if check_size < 1:
+        raise UsageError(f"check_size must be at least 1, got {check_size!r}")
 
 
 def _drop_unreadable(
@@ -354,28 +378,189 @@ def _existing_folder(root: str) -> str:
     if not os.path.exists(path):
         raise UsageError(f"data folder not found: {path}")
     if not os.path.isdir(path):
-        raise UsageError(f"data path is not a folder: {path} (expected DATA/<class>/<images>)")
+        raise UsageError(
+            f"data path is not a folder: {path} (expected DATA/<class>/<images>, or a .csv "
+            f"labels file with columns path,label)"
+        )
     return path
 
 
-def require_classes(root: str, names: Iterable[str], minimum: int) -> tuple[str, ...]:
+def require_classes(
+    root: str, names: Iterable[str], minimum: int, *, labels_file: str | None = None
+) -> tuple[str, ...]:
+    """The class names, sorted; at least ``minimum`` of them. ``labels_file``: the classes are
+    the labels of that CSV file (``root`` is then the file too), not folder names."""
     class_names = tuple(sorted(names))
+    what = "label" if labels_file else "class folder name"
     for name in class_names:
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:
             shown = name.encode("utf-8", "backslashreplace").decode("utf-8")
             raise UsageError(
-                f"class folder name '{shown}' in {root} is not valid UTF-8 (class names go into "
-                f"labels.json): rename the folder"
+                f"{what} '{shown}' in {root} is not valid UTF-8 (class names go into "
+                f"labels.json): rename the {'label' if labels_file else 'folder'}"
             ) from None
     if len(class_names) < max(1, minimum):
         found = ", ".join(class_names) or "none"
+        kind, fix = (
+            ("label(s)", "give the images at least that many different labels")
+            if labels_file
+            else ("class folder(s)", "put each class's images in its own subfolder")
+        )
         raise UsageError(
-            f"{root}: found {len(class_names)} class folder(s) with readable images ({found}); "
-            f"need at least {max(1, minimum)}: put each class's images in its own subfolder"
+            f"{root}: found {len(class_names)} {kind} with readable images ({found}); "
+            f"need at least {max(1, minimum)}: {fix}"
         )
     return class_names
+
+
+# ----------------------------------------------------------------------------- CSV labels
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """One image of a CSV labels file."""
+
+    line: int  # its line in the file (the header is line 1), for error messages
+    path: str  # absolute
+    label: str  # the label cell, stripped
+    split: str | None  # "train", "val" or "test"; None when the file has no split column
+
+
+def is_labels_file(data) -> bool:
+    """A dataset given as a CSV labels file (``path,label[,split]``) rather than a folder."""
+    return os.fspath(data).lower().endswith(".csv")
+
+
+def image_root(data, root=None) -> str:
+    """The folder a dataset's image paths are relative to (absolute): DATA itself for a
+    folder; for a CSV labels file ``root`` (``--root``) or, by default, the file's folder."""
+    if not is_labels_file(data):
+        return os.path.abspath(os.fspath(data))
+    if root is not None:
+        return os.path.abspath(os.fspath(root))
+    return os.path.dirname(os.path.abspath(os.fspath(data)))
+
+
+def read_labels_csv(path, root=None) -> list[LabelRow]:
+    """The rows of a CSV labels file: a header naming the columns ``path`` and ``label`` (and
+    optionally ``split``: train, val or test; other columns are ignored), then one row per
+    image. Relative paths start from `image_root` (``root``, default the file's folder).
+
+    Whether the images can be read is not checked here (`scan_csv` does, and skips those that
+    cannot); a file that cannot be parsed as such a table is a one-line `UsageError` naming
+    the line: no header, a column named twice, a row with too few or too many cells, an empty
+    path, a split that is not train/val/test, an image listed twice, no rows.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise UsageError(f"labels file not found: {path} (a .csv file with columns path,label)")
+    base = image_root(path, root)
+    if root is not None and not os.path.isdir(base):
+        raise UsageError(f"--root {root}: folder not found ({base})")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's BOM
+            reader = csv.reader(handle)
+            lines = [(reader.line_num, cells) for cells in reader]
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not UTF-8 text ({exc.reason}): save it as UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise UsageError(f"{path} is not a readable CSV file: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read labels file {path}: {exc.strerror or exc}") from None
+    lines = [(line, cells) for line, cells in lines if any(c.strip() for c in cells)]
+    if not lines:
+        raise UsageError(
+            f"{path} is empty: expected a header line path,label (optionally ,split) and one "
+            f"row per image"
+        )
+    header_line, header = lines[0]
+    columns = _csv_columns(path, header_line, header)
+    rows = [_label_row(path, line, cells, columns, len(header), base) for line, cells in lines[1:]]
+    if not rows:
+        raise UsageError(f"{path} has a header but no rows: add one row per image")
+    seen: dict[str, int] = {}
+    for row in rows:
+        key = os.path.normcase(row.path)
+        if key in seen:
+            raise UsageError(
+                f"{path} line {row.line}: {row.path} is already listed on line {seen[key]}: "
+                f"list each image once"
+            )
+        seen[key] = row.line
+    return rows
+
+
+def _csv_columns(path: str, line: int, header: list[str]) -> dict[str, int]:
+    """Column name -> index, for the columns headstart reads."""
+    names = [cell.strip().lower() for cell in header]
+    for i, name in enumerate(names):
+        if name and name in names[:i]:
+            raise UsageError(
+                f"{path} line {line}: the header names column '{name}' twice: keep one"
+            )
+    missing = [name for name in CSV_COLUMNS[:2] if name not in names]
+    if missing:
+        found = ",".join(cell.strip() for cell in header)
+        raise UsageError(
+            f"{path} line {line}: the header must name the columns path and label (optionally "
+            f"split), found '{found}': add the header line path,label"
+        )
+    return {name: names.index(name) for name in CSV_COLUMNS if name in names}
+
+
+def _label_row(
+    path: str, line: int, cells: list[str], columns: dict[str, int], width: int, base: str
+) -> LabelRow:
+    if len(cells) != width:
+        raise UsageError(
+            f"{path} line {line}: {len(cells)} cells where the header has {width}: "
+            f"{'fill in every column' if len(cells) < width else 'quote cells holding commas'}"
+        )
+    file = cells[columns["path"]].strip()
+    if not file:
+        raise UsageError(f"{path} line {line}: empty path: give every row an image path")
+    split = None
+    if "split" in columns:
+        cell = cells[columns["split"]].strip()
+        split = _SPLIT_NAMES.get(cell.lower())
+        if split is None:
+            raise UsageError(
+                f"{path} line {line}: split '{cell}' is not train, val or test: fix the row "
+                f"(or drop the split column to split by the seed)"
+            )
+    return LabelRow(
+        line=line,
+        path=os.path.normpath(os.path.join(base, os.path.expanduser(file))),
+        label=cells[columns["label"]].strip(),
+        split=split,
+    )
+
+
+def scan_csv(
+    path: str, *, root: str | None = None, check_size: int = 64, workers: int | None = None
+) -> Scan:
+    """A CSV labels file (`read_labels_csv`) as the `Scan` of a folder: its images by class,
+    under "all" without a split column, under train/val/test with one; every image decoded
+    once, and those missing or unreadable recorded with their reason (never fatal)."""
+    _check_scan_arguments(check_size, workers)
+    rows = read_labels_csv(path, root)
+    path = os.path.abspath(os.fspath(path))
+    for row in rows:
+        if not row.label:
+            raise UsageError(f"{path} line {row.line}: empty label: give every row its class")
+    found: dict[str, dict[str, list[str]]] = {}
+    for row in rows:
+        found.setdefault(row.split or "all", {}).setdefault(row.label, []).append(row.path)
+    if rows[0].split is not None and "train" not in found:
+        raise UsageError(f"{path}: no row has split 'train': mark the training images train")
+    bad = _check_images([row.path for row in rows], check_size, workers)
+    found = {
+        split: _drop_unreadable(classes, bad, "" if split == "all" else f" in {split} rows")
+        for split, classes in found.items()
+    }
+    return Scan(image_root(path, root), CSV_LAYOUT, found, bad, labels_file=path)
 
 
 # ----------------------------------------------------------------------------- tf.data

@@ -114,27 +114,43 @@ def write_predictions(
     files.write_text_atomic(path, buffer.getvalue(), errors="backslashreplace")
 
 
-def evaluate(run: str | Path, data: str | Path, *, batch_size: int = 32, tta: int = 1) -> dict:
+def evaluate(
+    run: str | Path,
+    data: str | Path,
+    *,
+    root: str | Path | None = None,
+    batch_size: int = 32,
+    tta: int = 1,
+) -> dict:
     """Score a saved run on DATA and write ``RUN/evaluation.json``.
 
-    DATA that is the run's own training folder is scored on the run's test split (same seed and
-    fractions, so no training image is counted); any other folder is scored on its ``test``
-    subfolder if it has one, else on all of its images. With ``tta`` > 1 the metrics are those
-    of test-time augmentation, and ``"tta"`` holds the accuracy without it and the paired
-    bootstrap interval of the change.
+    DATA that is the run's own training data (folder or CSV labels file) is scored on the run's
+    test split (same seed and fractions, so no training image is counted); any other folder is
+    scored on its ``test`` subfolder if it has one, else on all of its images, and any other
+    CSV file on its test rows if it has a split column, else on all of its rows. ``root``: the
+    folder a CSV file's relative paths start from (default: the file's folder). With ``tta`` > 1
+    the metrics are those of test-time augmentation, and ``"tta"`` holds the accuracy without
+    it and the paired bootstrap interval of the change.
     """
     if tta != 1:
         check_views(tta)
     run_dir = runs.open_run_dir(run)
     config = Config.load(run_dir / runs.CONFIG_FILE)
     class_names = runs.read_labels(run_dir)
+    root = None if root is None else str(root)
     if Path(data).resolve() == Path(config.data).resolve():
         folder = load_image_folder(
-            str(data), val_split=config.val_split, test_split=config.test_split, seed=config.seed
+            str(data),
+            root=config.root if root is None else root,
+            val_split=config.val_split,
+            test_split=config.test_split,
+            seed=config.seed,
         )
         split = folder.test
     else:
-        folder = load_image_folder(str(data), val_split=0.0, test_split=0.0, min_classes=1)
+        folder = load_image_folder(
+            str(data), root=root, val_split=0.0, test_split=0.0, min_classes=1
+        )
         split = folder.test if len(folder.test) else _all_images(folder)
     split = _relabel(split, folder.class_names, class_names, data)
     model = runs.load_model(run_dir, len(class_names))

@@ -30,7 +30,7 @@ from headstart.data import make_dataset, read_image
 from headstart.evaluation import PREDICTIONS_FILE
 from headstart.explain import gradcam
 from headstart.metrics import TOP_K, confusion_matrix, probabilities_from_logits
-from headstart.splits import run_split
+from headstart.splits import run_images, run_split
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +194,14 @@ def _load_folder(run_dir: Path, config: Config, notes: _Notes, folder=None):
     files its split.json lists (`headstart.splits.run_split`), as trained: by the seed or by
     ``--split-from``."""
     reason = None
-    if folder is None and not Path(config.data).is_dir():
-        reason = f"the data folder {config.data} is not there any more"
+    if folder is None and not Path(run_images(config)).is_dir():
+        reason = f"the data folder {run_images(config)} is not there any more"
     elif folder is None:
         data_log = logging.getLogger("headstart.data")
         level = data_log.level
         data_log.setLevel(max(level, logging.ERROR))  # its summary and skip lines: train gave them
         try:
-            folder = run_split(run_dir, config.data)
+            folder = run_split(run_dir, run_images(config))
         except Exception as error:
             reason = f"the data folder {config.data} could not be read: {error}"
         finally:

@@ -16,11 +16,13 @@ import numpy as np
 
 from headstart.config import Config
 from headstart.data import (
-    CLASS_FOLDERS,
     ImageFolder,
+    Scan,
     Split,
+    image_root,
+    is_labels_file,
     require_classes,
-    scan_folder,
+    scan_data,
     unreadable_images,
 )
 from headstart.errors import UsageError
@@ -91,8 +93,9 @@ def make_split(by_class: dict[str, list[str]], class_names: tuple[str, ...]) -> 
 
 
 def load_image_folder(
-    root: str,
+    data: str,
     *,
+    root: str | None = None,
     val_split: float = 0.2,
     test_split: float = 0.1,
     seed: int = 0,
@@ -100,24 +103,24 @@ def load_image_folder(
     workers: int | None = None,
     min_classes: int = 2,
 ) -> ImageFolder:
-    """Scan, check every image (skipped files recorded, never fatal), split.
+    """Scan ``data`` (a folder, or a CSV labels file whose relative paths start from ``root``,
+    by default its folder), check every image (skipped files recorded, never fatal), split.
 
     `min_classes` is 2 for training; scoring a run on new images of one class needs only 1.
 
-    In the train/val/test layout the user's split wins: `test_split` is ignored, and
-    `val_split` is only used to carve a missing val folder out of train.
+    In the train/val/test layout (and a CSV file with a split column) the user's split wins:
+    `test_split` is ignored, and `val_split` is only used to carve a missing val split out of
+    train.
     """
     validate_fractions(val_split, test_split)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UsageError(f"--seed must be a non-negative integer, got {seed!r}")
-    scan = scan_folder(root, check_size=check_size, workers=workers)
+    scan = scan_data(data, root=root, check_size=check_size, workers=workers)
     root, layout, found, bad = scan.root, scan.layout, scan.found, scan.unreadable
-    if layout == CLASS_FOLDERS:
-        class_names, parts = _split_class_folders(
-            root, found["all"], val_split, test_split, seed, min_classes
-        )
+    if "all" in found:  # no split given: class folders, or a CSV file without a split column
+        class_names, parts = _split_class_folders(scan, val_split, test_split, seed, min_classes)
     else:
-        class_names, parts = _split_split_folders(root, found, val_split, seed, min_classes)
+        class_names, parts = _split_split_folders(scan, val_split, seed, min_classes)
     folder = ImageFolder(
         root=root,
         class_names=class_names,
@@ -129,7 +132,7 @@ def load_image_folder(
     )
     logger.info(
         "%s: %d classes, %d train / %d val / %d test images, %d unreadable files skipped",
-        root,
+        scan.labels_file or root,
         len(class_names),
         len(folder.train),
         len(folder.val),
@@ -143,14 +146,11 @@ _Parts = tuple[dict[str, list[str]], dict[str, list[str]], dict[str, list[str]]]
 
 
 def _split_class_folders(
-    root: str,
-    classes: dict[str, list[str]],
-    val_split: float,
-    test_split: float,
-    seed: int,
-    min_classes: int,
+    scan: Scan, val_split: float, test_split: float, seed: int, min_classes: int
 ) -> tuple[tuple[str, ...], _Parts]:
-    class_names = require_classes(root, classes, min_classes)
+    classes = scan.found["all"]
+    where = scan.labels_file or scan.root
+    class_names = require_classes(where, classes, min_classes, labels_file=scan.labels_file)
     parts: _Parts = ({}, {}, {})
     for name in class_names:
         for part, files in zip(
@@ -161,26 +161,33 @@ def _split_class_folders(
 
 
 def _split_split_folders(
-    root: str,
-    found: dict[str, dict[str, list[str]]],
-    val_split: float,
-    seed: int,
-    min_classes: int,
+    scan: Scan, val_split: float, seed: int, min_classes: int
 ) -> tuple[tuple[str, ...], _Parts]:
+    found, csv_file = scan.found, scan.labels_file
     train = found["train"]
-    class_names = require_classes(os.path.join(root, "train"), train, min_classes)
+    if csv_file:
+        class_names = require_classes(csv_file, train, min_classes, labels_file=csv_file)
+    else:
+        class_names = require_classes(os.path.join(scan.root, "train"), train, min_classes)
     for split in ("val", "test"):
         extra = sorted(set(found.get(split, {})) - set(train))
+        if extra and csv_file:
+            raise UsageError(
+                f"{csv_file}: label '{extra[0]}' has {split} rows but no readable train "
+                f"image: give it train rows or remove its {split} rows"
+            )
         if extra:
             raise UsageError(
                 f"class '{extra[0]}' is in {split}/ but has no readable images in train/ "
-                f"({os.path.join(root, 'train')}): add it to train/ or remove it from {split}/"
+                f"({os.path.join(scan.root, 'train')}): add it to train/ or remove it from "
+                f"{split}/"
             )
     if "val" in found:
         return class_names, (train, found["val"], found.get("test", {}))
     carved: _Parts = ({}, {}, found.get("test", {}))
+    within = " in the train rows" if csv_file else " in train/"
     for name in class_names:
-        kept, val, _ = stratify(train[name], name, val_split, 0.0, seed, " in train/")
+        kept, val, _ = stratify(train[name], name, val_split, 0.0, seed, within)
         carved[0][name], carved[1][name] = kept, val
     return class_names, carved
 
@@ -358,10 +365,16 @@ def folder_for(config: Config) -> ImageFolder:
                 f"--split-from {config.split_from}: give a run folder (with {SPLIT_FILE}) or "
                 f"a split manifest written by `headstart check --fix-split`"
             )
-        folder = load_split_manifest(manifest, data=config.data)
+        if config.root is not None and not is_labels_file(config.data):
+            raise UsageError(f"--root {config.root} applies to a CSV labels file: drop it")
+        folder = load_split_manifest(manifest, data=image_root(config.data, config.root))
     else:
         folder = load_image_folder(
-            config.data, val_split=config.val_split, test_split=config.test_split, seed=config.seed
+            config.data,
+            root=config.root,
+            val_split=config.val_split,
+            test_split=config.test_split,
+            seed=config.seed,
         )
     if len(folder.val) == 0:
         raise UsageError("no validation images: give DATA/val or a positive --val-split")
@@ -370,11 +383,18 @@ def folder_for(config: Config) -> ImageFolder:
 
 def run_split(run_dir: str | Path, data: str | Path) -> ImageFolder:
     """A run's own split, from its split.json: the very files it trained, validated and tested
-    on, whether they came from the seed or from ``--split-from``. ``data`` is the run's data
-    folder (config.json's), used when the one split.json names is not there any more."""
+    on, whether they came from the seed or from ``--split-from``. ``data`` is the folder the
+    run's image paths start from (`run_images`), used when the one split.json names is not
+    there any more."""
     manifest = Path(run_dir) / SPLIT_FILE
     if not manifest.is_file():
         raise UsageError(f"{run_dir} has no {SPLIT_FILE}: train it again")
     read = _read_manifest(manifest)
     where = read["root"] if Path(read["root"]).is_dir() else data
     return _from_manifest(read, manifest, where, None)
+
+
+def run_images(config: Config) -> str:
+    """The folder a run's image paths start from: its data folder, or for a CSV labels file
+    ``--root`` (default: the file's folder)."""
+    return image_root(config.data, config.root)

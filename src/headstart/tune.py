@@ -91,6 +91,7 @@ def tune(
     config = dataclasses.replace(
         config,
         data=str(Path(config.data).resolve()),
+        root=None if config.root is None else str(Path(config.root).resolve()),
         image_size=image_size,
         weights=resolve_weights(backbone, config.weights),
     )

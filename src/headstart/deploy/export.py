@@ -213,6 +213,7 @@ def _calibration(run_dir: Path, reference: Predictor, check: _CheckSet) -> np.nd
     try:
         folder = load_image_folder(
             config["data"],
+            root=config.get("root"),
             val_split=config["val_split"],
             test_split=config["test_split"],
             seed=config["seed"],

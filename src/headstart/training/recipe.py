@@ -126,6 +126,7 @@ def train(
     config = dataclasses.replace(
         config,
         data=str(Path(config.data).resolve()),
+        root=None if config.root is None else str(Path(config.root).resolve()),
         out=str(run_dir),
         image_size=image_size,
         weights=weights,
