@@ -139,6 +139,7 @@ def calibrate(run: str | Path, *, batch_size: int = 32) -> dict:
     report: `headstart.report.redraw`).
     Accuracy is unchanged; the confidences, loss and ECE are those of the calibrated model."""
     run_dir = runs.open_run_dir(run)
+    runs.refuse_multi_label(run_dir, "calibrate (temperature scaling of class probabilities)")
     config = Config.load(run_dir / runs.CONFIG_FILE)
     class_names = runs.read_labels(run_dir)
     folder = run_split(run_dir, run_images(config))

@@ -234,6 +234,13 @@ def _add_check(add_verb) -> None:
             default=getattr(Config(data=""), option),
             help="as for train",
         )
+    parser.add_argument(
+        "--multi-label",
+        action="store_const",
+        const=True,
+        help="read a CSV file's label cells as sets of labels separated by ';' (default: when "
+        "a cell holds ';')",
+    )
     # no default here: check's own (NEAR_DISTANCE) applies, and --help need not import check
     parser.add_argument(
         "--near-distance",
@@ -252,6 +259,7 @@ def _check(args: argparse.Namespace) -> int:
     report = check(
         args.data,
         root=args.root,
+        multi_label=args.multi_label,
         val_split=args.val_split,
         test_split=args.test_split,
         seed=args.seed,
@@ -679,6 +687,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="skip the data check (duplicates, leakage, imbalance) at the start",
     )
+    add(
+        "--multi-label",
+        action="store_const",
+        const=True,
+        default=defaults.multi_label,
+        help="a CSV file's label cells are sets of labels separated by ';' (cat;outdoor): one "
+        "sigmoid per label (default: detected, when a cell holds ';')",
+    )
     add("--val-split", type=float, default=defaults.val_split)
     add("--test-split", type=float, default=defaults.test_split)
     add("--patience", type=int, default=defaults.patience, help="early stopping patience")
@@ -882,6 +898,12 @@ def _print_result(result) -> None:
             f"({saved['stage']} stage, epoch {saved['epoch']})"
         )
     print(f"run saved to {result.run_dir}")
+    if result.metrics.get("multi_label"):
+        print(
+            f"test mAP {result.metrics['map']:.4f} (constant baseline "
+            f"{result.metrics['map_baseline']:.4f}), micro-F1 {result.metrics['micro_f1']:.4f} "
+            f"on {result.metrics['n_test']} images"
+        )
     if "accuracy" in result.metrics:
         print(
             f"test accuracy {result.metrics['accuracy']:.4f} on {result.metrics['n_test']} images"
@@ -894,10 +916,12 @@ def _print_predictions(predictions, output_format: str) -> tuple[int, int]:
     if hasattr(sys.stdout, "reconfigure"):  # file names need not be valid UTF-8
         sys.stdout.reconfigure(errors="backslashreplace")
     writer = csv.writer(sys.stdout)
-    if output_format == "csv":
-        writer.writerow(["path", "rank", "label", "probability", "error"])
-    rows, total, unreadable = [], 0, 0
+    rows, total, unreadable, multi = [], 0, 0, False
     for p in predictions:
+        if output_format == "csv" and not total:  # multi-label: a "predicted" column (0 or 1)
+            multi = p.labels is not None
+            predicted = ["predicted"] if multi else []
+            writer.writerow(["path", "rank", "label", "probability", *predicted, "error"])
         total += 1
         unreadable += p.error is not None
         row = {
@@ -905,15 +929,22 @@ def _print_predictions(predictions, output_format: str) -> tuple[int, int]:
             "error": p.error or "",
             "top": [{"label": label, "probability": round(prob, 6)} for label, prob in p.top],
         }
+        if p.labels is not None:  # multi-label: the labels at or above their thresholds
+            row["labels"] = list(p.labels)
         if output_format == "json":
             rows.append(row)
         elif output_format == "csv":
             for rank, item in enumerate(row["top"], 1):
-                writer.writerow([row["path"], rank, item["label"], item["probability"], ""])
+                called = [int(item["label"] in row["labels"])] if multi else []
+                writer.writerow(
+                    [row["path"], rank, item["label"], item["probability"], *called, ""]
+                )
             if row["error"]:
-                writer.writerow([row["path"], "", "", "", row["error"]])
+                writer.writerow([row["path"], "", "", "", *[""] * multi, row["error"]])
         else:
             text = "  ".join(f"{i['label']} {i['probability']:.3f}" for i in row["top"])
+            if p.labels is not None and not p.error:
+                text = f"[{', '.join(p.labels) or 'no label'}]  {text}"
             print(f"{row['path']}\t{text or 'skipped: ' + row['error']}")
     if output_format == "json":
         print(json.dumps(rows, indent=2, ensure_ascii=False))

@@ -45,7 +45,12 @@ def cross_validate(config: Config, folds: int = DEFAULT_FOLDS) -> dict:
     if config.split_from:
         raise UsageError("cv makes its own splits: drop --split-from")
     pooled = load_image_folder(
-        config.data, root=config.root, val_split=0.0, test_split=0.0, seed=config.seed
+        config.data,
+        root=config.root,
+        val_split=0.0,
+        test_split=0.0,
+        seed=config.seed,
+        multi_label=config.multi_label,
     )
     where = fold_of(pooled, folds, config.seed)
     out = runs.new_run_dir(config.out)

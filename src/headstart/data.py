@@ -46,6 +46,7 @@ CLASS_FOLDERS = "class_folders"
 SPLIT_FOLDERS = "split_folders"
 CSV_LAYOUT = "csv"  # a CSV labels file: path,label[,split]
 CSV_COLUMNS = ("path", "label", "split")  # the columns headstart reads (others are ignored)
+LABEL_SEPARATOR = ";"  # between the labels of a multi-label cell: cat;outdoor
 
 _SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 _CACHE_BUDGET_BYTES = 2 * 1024**3
@@ -58,17 +59,39 @@ _WHITE = (255, 255, 255, 255)
 
 @dataclass(frozen=True)
 class Split:
-    """One subset (train, val or test) as parallel tuples, so it can feed tf.data directly."""
+    """One subset (train, val or test) as parallel tuples, so it can feed tf.data directly.
+
+    ``labels`` holds each image's class index; in a multi-label split (``n_labels`` > 0, the
+    number of labels) each image's label indices instead, as a sorted tuple (maybe empty).
+    """
 
     paths: tuple[str, ...]
-    labels: tuple[int, ...]
+    labels: tuple[int, ...] | tuple[tuple[int, ...], ...]
+    n_labels: int = 0  # > 0: multi-label, with this many labels
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def multi_label(self) -> bool:
+        return self.n_labels > 0
+
     def counts(self, n_classes: int) -> list[int]:
-        """Images per class, including zeros, for reports and class weights."""
+        """Images per class (carrying each label, in a multi-label split), including zeros, for
+        reports and class weights."""
+        if self.multi_label:
+            return self.targets().sum(axis=0).astype(np.int64).tolist()
         return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=n_classes).tolist()
+
+    def targets(self) -> np.ndarray:
+        """What a model is fitted to: class indices (N,) int32, or for a multi-label split the
+        (N, n_labels) float32 matrix of 0 and 1 (one column per label)."""
+        if not self.multi_label:
+            return np.asarray(self.labels, dtype=np.int32)
+        matrix = np.zeros((len(self.labels), self.n_labels), dtype=np.float32)
+        for row, indices in enumerate(self.labels):
+            matrix[row, list(indices)] = 1.0
+        return matrix
 
 
 @dataclass(frozen=True)
@@ -82,6 +105,7 @@ class ImageFolder:
     test: Split
     skipped: tuple[tuple[str, str], ...]
     layout: str
+    multi_label: bool = False  # each image has a set of labels (`Split.n_labels`)
 
 
 class UnreadableImage(Exception):
@@ -320,18 +344,32 @@ class Scan:
     found: dict[str, dict[str, list[str]]]
     unreadable: dict[str, str]
     labels_file: str | None = None  # the CSV labels file, when the data is one
+    # multi-label: {split: {path: label names}} of the readable images (``found`` is empty)
+    label_sets: dict[str, dict[str, tuple[str, ...]]] | None = None
 
 
 def scan_data(
-    data: str, *, root: str | None = None, check_size: int = 64, workers: int | None = None
+    data: str,
+    *,
+    root: str | None = None,
+    check_size: int = 64,
+    workers: int | None = None,
+    multi_label: bool | None = None,
 ) -> Scan:
     """`scan_folder` for a folder, `scan_csv` for a CSV labels file (``root``: the folder its
-    relative paths start from; only for a CSV)."""
+    relative paths start from; ``multi_label``: see `scan_csv`; both only for a CSV)."""
     if is_labels_file(data):
-        return scan_csv(data, root=root, check_size=check_size, workers=workers)
+        return scan_csv(
+            data, root=root, check_size=check_size, workers=workers, multi_label=multi_label
+        )
     if root is not None:
         raise UsageError(
             f"--root {root} applies to a CSV labels file, and {data} is a folder: drop --root"
+        )
+    if multi_label:
+        raise UsageError(
+            f"--multi-label needs a CSV labels file (labels separated by ';'), and {data} is a "
+            f"folder"
         )
     return scan_folder(data, check_size=check_size, workers=workers)
 
@@ -539,28 +577,51 @@ def _label_row(
 
 
 def scan_csv(
-    path: str, *, root: str | None = None, check_size: int = 64, workers: int | None = None
+    path: str,
+    *,
+    root: str | None = None,
+    check_size: int = 64,
+    workers: int | None = None,
+    multi_label: bool | None = None,
 ) -> Scan:
     """A CSV labels file (`read_labels_csv`) as the `Scan` of a folder: its images by class,
     under "all" without a split column, under train/val/test with one; every image decoded
-    once, and those missing or unreadable recorded with their reason (never fatal)."""
+    once, and those missing or unreadable recorded with their reason (never fatal).
+
+    Multi-label (``multi_label`` True, or None and some label cell holds a `LABEL_SEPARATOR`):
+    each cell is a set of labels separated by ';' (an empty cell: none), in ``label_sets``.
+    """
     _check_scan_arguments(check_size, workers)
     rows = read_labels_csv(path, root)
     path = os.path.abspath(os.fspath(path))
-    for row in rows:
-        if not row.label:
-            raise UsageError(f"{path} line {row.line}: empty label: give every row its class")
+    if multi_label is None:
+        multi_label = any(LABEL_SEPARATOR in row.label for row in rows)
+    if rows[0].split is not None and not any(row.split == "train" for row in rows):
+        raise UsageError(f"{path}: no row has split 'train': mark the training images train")
     found: dict[str, dict[str, list[str]]] = {}
     for row in rows:
+        if not row.label and not multi_label:
+            raise UsageError(f"{path} line {row.line}: empty label: give every row its class")
         found.setdefault(row.split or "all", {}).setdefault(row.label, []).append(row.path)
-    if rows[0].split is not None and "train" not in found:
-        raise UsageError(f"{path}: no row has split 'train': mark the training images train")
     bad = _check_images([row.path for row in rows], check_size, workers)
+    if multi_label:
+        label_sets: dict[str, dict[str, tuple[str, ...]]] = {}
+        for row in rows:
+            if row.path not in bad:
+                names = label_set(row.label)
+                label_sets.setdefault(row.split or "all", {})[row.path] = names
+        return Scan(image_root(path, root), CSV_LAYOUT, {}, bad, path, label_sets)
     found = {
         split: _drop_unreadable(classes, bad, "" if split == "all" else f" in {split} rows")
         for split, classes in found.items()
     }
     return Scan(image_root(path, root), CSV_LAYOUT, found, bad, labels_file=path)
+
+
+def label_set(cell: str) -> tuple[str, ...]:
+    """A multi-label cell's labels, sorted, without blanks or repeats: "outdoor; cat;" ->
+    ("cat", "outdoor")."""
+    return tuple(sorted({name.strip() for name in cell.split(LABEL_SEPARATOR)} - {""}))
 
 
 # ----------------------------------------------------------------------------- tf.data
@@ -575,7 +636,8 @@ def make_dataset(
     seed: int = 0,
     cache: bool | None = None,
 ) -> tf.data.Dataset:
-    """(images float32 0-255, labels int32) batches; cache=None decides by estimated memory.
+    """(images float32 0-255, labels) batches, labels as `Split.targets` gives them (int32
+    class indices, or float32 0/1 rows for multi-label); cache=None decides by estimated memory.
 
     Decoded uint8 images are cached *before* the shuffle, so epochs still see new orders;
     without a cache the cheap paths are shuffled instead, so no decoded-image buffer is needed.
@@ -586,7 +648,7 @@ def make_dataset(
     if cache is None:
         cache = _fits_cache(len(split), image_size)
     paths = tf.constant([os.fsencode(p) for p in split.paths], dtype=tf.string)
-    labels = tf.constant(split.labels, dtype=tf.int32)
+    labels = tf.constant(split.targets())
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
     buffer = max(1, len(split))
     if shuffle and not cache:

@@ -65,6 +65,8 @@ def ensemble(
     if len(members) < 2:
         raise UsageError("ensemble needs at least two runs")
     run_dirs = [runs.open_run_dir(run) for run in members]
+    for run_dir in run_dirs:
+        runs.refuse_multi_label(run_dir, "ensemble")
     class_names = _shared(run_dirs, runs.LABELS_FILE, "trained on the same classes")
     manifest = _shared(
         run_dirs, runs.SPLIT_FILE, f"split alike: train them with --split-from {run_dirs[0]}"
