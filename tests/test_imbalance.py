@@ -177,11 +177,11 @@ def _train_labels(run_dir):
 
 
 def test_cli_options_reach_the_config():
-    from headstart.cli import build_parser
+    from headstart.cli import _config_of, build_parser
 
     args = build_parser().parse_args(["train", "DATA", "--class-weight", "balanced", "--calibrate"])
     assert args.class_weight == "balanced" and args.calibrate is True
-    defaults = build_parser().parse_args(["train", "DATA"])
+    defaults = _config_of(build_parser().parse_args(["train", "DATA"]))
     assert defaults.class_weight == Config(data="").class_weight == "auto"
     assert defaults.calibrate is False
 

@@ -36,9 +36,9 @@ LAYERS: list[tuple[str, ...]] = [
     ),
     ("runtime",),  # the frozen parts on OpenVINO or Keras (extract and evaluation run them)
     ("runs", "tta", "model", "distributed", "distributed.cluster"),
-    ("splits", "freeze", "figures", "imbalance"),
+    ("splits", "freeze", "figures", "imbalance", "tracking"),
     ("config", "data", "augment", "layers", "backbones"),
-    ("files", "metrics", "backbones.efficientnet_lite", "training.phases"),
+    ("files", "metrics", "backbones.efficientnet_lite", "backbones.hub", "training.phases"),
     ("_version", "errors"),  # the foundation
 ]
 

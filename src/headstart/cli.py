@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import functools
 import json
 import logging
@@ -20,10 +21,11 @@ import time
 from headstart._version import __version__
 from headstart.config import (
     CLASS_WEIGHT_CHOICES,
-    DEFAULT_AUGMENT,
     IMBALANCE_THRESHOLD,
+    MLFLOW_DEFAULT,
     RUNTIME_CHOICES,
     Config,
+    read_config_file,
 )
 from headstart.distributed import launch
 from headstart.errors import DiskFullError, UsageError
@@ -121,7 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train(add_verb) -> None:
     parser = add_verb("train", help="train, evaluate and save a classifier")
-    _data_arguments(parser)
     _train_arguments(parser)
     parser.add_argument(
         "--resume",
@@ -134,15 +135,10 @@ def _add_train(add_verb) -> None:
 def _train(args: argparse.Namespace) -> int:
     if args.resume:
         return _resume(args)
-    if not args.data and not args.labels:
-        raise UsageError(
-            "train needs DATA (a folder of class folders, or a CSV labels file), or --resume RUN"
-        )
-    _take_labels(args)
     from headstart.training import train  # Keras/TensorFlow
 
-    _resolve_out(args)
-    _print_result(train(_config_of(args), started=args.started))
+    config = _resolve_out(args, _config_of(args))
+    _print_result(train(config, started=args.started))
     return 0
 
 
@@ -152,7 +148,7 @@ def _resume(args: argparse.Namespace) -> int:
     args.out = args.resume  # so that a Ctrl-C message names the run
     from headstart.training import resume  # Keras/TensorFlow
 
-    cluster = {key: getattr(args, key) for key in CLUSTER_OPTIONS}
+    cluster = {key: getattr(args, key, None) for key in CLUSTER_OPTIONS}
     _print_result(resume(args.resume, **cluster, started=args.started))
     return 0
 
@@ -346,7 +342,7 @@ def _add_demo(add_verb) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from headstart.training.demo import demo  # Keras/TensorFlow
 
-    _resolve_out(args)
+    _resolve_out(args, Config(data="", out=args.out))
     _print_result(demo(args.out, quiet=args.quiet, started=args.started))
     return 0
 
@@ -372,23 +368,25 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _add_cv(add_verb) -> None:
     parser = add_verb("cv", help="stratified K-fold cross-validation: accuracy mean ± std")
-    _data_arguments(parser, "(train/val/test pooled)")
     parser.add_argument("--folds", type=int, default=5, metavar="K")
-    _train_arguments(parser)  # every fold trains with these; --out holds fold1..K and cv.json
+    # every fold trains with these (DATA's splits pooled); --out holds fold1..K and cv.json
+    _train_arguments(parser)
     parser.add_argument(
-        "--fine-tune", action="store_true", help="also fine-tune in every fold (default: head only)"
+        "--fine-tune",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="also fine-tune in every fold (default: head only)",
     )
-    parser.set_defaults(fine_tune=False, handler=_cv)
+    parser.set_defaults(handler=_cv)
 
 
 def _cv(args: argparse.Namespace) -> int:
-    if args.test_split != Config(data="").test_split:
+    config = _config_of(args, fine_tune=False)  # cv's own default: the head only
+    if config.test_split != Config(data="").test_split:
         raise UsageError("cv: --test-split does not apply, each fold tests 1/K of the images")
-    _take_labels(args)
     from headstart.cv import cross_validate, format_cv  # Pillow; each fold loads Keras
 
-    _resolve_out(args)
-    summary = cross_validate(_config_of(args), folds=args.folds)
+    summary = cross_validate(_resolve_out(args, config), folds=args.folds)
     print(format_cv(summary))
     print(f"written: {summary['out']}/cv.json")
     return 0
@@ -532,7 +530,6 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 def _add_tune(add_verb) -> None:
     parser = add_verb("tune", help="search head hyperparameters with KerasTuner on cached features")
-    _data_arguments(parser)
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--max-time", type=float, metavar="MIN", help="start no trial after this")
     parser.add_argument(
@@ -547,7 +544,6 @@ def _add_tune(add_verb) -> None:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    _take_labels(args)
     from headstart.tune import tune  # KerasTuner, Keras/TensorFlow
 
     result = tune(
@@ -567,18 +563,21 @@ def _tune(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------ shared options
 
 
-def _data_arguments(parser: argparse.ArgumentParser, pooled: str = "") -> None:
-    """DATA (optional here: `_take_labels` requires it), or ``--labels CSV``, and ``--root``."""
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    """DATA (optional here: `_take_labels` requires it), or ``--labels CSV``, and ``--root``:
+    for the verbs that read labelled data without training (``check``, ``evaluate``)."""
     parser.add_argument(
         "data",
         nargs="?",
         help="DATA/<class>/*, DATA/{train,val,test}/<class>/*, or a CSV labels file with "
-        f"columns path,label[,split] {pooled}".rstrip(),
+        "columns path,label[,split]",
     )
-    parser.add_argument(
-        "--labels", metavar="CSV", help="a CSV labels file (path,label[,split]), in place of DATA"
-    )
-    parser.add_argument(
+    _labels_arguments(parser.add_argument)
+
+
+def _labels_arguments(add) -> None:
+    add("--labels", metavar="CSV", help="a CSV labels file (path,label[,split]), in place of DATA")
+    add(
         "--root",
         metavar="DIR",
         help="the folder a CSV file's relative image paths start from (default: the CSV's folder)",
@@ -587,62 +586,71 @@ def _data_arguments(parser: argparse.ArgumentParser, pooled: str = "") -> None:
 
 def _take_labels(args: argparse.Namespace) -> None:
     """``--labels CSV`` is DATA; giving both, or neither, is a usage error."""
-    if args.data and args.labels:
-        raise UsageError(f"give DATA ({args.data}) or --labels {args.labels}, not both")
-    args.data = args.data or args.labels
+    data, labels = getattr(args, "data", None), getattr(args, "labels", None)
+    if data and labels:
+        raise UsageError(f"give DATA ({data}) or --labels {labels}, not both")
+    args.data = data or labels
     if not args.data:
         raise UsageError(f"{args.verb} needs DATA (a folder, or a CSV labels file) or --labels CSV")
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of a training run, shared by ``train``, ``cv`` and ``tune``."""
-    defaults = Config(data="")
-    add = parser.add_argument
+    """The options of a training run, shared by ``train``, ``cv`` and ``tune``: `Config`'s
+    fields. None has a default here (argparse.SUPPRESS: an option not given is not in the
+    namespace), so that `_config_of` can tell the options given, which override a --config
+    file, from the rest, which `Config`'s defaults fill."""
+    data_help = (
+        "DATA/<class>/*, DATA/{train,val,test}/<class>/*, or a CSV labels file with columns "
+        "path,label[,split] (or `data:` in --config)"
+    )
+    parser.add_argument("data", nargs="?", default=argparse.SUPPRESS, help=data_help)
+    add = functools.partial(parser.add_argument, default=argparse.SUPPRESS)
+    _labels_arguments(add)
+    add(
+        "--config",
+        metavar="FILE",
+        help="settings from a YAML or JSON file of config.json's keys (a run's own config.json "
+        "trains that run again); options given here override it",
+    )
     add("-o", "--out", help="run directory (default: runs/<timestamp>)")
     add(
         "--backbone",
-        default=defaults.backbone,
-        help="see `headstart backbones`; A+B fuses two (their pooled features concatenated)",
+        help="see `headstart backbones`; A+B fuses two (their pooled features concatenated); "
+        "hub:PRESET or hub:/path/to/preset is a keras-hub image backbone",
     )
-    add("--weights", default=defaults.weights, help="imagenet, none, or a weights file path")
+    add("--weights", help="imagenet, none, or a weights file path")
     add("--image-size", type=int, help="input size in pixels (default: the backbone's)")
     add(
         "--mode",
         choices=("extract", "frozen"),
-        default=defaults.mode,
         help="stage 1: extract = cache backbone features (fast), frozen = backbone in the loop",
     )
-    add("--epochs", type=int, default=defaults.epochs, help="stage 1 (head) epochs")
-    add("--fine-tune-epochs", type=int, default=defaults.fine_tune_epochs)
+    add("--epochs", type=int, help="stage 1 (head) epochs")
+    add("--fine-tune-epochs", type=int)
     add("--no-fine-tune", dest="fine_tune", action="store_false", help="skip stage 2")
     add(
         "--unfreeze",
-        default=defaults.unfreeze,
         help="top backbone layers to fine-tune: N, all, or default (the top block)",
     )
     add(
         "--bn",
         choices=("frozen", "inference"),
-        default=defaults.bn,
         help="BatchNormalization when fine-tuning: frozen, or gamma/beta train (inference)",
     )
-    add("--lr", type=float, default=defaults.lr)
+    add("--lr", type=float)
     add(
         "--fine-tune-lr",
         type=_rate_or_auto,
-        default=defaults.fine_tune_lr,
         help="auto (chosen on validation, with the cached trunk) or a rate, e.g. 1e-5",
     )
-    add("--batch-size", type=int, default=defaults.batch_size)
+    add("--batch-size", type=int)
     add(
         "--augment",
-        default=DEFAULT_AUGMENT,
         help="auto (chosen on validation), none, or a policy, e.g. flip,rotate=0.1,zoom=0.2",
     )
     add(
         "--views",
         type=int,
-        default=defaults.views,
         help="extract mode: cached augmented views per training image",
     )
     add(
@@ -663,17 +671,15 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--runtime",
         choices=RUNTIME_CHOICES,
-        default=defaults.runtime,
         help="what runs the frozen backbone when extracting: auto (OpenVINO when installed, on "
         "TensorFlow; checked against Keras, which it falls back to), keras, or openvino",
     )
-    add("--head", choices=("gap", "flatten"), default=defaults.head)
-    add("--hidden", type=int, default=defaults.hidden, help="hidden Dense width (0: none)")
-    add("--dropout", type=float, default=defaults.dropout)
+    add("--head", choices=("gap", "flatten"))
+    add("--hidden", type=int, help="hidden Dense width (0: none)")
+    add("--dropout", type=float)
     add(
         "--feature-norm",
         choices=("auto", "none", "l2"),
-        default=defaults.feature_norm,
         help="the head's input: auto (chosen on validation), none, or l2 (L2-normalised)",
     )
     add(
@@ -691,20 +697,26 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--multi-label",
         action="store_const",
         const=True,
-        default=defaults.multi_label,
         help="a CSV file's label cells are sets of labels separated by ';' (cat;outdoor): one "
         "sigmoid per label (default: detected, when a cell holds ';')",
     )
-    add("--val-split", type=float, default=defaults.val_split)
-    add("--test-split", type=float, default=defaults.test_split)
-    add("--patience", type=int, default=defaults.patience, help="early stopping patience")
-    add("--seed", type=int, default=defaults.seed)
+    add("--val-split", type=float)
+    add("--test-split", type=float)
+    add("--patience", type=int, help="early stopping patience")
+    add("--seed", type=int)
     add("--tensorboard", action="store_true", help="write TensorBoard logs to RUN/tensorboard/")
+    add(
+        "--mlflow",
+        nargs="?",
+        const=MLFLOW_DEFAULT,
+        metavar="URI",
+        help="log the run to MLflow: a tracking URI or a folder (default: $MLFLOW_TRACKING_URI, "
+        'else ./mlruns); needs pip install "headstart[mlflow]"',
+    )
     # small-data honesty (issue 7)
     add(
         "--class-weight",
         choices=CLASS_WEIGHT_CHOICES,
-        default=defaults.class_weight,
         help="balanced: weight classes by n/(classes*count); auto: balanced when the largest "
         f"training class has over {IMBALANCE_THRESHOLD}x the images of the smallest",
     )
@@ -729,9 +741,28 @@ _TTA_HELP = (
 )
 
 
-def _config_of(args: argparse.Namespace) -> Config:
-    """The Config that the train options of ``train``, ``cv`` and ``tune`` describe."""
-    return Config(**{k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__})
+def _config_of(args: argparse.Namespace, **verb_defaults) -> Config:
+    """The Config that the train options of ``train``, ``cv`` and ``tune`` describe: `Config`'s
+    defaults, then the verb's own (``verb_defaults``), then the --config file's values, then the
+    options given on the command line (the only ones in ``args``, see `_train_arguments`)."""
+    given = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
+    if not given.get("quiet"):  # --quiet has a default (False) on the main parser
+        given.pop("quiet", None)
+    if "labels" in args:  # --labels CSV: DATA under another name
+        if "data" in given:
+            raise UsageError(f"give DATA ({given['data']}) or --labels {args.labels}, not both")
+        given["data"] = args.labels
+    from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
+    values = {**verb_defaults, **from_file, **given}
+    if "data" not in values:
+        hint = ", or --resume RUN" if args.verb == "train" else ""
+        if given.get("mlflow", MLFLOW_DEFAULT) != MLFLOW_DEFAULT:  # `--mlflow DATA` took it
+            hint += f" (--mlflow took {given['mlflow']} as its URI: put DATA before --mlflow)"
+        raise UsageError(
+            f"{args.verb} needs DATA (a folder of class folders, or a CSV labels file), or a "
+            "--config file with data" + hint
+        )
+    return Config(**values)
 
 
 def _rate_or_auto(text: str) -> float | str:
@@ -751,15 +782,15 @@ def _check_resume_arguments(args: argparse.Namespace) -> None:
     """--resume takes every setting from the run's config.json: refuse others, rather than
     silently ignoring them. The cluster options are the new launch's (`headstart launch`
     adds them and --distributed), so they are taken, for a run that was --distributed."""
+    # the train options given are the only ones in args (see `_train_arguments`)
     defaults = vars(build_parser().parse_args(["train", "--resume", args.resume]))
     launch_options = ("distributed", *CLUSTER_OPTIONS)
     given = [
         "--" + key.replace("_", "-")
-        for key, value in vars(args).items()
-        if key not in ("quiet", "verbose", "data", "started", *launch_options)  # started: no option
-        and value != defaults.get(key)
+        for key in vars(args)
+        if key not in defaults and key not in ("data", "started", *launch_options)
     ]
-    if args.data:
+    if getattr(args, "data", None):
         given.insert(0, "DATA")
     if given:
         raise UsageError(
@@ -767,7 +798,7 @@ def _check_resume_arguments(args: argparse.Namespace) -> None:
             f"drop {', '.join(given)}"
         )
     config = os.path.join(args.resume, "config.json")
-    launched = [f"--{key.replace('_', '-')}" for key in launch_options if getattr(args, key)]
+    launched = [f"--{key.replace('_', '-')}" for key in launch_options if getattr(args, key, None)]
     if launched and os.path.isfile(config) and not Config.load(config).distributed:
         raise UsageError(
             f"--resume {args.resume}: the run was not --distributed: drop {', '.join(launched)} "
@@ -775,13 +806,14 @@ def _check_resume_arguments(args: argparse.Namespace) -> None:
         )
 
 
-def _resolve_out(args: argparse.Namespace) -> None:
-    """Decide the run folder here, so that a Ctrl-C message can name it."""
+def _resolve_out(args: argparse.Namespace, config: Config) -> Config:
+    """Decide the run folder here (``config.out``, from --out or --config, or a new
+    runs/<timestamp>), so that a Ctrl-C message can name it: ``config`` with it."""
     from headstart import runs  # Keras (runs registers the saved models' layers): needed next
 
-    args.out_given = bool(args.out)
-    if not args.out:
-        args.out = str(runs.default_run_dir())
+    args.out_given = bool(config.out)
+    args.out = config.out or str(runs.default_run_dir())
+    return dataclasses.replace(config, out=args.out)
 
 
 def _redraw_report(run) -> None:
@@ -966,6 +998,10 @@ def _print_backbones(rows: list[dict]) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1])
+    print(
+        "\nhub:PRESET, hub:/path/to/preset: a keras-hub image backbone, by preset name or local "
+        'preset folder (pip install "headstart[hub]"; docs/backbones.md)'
+    )
 
 
 def _print_cache_entries(entries: list[dict]) -> None:

@@ -7,6 +7,7 @@ Every piece is a standard Keras layer, so the saved ``.keras`` file loads anywhe
 from __future__ import annotations
 
 import io
+import re
 
 import keras
 import numpy as np
@@ -103,18 +104,33 @@ def build_model(
     ``fit`` overrides it, which is why training goes through ``trainer_for`` instead.
     A fusion (``backbone.parts``) takes its two bases as a tuple: see `_fused_features`.
     """
-    pool = layers.GlobalAveragePooling2D if head == "gap" else layers.Flatten
     if backbone.parts:
         inputs = keras.Input(base[0].input_shape[1:], name="image")
-        features = _fused_features(backbone, base, inputs, pool)
+        features = _fused_features(backbone, base, inputs, head)
     else:
         inputs = keras.Input(base.input_shape[1:], name="image")
-        features = pool(name=FEATURES_NAME)(_backbone_output(backbone, base, inputs))
+        output = _backbone_output(backbone, base, inputs)
+        features = pooling(head, output)(name=FEATURES_NAME)(output)
     classifier = build_head(
         features.shape[-1], n_classes, hidden, dropout, feature_norm, head_builder, multi_label
     )
-    name = backbone.name.replace("+", "_and_")
+    name = keras_name(backbone.name.replace("+", "_and_"))
     return keras.Model(inputs, classifier(features), name=f"headstart_{name}")
+
+
+def pooling(head: str, output) -> type[keras.layers.Layer]:
+    """The pooling layer class for ``--head`` over a backbone's output: a feature map
+    (batch, h, w, c), or a transformer's tokens (batch, tokens, d), whose "gap" is their mean
+    (keras-hub's ViT classifier's ``pooling="avg"``)."""
+    if head != "gap":
+        return layers.Flatten
+    tokens = len(output.shape) == 3
+    return layers.GlobalAveragePooling1D if tokens else layers.GlobalAveragePooling2D
+
+
+def keras_name(name: str) -> str:
+    """``name`` as a Keras layer name: no "/" or ":" (a hub backbone's preset path)."""
+    return re.sub(r"[^\w.+-]", "_", name)
 
 
 def _backbone_output(backbone: Backbone, base: keras.Model, images, suffix: str = ""):
@@ -127,17 +143,17 @@ def _backbone_output(backbone: Backbone, base: keras.Model, images, suffix: str 
 
 def pooled_name(backbone: Backbone) -> str:
     """The pooling layer of one backbone of a fusion (its features, before concatenation)."""
-    return f"pooled_{backbone.name}"
+    return f"pooled_{keras_name(backbone.name)}"
 
 
-def _fused_features(backbone: Backbone, bases, images, pool):
+def _fused_features(backbone: Backbone, bases, images, head: str):
     """The advanced-tools chapter's models used as layers: the same image through both
     backbones, each with its own preprocessing and pooling, concatenated into the one
     ``features`` layer that the head, the feature cache and Grad-CAM's checks know."""
-    pooled = [
-        pool(name=pooled_name(part))(_backbone_output(part, base, images, f"_{part.name}"))
-        for part, base in zip(backbone.parts, bases, strict=True)
-    ]
+    pooled = []
+    for part, base in zip(backbone.parts, bases, strict=True):
+        output = _backbone_output(part, base, images, f"_{keras_name(part.name)}")
+        pooled.append(pooling(head, output)(name=pooled_name(part))(output))
     return layers.Concatenate(name=FEATURES_NAME)(pooled)
 
 

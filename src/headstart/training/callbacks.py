@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -136,14 +137,21 @@ class StageCSVLogger(keras.callbacks.Callback):
     The columns are those of ``keras.callbacks.CSVLogger`` (``epoch``, then the log keys
     sorted), but the whole file is rewritten atomically at every epoch end instead of appended
     to: a run killed at any moment leaves a complete CSV, never half a row. ``rows`` holds what
-    is written (a few hundred rows at most).
+    is written (a few hundred rows at most); ``on_row(row)``, if given, is told each new row
+    once it is written (the run's `headstart.tracking.Tracker`).
     """
 
-    def __init__(self, filename: str, rows: list[dict] | None = None):
+    def __init__(
+        self,
+        filename: str,
+        rows: list[dict] | None = None,
+        on_row: Callable[[dict], None] | None = None,
+    ):
         super().__init__()
         self.filename = filename
         self.stage = "head"
         self.rows: list[dict] = list(rows or [])
+        self.on_row = on_row
 
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": len(self.rows), "stage": self.stage}
@@ -151,6 +159,8 @@ class StageCSVLogger(keras.callbacks.Callback):
             row[key] = value if isinstance(value, str) else _csv_number(value)
         self.rows.append(row)
         self.write()
+        if self.on_row is not None:
+            self.on_row(dict(row))
 
     def write(self) -> None:
         columns = ["epoch", *sorted({key for row in self.rows for key in row} - {"epoch"})]

@@ -53,6 +53,7 @@ def choose_feature_norm(session) -> None:
             model=model,
             key=("head input", norm),
         )
+        session.tracker.trial("feature_norm", norm, scores[norm])
     reset()
     by_loss = session.folder.multi_label
     chosen = best_of(scores, by_loss=by_loss)
@@ -83,13 +84,21 @@ def choose_augmentation(session) -> None:
             record = session.trials.get(("head input", config.feature_norm))
             if record is not None:
                 session.trials[("head", policy)] = record
-            return config.feature_norm_scores[config.feature_norm]
-        reset()
-        n_views = config.views if policy != "none" else 0
-        train_data = session.sampler(session.views("pooled", "train", policy, n_views), "train")
-        return session.trial(
-            classifier, train_data, val_data, config.epochs, config.lr, key=("head", policy)
-        )
+            result = config.feature_norm_scores[config.feature_norm]
+        else:
+            reset()
+            n_views = config.views if policy != "none" else 0
+            views = session.views("pooled", "train", policy, n_views)
+            result = session.trial(
+                classifier,
+                session.sampler(views, "train"),
+                val_data,
+                config.epochs,
+                config.lr,
+                key=("head", policy),
+            )
+        session.tracker.trial("augment", policy, result)
+        return result
 
     by_loss = session.folder.multi_label
     scores = climb(AUTO_CANDIDATES, score, by_loss=by_loss)
@@ -130,6 +139,7 @@ def choose_fine_tune_lr(session, trainer, train_data, val_data) -> None:
             floor=session.checkpoint.accuracy_floor,
             key=("fine_tune", str(rate)),
         )
+        session.tracker.trial("fine_tune_lr", str(rate), scores[str(rate)])
     reset()
     by_loss = session.folder.multi_label
     chosen = best_of(scores, by_loss=by_loss)

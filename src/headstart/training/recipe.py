@@ -59,8 +59,9 @@ from headstart.model import (
     temperature_of,
     unfreeze_counts,
 )
-from headstart.report import redraw
+from headstart.report import REPORT_FILE, redraw
 from headstart.splits import folder_for, split_manifest
+from headstart.tracking import Tracker, resolve_mlflow_uri, trackers_for
 from headstart.training.phases import PhaseClock, breakdown_line
 from headstart.training.session import Session
 from headstart.training.state import (
@@ -88,6 +89,7 @@ def train(
     *,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     head_builder: HeadBuilder | None = None,
+    tracker: Tracker | None = None,
     started: float | None = None,
 ) -> TrainResult:
     """Train, evaluate and save a classifier; everything lands in the run directory.
@@ -95,6 +97,9 @@ def train(
     ``callbacks``: extra Keras callbacks, given to every stage's ``fit`` (not to the candidate
     trials that choose the augmentation and the fine-tuning rate); subclass
     `headstart.training.callbacks.RunCallback` to also see the whole classifier and the run folder.
+    ``tracker``: a `headstart.tracking.Tracker`, told the run's config, every epoch of both
+    stages, every candidate's score in the choices made on validation, and at the end the
+    metrics and the run's files (``config.mlflow`` adds `headstart.tracking.MlflowTracker`).
     ``head_builder(features, n_classes) -> logits``: a custom head in place of the built-in
     one, on the pooled features (so it trains on the feature cache); config.json records its
     name in ``custom_head``. Neither is a Config field: callables are not JSON.
@@ -106,6 +111,12 @@ def train(
     config.validate()
     if head_builder is not None:
         config = dataclasses.replace(config, custom_head=_name_of(head_builder))
+    elif config.custom_head:  # a custom-head run's config.json given back: its head is code
+        raise UsageError(
+            f"custom_head {config.custom_head}: that run's head is Python code: train it from "
+            f"Python, headstart.train(config, head_builder={config.custom_head}), or set "
+            f"custom_head to null for the built-in head"
+        )
     cluster = join(config)
     with clock.phase("build model"):
         backbone = get_backbone(config.backbone)
@@ -128,6 +139,7 @@ def train(
     run_dir = runs.new_run_dir(config.out) if cluster.writes else Path(tempfile.mkdtemp())
     config = dataclasses.replace(
         config,
+        backbone=backbone.name,  # canonical: a hub: preset folder as an absolute path
         data=str(Path(config.data).resolve()),
         root=None if config.root is None else str(Path(config.root).resolve()),
         out=str(run_dir),
@@ -138,6 +150,7 @@ def train(
         augment_scores={},
         feature_norm=feature_norm or config.feature_norm,
         feature_norm_scores={},
+        fine_tune_lr_scores={},  # a rate given (not auto) has none; auto records them anew
         views=config.views if augments and mode == "extract" else 0,
         class_weight="none"
         if folder.multi_label
@@ -145,6 +158,7 @@ def train(
             config.class_weight, folder.train.counts(len(folder.class_names))
         ),
         multi_label=folder.multi_label,
+        mlflow=resolve_mlflow_uri(config.mlflow) if config.mlflow else None,
     )
     config = place(config, cluster)
     with clock.phase("build model"):
@@ -162,7 +176,8 @@ def train(
             report = check_folder(folder)
         log.info(summary_line(report))
         files.write_json(run_dir / CHECK_FILE, report)
-    return _run(config, backbone, folder, model, base, run_dir, None, callbacks, clock)
+    tracker = trackers_for(config, tracker) if cluster.writes else Tracker()
+    return _run(config, backbone, folder, model, base, run_dir, None, callbacks, clock, tracker)
 
 
 def resume(
@@ -170,6 +185,7 @@ def resume(
     *,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     head_builder: HeadBuilder | None = None,
+    tracker: Tracker | None = None,
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
@@ -183,7 +199,8 @@ def resume(
     detects it). The number of processes may differ from the first launch's, as long as it
     divides the global batch; each process reads the state process 0 saved in the run folder
     (which must be shared, or copied to the same path on every machine). ``started``: as
-    for `train`; metrics.json's ``phase_seconds`` are this launch's."""
+    for `train`; metrics.json's ``phase_seconds`` are this launch's. ``tracker``: as for `train`
+    (an MLflow run, named in the run folder's mlflow.json, goes on)."""
     clock = PhaseClock(started)
     run_dir = Path(run)
     if not (run_dir / runs.CONFIG_FILE).is_file():
@@ -233,7 +250,8 @@ def resume(
         config = dataclasses.replace(config, out=str(run_dir))
     if config.distributed:  # process 0 writes the run folder only once every copy is made
         barrier("headstart resume")
-    return _run(config, backbone, folder, model, base, run_dir, state, callbacks, clock)
+    tracker = trackers_for(config, tracker) if cluster.writes else Tracker()
+    return _run(config, backbone, folder, model, base, run_dir, state, callbacks, clock, tracker)
 
 
 def _check_multi_label(config: Config) -> None:
@@ -264,12 +282,44 @@ def _name_of(head_builder: HeadBuilder) -> str:
     return f"{module}.{getattr(head_builder, '__qualname__', repr(head_builder))}"
 
 
+# the run folder's files a tracker gets at the end (those there: an ensemble has no history)
+TRACKED_FILES = (
+    REPORT_FILE,
+    runs.MODEL_FILE,
+    runs.METRICS_FILE,
+    runs.CONFIG_FILE,
+    runs.LABELS_FILE,
+    runs.THRESHOLDS_FILE,  # a multi-label run's
+    runs.HISTORY_FILE,
+)
+
+
 def _run(
-    config, backbone, folder, model, base, run_dir: Path, state, callbacks, clock: PhaseClock
+    config, backbone, folder, model, base, run_dir: Path, state, callbacks, clock, tracker
+) -> TrainResult:
+    """`_stages_and_test`, told to ``tracker``: its start, then its end or its failure."""
+    tracker.start(config)
+    try:
+        result = _stages_and_test(
+            config, backbone, folder, model, base, run_dir, state, callbacks, clock, tracker
+        )
+    except BaseException as error:
+        tracker.fail(error)
+        raise
+    if result.metrics:  # a distributed run's other processes have none (and a silent tracker)
+        paths = [run_dir / name for name in TRACKED_FILES if (run_dir / name).is_file()]
+        tracker.end(result.config, result.metrics, paths)
+    return result
+
+
+def _stages_and_test(
+    config, backbone, folder, model, base, run_dir: Path, state, callbacks, clock, tracker
 ) -> TrainResult:
     """Both stages from ``state`` (None: from the start), then the test metrics and report;
     metrics.json ends with where the time went (``clock``'s phases)."""
-    session = Session(config, backbone, folder, model, base, run_dir, state, clock=clock)
+    session = Session(
+        config, backbone, folder, model, base, run_dir, state, clock=clock, tracker=tracker
+    )
     session.user_callbacks = list(callbacks)
     if state is None:  # resumable from here on: a kill during extraction restarts stage 1
         write_state(

@@ -20,7 +20,7 @@ import numpy as np
 
 from headstart import runs
 from headstart.augment import AUTO, build_augmenter
-from headstart.backbones import Backbone
+from headstart.backbones import Backbone, unfreeze_units
 from headstart.data import make_dataset
 from headstart.distributed.cluster import even_batches, sampler_batches
 from headstart.extract import InferenceModeTop, ViewSampler, split_at_cut
@@ -34,6 +34,7 @@ from headstart.model import (
     summary_text,
     trainer_for,
 )
+from headstart.tracking import Tracker
 from headstart.training.cache import FeatureCache
 from headstart.training.callbacks import (
     BestModelCheckpoint,
@@ -82,7 +83,8 @@ class Session:
 
     ``state`` is where a resumed run stopped (`headstart.training.state`); None for a new run.
     ``clock`` times the run's phases (`headstart.training.phases`): the choices and the
-    extractions each count under their own name.
+    extractions each count under their own name. ``tracker`` (`headstart.tracking`) is told
+    every epoch of the stages and every candidate's score of the choices.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class Session:
         state,
         *,
         clock: PhaseClock | None = None,
+        tracker: Tracker | None = None,
     ):
         self.config, self.backbone, self.folder = config, backbone, folder
         self.model, self.base, self.run_dir = model, base, run_dir
@@ -105,7 +108,8 @@ class Session:
         self.class_weight = class_weights(config.class_weight, folder.train.counts(self.n_classes))
         self.size = (config.image_size, config.image_size)
         self.checkpoint = BestModelCheckpoint(model, run_dir / runs.MODEL_FILE)
-        self.history = StageCSVLogger(str(run_dir / runs.HISTORY_FILE))
+        self.tracker = tracker or Tracker()
+        self.history = StageCSVLogger(str(run_dir / runs.HISTORY_FILE), on_row=self.tracker.epoch)
         if state is not None:
             self.checkpoint.set_state(state.callbacks["checkpoint"])
             self.history.rows = list(state.callbacks["history"])
@@ -137,6 +141,8 @@ class Session:
         self.unfreeze = unfreeze
         if self.backbone.parts:
             log.info("fusion: fine-tuning runs the full model on images (no cached trunk)")
+        elif unfreeze_units(self.backbone, self.base) != self.base.layers:  # a ViT's blocks
+            log.info("%s: fine-tuning runs the full model on images", self.backbone.name)
         elif self.config.mode == "extract" and self.config.cache_trunk:
             self.feature_views.trunk = split_at_cut(self.model, self.base, unfreeze[0])
 
@@ -397,8 +403,8 @@ class Session:
         With a cached trunk only the top block and head run, on cached activations of the
         clean and augmented views; otherwise the full model runs on augmented images.
         """
-        for (_, base), count in zip(base_parts(self.backbone, self.base), unfreeze, strict=True):
-            unfreeze_top(base, count, self.config.bn)
+        for (part, base), count in zip(base_parts(self.backbone, self.base), unfreeze, strict=True):
+            unfreeze_top(base, count, self.config.bn, part)
         self.summaries.append("# stage 2: fine-tuning\n" + summary_text(self.model))
         trunk = self.feature_views.trunk
         if trunk is not None:

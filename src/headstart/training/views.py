@@ -16,6 +16,7 @@ benchmarks all extract through it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 
 import keras
@@ -33,14 +34,23 @@ from headstart.training.cache import EntrySpec, FeatureCache
 from headstart.training.phases import PhaseClock
 
 
-def weights_id(config: Config, cache: FeatureCache | None, weights: str | None = None) -> str:
+def weights_id(
+    config: Config, backbone: Backbone, cache: FeatureCache | None, weights: str | None = None
+) -> str:
     """What a cache key needs to know about the weights (``config.weights`` unless given: one
-    backbone's of a fusion): random ones depend on the seed, a file on its content."""
+    backbone's of a fusion): random ones depend on the seed, a file on its content, and so do
+    pretrained ones kept in files that can change (a keras-hub preset's,
+    ``Backbone.weights_files``): "imagenet:<content hash>"."""
     weights = config.weights if weights is None else weights
     if weights == "none":
         return f"none:{config.seed}"
-    if weights == "imagenet" or cache is None:
+    if cache is None:
         return weights
+    if weights == "imagenet":
+        if backbone.weights_files is None:
+            return weights
+        hashes = cache.content_hashes(backbone.weights_files())
+        return "imagenet:" + hashlib.sha1("+".join(hashes).encode()).hexdigest()
     return "file:" + cache.content_hashes([weights])[0]
 
 
@@ -72,7 +82,7 @@ class FeatureViews:
         self.passes: list[dict] = []
         self.trunk: TrunkSplit | None = None
         # a fusion's cache keys are its backbones' own (see `_extract`)
-        self.weights_id = None if backbone.parts else weights_id(config, cache)
+        self.weights_id = None if backbone.parts else weights_id(config, backbone, cache)
         self._memo: dict[tuple, object] = {}  # (kind, split, policy, view) -> rows
         self._frozen_parts: dict[str, keras.Model] = {}
         # --distributed: every process must key (and wait on) the same entries, so Keras
@@ -160,7 +170,7 @@ class FeatureViews:
             self._rows(
                 pooled_name(part),
                 part,
-                weights_id(self.config, self.cache, part_weights),
+                weights_id(self.config, part, self.cache, part_weights),
                 output,
                 split,
                 policy,
