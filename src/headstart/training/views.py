@@ -122,7 +122,7 @@ class FeatureViews:
 
     def sampler(self, views: list, split: str) -> ViewSampler:
         """What ``fit`` trains on: one view per image per epoch, shuffled for training."""
-        labels = np.asarray(getattr(self.folder, split).labels, dtype="int32")
+        labels = getattr(self.folder, split).targets()
         training = split == "train"
         return ViewSampler(
             views, labels, self.config.batch_size, shuffle=training, seed=self.config.seed
