@@ -85,8 +85,9 @@ def test_config_file_errors_without_pyyaml_or_data(tmp_path, monkeypatch, capsys
         read_config_file(path)
     (tmp_path / "empty.json").write_text("")
     assert main(["train", "--config", str(tmp_path / "empty.json")]) == 2
-    assert "train needs DATA (a folder of class folders), or a --config file with data" in (
-        capsys.readouterr().err
+    assert (
+        "train needs DATA (a folder of class folders, or a CSV labels file), or a --config file "
+        "with data" in capsys.readouterr().err
     )
     assert main(["train", "--mlflow", "DATA"]) == 2  # nargs="?": --mlflow took DATA
     assert "put DATA before --mlflow" in capsys.readouterr().err

@@ -166,9 +166,9 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(add_verb) -> None:
-    parser = add_verb("evaluate", help="score a run on a folder of labelled images")
+    parser = add_verb("evaluate", help="score a run on a folder (or CSV file) of labelled images")
     parser.add_argument("run")
-    parser.add_argument("data")
+    _data_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tta", type=int, default=1, metavar="N", help=_TTA_HELP)
     parser.set_defaults(handler=_evaluate)
@@ -178,7 +178,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     # Pillow; evaluate() itself loads Keras/TensorFlow
     from headstart.evaluation import evaluate, format_metrics, format_tta, format_uncertainty
 
-    metrics = evaluate(args.run, args.data, batch_size=args.batch_size, tta=args.tta)
+    _take_labels(args)
+    metrics = evaluate(
+        args.run, args.data, root=args.root, batch_size=args.batch_size, tta=args.tta
+    )
     print(format_metrics(metrics))
     for line in (format_uncertainty(metrics), format_tta(metrics)):
         if line:
@@ -213,7 +216,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _add_check(add_verb) -> None:
     parser = add_verb("check", help="check a data folder: counts, bad files, duplicates, leakage")
-    parser.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
+    _data_arguments(parser)
     parser.add_argument("-o", "--out", help="report file (default: ./check-<DATA name>.json)")
     parser.add_argument(
         "--fix-split",
@@ -227,6 +230,13 @@ def _add_check(add_verb) -> None:
             default=getattr(Config(data=""), option),
             help="as for train",
         )
+    parser.add_argument(
+        "--multi-label",
+        action="store_const",
+        const=True,
+        help="read a CSV file's label cells as sets of labels separated by ';' (default: when "
+        "a cell holds ';')",
+    )
     # no default here: check's own (NEAR_DISTANCE) applies, and --help need not import check
     parser.add_argument(
         "--near-distance",
@@ -241,8 +251,11 @@ def _check(args: argparse.Namespace) -> int:
     from headstart.check import check, format_summary  # Pillow
 
     near = {} if args.near_distance is None else {"near_distance": args.near_distance}
+    _take_labels(args)
     report = check(
         args.data,
+        root=args.root,
+        multi_label=args.multi_label,
         val_split=args.val_split,
         test_split=args.test_split,
         seed=args.seed,
@@ -550,14 +563,49 @@ def _tune(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------ shared options
 
 
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    """DATA (optional here: `_take_labels` requires it), or ``--labels CSV``, and ``--root``:
+    for the verbs that read labelled data without training (``check``, ``evaluate``)."""
+    parser.add_argument(
+        "data",
+        nargs="?",
+        help="DATA/<class>/*, DATA/{train,val,test}/<class>/*, or a CSV labels file with "
+        "columns path,label[,split]",
+    )
+    _labels_arguments(parser.add_argument)
+
+
+def _labels_arguments(add) -> None:
+    add("--labels", metavar="CSV", help="a CSV labels file (path,label[,split]), in place of DATA")
+    add(
+        "--root",
+        metavar="DIR",
+        help="the folder a CSV file's relative image paths start from (default: the CSV's folder)",
+    )
+
+
+def _take_labels(args: argparse.Namespace) -> None:
+    """``--labels CSV`` is DATA; giving both, or neither, is a usage error."""
+    data, labels = getattr(args, "data", None), getattr(args, "labels", None)
+    if data and labels:
+        raise UsageError(f"give DATA ({data}) or --labels {labels}, not both")
+    args.data = data or labels
+    if not args.data:
+        raise UsageError(f"{args.verb} needs DATA (a folder, or a CSV labels file) or --labels CSV")
+
+
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a training run, shared by ``train``, ``cv`` and ``tune``: `Config`'s
     fields. None has a default here (argparse.SUPPRESS: an option not given is not in the
     namespace), so that `_config_of` can tell the options given, which override a --config
     file, from the rest, which `Config`'s defaults fill."""
-    data_help = "DATA/<class>/* or DATA/{train,val,test}/<class>/* (or `data:` in --config)"
+    data_help = (
+        "DATA/<class>/*, DATA/{train,val,test}/<class>/*, or a CSV labels file with columns "
+        "path,label[,split] (or `data:` in --config)"
+    )
     parser.add_argument("data", nargs="?", default=argparse.SUPPRESS, help=data_help)
     add = functools.partial(parser.add_argument, default=argparse.SUPPRESS)
+    _labels_arguments(add)
     add(
         "--config",
         metavar="FILE",
@@ -645,6 +693,13 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="skip the data check (duplicates, leakage, imbalance) at the start",
     )
+    add(
+        "--multi-label",
+        action="store_const",
+        const=True,
+        help="a CSV file's label cells are sets of labels separated by ';' (cat;outdoor): one "
+        "sigmoid per label (default: detected, when a cell holds ';')",
+    )
     add("--val-split", type=float)
     add("--test-split", type=float)
     add("--patience", type=int, help="early stopping patience")
@@ -699,6 +754,10 @@ def _config_of(args: argparse.Namespace, **verb_defaults) -> Config:
     given = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
     if not given.get("quiet"):  # --quiet has a default (False) on the main parser
         given.pop("quiet", None)
+    if "labels" in args:  # --labels CSV: DATA under another name
+        if "data" in given:
+            raise UsageError(f"give DATA ({given['data']}) or --labels {args.labels}, not both")
+        given["data"] = args.labels
     from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
     values = {**verb_defaults, **from_file, **given}
     if "data" not in values:
@@ -706,8 +765,8 @@ def _config_of(args: argparse.Namespace, **verb_defaults) -> Config:
         if given.get("mlflow", MLFLOW_DEFAULT) != MLFLOW_DEFAULT:  # `--mlflow DATA` took it
             hint += f" (--mlflow took {given['mlflow']} as its URI: put DATA before --mlflow)"
         raise UsageError(
-            f"{args.verb} needs DATA (a folder of class folders), or a --config file with data"
-            + hint
+            f"{args.verb} needs DATA (a folder of class folders, or a CSV labels file), or a "
+            "--config file with data" + hint
         )
     return Config(**values)
 
@@ -886,6 +945,12 @@ def _print_result(result) -> None:
             f"({chosen['stage']} stage, epoch {chosen['epoch']})"
         )
     print(f"run saved to {result.run_dir}")
+    if result.metrics.get("multi_label"):
+        print(
+            f"test mAP {result.metrics['map']:.4f} (constant baseline "
+            f"{result.metrics['map_baseline']:.4f}), micro-F1 {result.metrics['micro_f1']:.4f} "
+            f"on {result.metrics['n_test']} images"
+        )
     if "accuracy" in result.metrics:
         print(
             f"test accuracy {result.metrics['accuracy']:.4f} on {result.metrics['n_test']} images"
@@ -898,10 +963,12 @@ def _print_predictions(predictions, output_format: str) -> tuple[int, int]:
     if hasattr(sys.stdout, "reconfigure"):  # file names need not be valid UTF-8
         sys.stdout.reconfigure(errors="backslashreplace")
     writer = csv.writer(sys.stdout)
-    if output_format == "csv":
-        writer.writerow(["path", "rank", "label", "probability", "error"])
-    rows, total, unreadable = [], 0, 0
+    rows, total, unreadable, multi = [], 0, 0, False
     for p in predictions:
+        if output_format == "csv" and not total:  # multi-label: a "predicted" column (0 or 1)
+            multi = p.labels is not None
+            predicted = ["predicted"] if multi else []
+            writer.writerow(["path", "rank", "label", "probability", *predicted, "error"])
         total += 1
         unreadable += p.error is not None
         row = {
@@ -909,15 +976,22 @@ def _print_predictions(predictions, output_format: str) -> tuple[int, int]:
             "error": p.error or "",
             "top": [{"label": label, "probability": round(prob, 6)} for label, prob in p.top],
         }
+        if p.labels is not None:  # multi-label: the labels at or above their thresholds
+            row["labels"] = list(p.labels)
         if output_format == "json":
             rows.append(row)
         elif output_format == "csv":
             for rank, item in enumerate(row["top"], 1):
-                writer.writerow([row["path"], rank, item["label"], item["probability"], ""])
+                called = [int(item["label"] in row["labels"])] if multi else []
+                writer.writerow(
+                    [row["path"], rank, item["label"], item["probability"], *called, ""]
+                )
             if row["error"]:
-                writer.writerow([row["path"], "", "", "", row["error"]])
+                writer.writerow([row["path"], "", "", "", *[""] * multi, row["error"]])
         else:
             text = "  ".join(f"{i['label']} {i['probability']:.3f}" for i in row["top"])
+            if p.labels is not None and not p.error:
+                text = f"[{', '.join(p.labels) or 'no label'}]  {text}"
             print(f"{row['path']}\t{text or 'skipped: ' + row['error']}")
     if output_format == "json":
         print(json.dumps(rows, indent=2, ensure_ascii=False))

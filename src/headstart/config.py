@@ -43,7 +43,12 @@ class Config:
     holds the concrete values that were used.
     """
 
-    data: str
+    data: str  # a folder of labelled images, or a CSV labels file (path,label[,split])
+    # a CSV labels file's relative paths start from this folder (--root); None: the file's own
+    root: str | None = None
+    # each image has a set of labels (a CSV file's cells "cat;outdoor"): one sigmoid per label.
+    # None: detected (a label cell holding ';'); config.json holds the resolved choice
+    multi_label: bool | None = None
     out: str | None = None
     backbone: str = "efficientnet_lite0"  # a registry name, "A+B" (fusion) or "hub:PRESET"
     weights: str = "default"  # "imagenet", "none", a path, or "default" (the backbone's own)

@@ -148,6 +148,7 @@ def explain(
     """Write one Grad-CAM PNG per image (image beside its overlay) to ``out``
     (default ``RUN/explain/``); ``target`` explains that class instead of the predicted one."""
     run_dir = runs.open_run_dir(run)
+    runs.refuse_multi_label(run_dir, "explain")
     model = runs.load_model(run_dir, len(runs.read_labels(run_dir)))
     class_names = runs.read_labels(run_dir)
     if target is not None and target not in class_names:

@@ -29,9 +29,10 @@ FEATURES_NAME = "features"
 TEMPERATURE_NAME = "temperature"  # --calibrate: the Rescaling layer that divides logits by T
 
 
-def output_units(n_classes: int) -> int:
-    """One logit for two classes (sigmoid), one per class otherwise (softmax)."""
-    return 1 if n_classes == 2 else n_classes
+def output_units(n_classes: int, multi_label: bool = False) -> int:
+    """One logit for two classes (sigmoid), one per class otherwise (softmax); multi-label: one
+    per label, each its own sigmoid."""
+    return 1 if n_classes == 2 and not multi_label else n_classes
 
 
 def build_head(
@@ -41,6 +42,7 @@ def build_head(
     dropout: float,
     feature_norm: str = "none",
     head_builder=None,
+    multi_label: bool = False,
 ) -> keras.Model:
     """The new classifier trained on pooled features:
     [L2 normalisation] -> [Dense(hidden)] -> [Dropout] -> logits (zero-initialised).
@@ -50,10 +52,12 @@ def build_head(
     default learning rate suits a linear layer; no custom layer, so the file loads anywhere.
     ``head_builder(features, n_classes) -> logits`` replaces it with the user's own layers
     (``output_units(n_classes)`` logits), still on pooled features so it trains on the cache.
+    ``multi_label``: one logit per label (`output_units`).
     """
     inputs = keras.Input((feature_dim,), name="pooled_features")
+    units = output_units(n_classes, multi_label)
     if head_builder is not None:
-        return _custom_head(inputs, n_classes, head_builder)
+        return _custom_head(inputs, n_classes, head_builder, units)
     x = inputs
     if feature_norm == "l2":
         x = layers.UnitNormalization(name="l2_normalize")(x)
@@ -65,19 +69,19 @@ def build_head(
     # Zero-initialised: training starts from uniform predictions instead of a random linear map
     # of the features, which a few hundred images cannot fully undo (+0.2 to +0.9 points of
     # test accuracy on Fashion-MNIST features, bench/head_options.py; MAE's linear-probe practice).
-    outputs = layers.Dense(output_units(n_classes), kernel_initializer="zeros", name="logits")(x)
+    outputs = layers.Dense(units, kernel_initializer="zeros", name="logits")(x)
     return keras.Model(inputs, outputs, name=CLASSIFIER_NAME)
 
 
-def _custom_head(inputs, n_classes: int, head_builder) -> keras.Model:
+def _custom_head(inputs, n_classes: int, head_builder, units: int) -> keras.Model:
     name = getattr(head_builder, "__name__", "head_builder")
     outputs = head_builder(inputs, n_classes)
-    units = output_units(n_classes)
     if not isinstance(outputs, keras.KerasTensor) or tuple(outputs.shape) != (None, units):
         shape = getattr(outputs, "shape", type(outputs).__name__)
         raise UsageError(
             f"head_builder {name} returned {shape}: it must return a (None, {units}) logits "
-            f"tensor built from its features argument (output_units({n_classes}) = {units})"
+            f"tensor built from its features argument (one logit per class, one for two "
+            f"classes, one per label for multi-label: {units})"
         )
     return keras.Model(inputs, outputs, name=CLASSIFIER_NAME)
 
@@ -92,6 +96,7 @@ def build_model(
     dropout: float = 0.2,
     feature_norm: str = "none",
     head_builder=None,
+    multi_label: bool = False,
 ) -> keras.Model:
     """Assemble the full model around an already built ``base``.
 
@@ -107,7 +112,7 @@ def build_model(
         output = _backbone_output(backbone, base, inputs)
         features = pooling(head, output)(name=FEATURES_NAME)(output)
     classifier = build_head(
-        features.shape[-1], n_classes, hidden, dropout, feature_norm, head_builder
+        features.shape[-1], n_classes, hidden, dropout, feature_norm, head_builder, multi_label
     )
     name = keras_name(backbone.name.replace("+", "_and_"))
     return keras.Model(inputs, classifier(features), name=f"headstart_{name}")
@@ -249,6 +254,7 @@ def build_from_config(config: Config, backbone: Backbone, n_classes: int, head_b
         dropout=config.dropout,
         feature_norm="none" if config.feature_norm == AUTO else config.feature_norm,
         head_builder=head_builder,
+        multi_label=bool(config.multi_label),
     )
     return model, base
 
@@ -291,14 +297,21 @@ def unfreeze_counts(spec: str, backbone: Backbone, base) -> str:
 
 
 def compile_for(
-    model: keras.Model, n_classes: int, learning_rate: float, *, weighted: bool = False
+    model: keras.Model,
+    n_classes: int,
+    learning_rate: float,
+    *,
+    weighted: bool = False,
+    multi_label: bool = False,
 ) -> None:
     """Logit outputs: binary cross-entropy for 2 classes, sparse categorical otherwise.
 
     ``weighted``: accuracy counts sample weights (``--distributed``, where validation's padding
     rows have weight 0, see `distributed.cluster.even_batches`; training accuracy then also
-    counts --class-weight's weights)."""
-    if n_classes == 2:
+    counts --class-weight's weights). ``multi_label``: binary cross-entropy on each label's
+    logit (0/1 targets, one column per label), and "accuracy" is the share of right yes/no
+    decisions at probability 0.5 over images and labels."""
+    if n_classes == 2 or multi_label:
         loss = keras.losses.BinaryCrossentropy(from_logits=True)
         accuracy = keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)
     else:

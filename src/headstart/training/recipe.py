@@ -48,11 +48,12 @@ from headstart.evaluation import (
     PREDICTIONS_FILE,
     metrics_for_split,
     predict_split,
+    probabilities_of,
+    thresholds_record,
     write_predictions,
 )
 from headstart.extract import run_in_batches, split_at_cut
 from headstart.imbalance import resolve_class_weight
-from headstart.metrics import probabilities_from_logits
 from headstart.model import (
     base_of,
     build_from_config,
@@ -67,6 +68,7 @@ from headstart.training.phases import PhaseClock, breakdown_line
 from headstart.training.refit import (
     REFIT_STAGES,
     calibrate_refit,
+    chosen_model,
     end_refit,
     refit,
     refit_kept,
@@ -144,11 +146,14 @@ def train(
     augments = augment == AUTO or parse_augment(augment)  # a bad spec fails before slow work
     with clock.phase("decode check"):  # finding the images and decoding each once
         folder = folder_for(config)
+    if folder.multi_label:
+        _check_multi_label(config)
     run_dir = runs.new_run_dir(config.out) if cluster.writes else Path(tempfile.mkdtemp())
     config = dataclasses.replace(
         config,
         backbone=backbone.name,  # canonical: a hub: preset folder as an absolute path
         data=str(Path(config.data).resolve()),
+        root=None if config.root is None else str(Path(config.root).resolve()),
         out=str(run_dir),
         image_size=image_size,
         weights=weights,
@@ -159,9 +164,12 @@ def train(
         feature_norm_scores={},
         fine_tune_lr_scores={},  # a rate given (not auto) has none; auto records them anew
         views=config.views if augments and mode == "extract" else 0,
-        class_weight=resolve_class_weight(
+        class_weight="none"
+        if folder.multi_label
+        else resolve_class_weight(
             config.class_weight, folder.train.counts(len(folder.class_names))
         ),
+        multi_label=folder.multi_label,
         mlflow=resolve_mlflow_uri(config.mlflow) if config.mlflow else None,
     )
     config = place(config, cluster)
@@ -171,6 +179,8 @@ def train(
     config = dataclasses.replace(config, unfreeze=unfreeze)
     config.save(run_dir / runs.CONFIG_FILE)
     files.write_json(run_dir / runs.LABELS_FILE, list(folder.class_names))
+    if folder.multi_label:  # 0.5 each until validation chooses them (a run stopped early)
+        files.write_json(run_dir / runs.THRESHOLDS_FILE, thresholds_record(folder.class_names))
     files.write_json(run_dir / runs.SPLIT_FILE, split_manifest(folder))
     write_skipped(folder.skipped, str(run_dir / runs.SKIPPED_FILE))
     if config.check:
@@ -280,6 +290,21 @@ def resume(
     )
 
 
+def _check_multi_label(config: Config) -> None:
+    """What a multi-label run cannot do: one line naming the option to drop."""
+    refused = [
+        (config.calibrate, "--calibrate (temperature scaling is for class probabilities)"),
+        (config.distributed, "--distributed"),
+        (config.class_weight == "balanced", "--class-weight balanced"),
+    ]
+    for given, option in refused:
+        if given:
+            raise UsageError(
+                f"{config.data} is multi-label (labels separated by ';'): {option} is for "
+                f"single-label data: drop it"
+            )
+
+
 def _scratch_copy(run_dir: Path) -> Path:
     """A copy of the run folder for a process other than 0, which writes only there (deleted
     when it ends)."""
@@ -300,6 +325,7 @@ TRACKED_FILES = (
     runs.METRICS_FILE,
     runs.CONFIG_FILE,
     runs.LABELS_FILE,
+    runs.THRESHOLDS_FILE,  # a multi-label run's
     runs.HISTORY_FILE,
 )
 
@@ -465,13 +491,28 @@ def _test_metrics(
         else:
             model, calibration = calibrate_model(model, folder.val, config.batch_size)
         files.save_model_atomic(model, run_dir / runs.MODEL_FILE)
+    thresholds = None
+    if folder.multi_label:  # each label's threshold: its best F1 on validation
+        val = folder.val
+        on = chosen_model(run_dir) if refits else model  # held out from the chosen model only
+        record = thresholds_record(
+            folder.class_names,
+            val.targets(),
+            _test_probabilities(on, val, config, session, fine_tune, "val"),
+        )
+        files.write_json(run_dir / runs.THRESHOLDS_FILE, record)
+        thresholds = [record["thresholds"][name] for name in folder.class_names]
     if len(folder.test):
         probabilities = _test_probabilities(model, folder.test, config, session, fine_tune)
         metrics = metrics_for_split(
-            model, folder.test, folder.class_names, probabilities=probabilities
+            model,
+            folder.test,
+            folder.class_names,
+            probabilities=probabilities,
+            thresholds=thresholds,
         )
         write_predictions(
-            run_dir / PREDICTIONS_FILE, folder.test, folder.class_names, probabilities
+            run_dir / PREDICTIONS_FILE, folder.test, folder.class_names, probabilities, thresholds
         )
     else:
         metrics = metrics_for_split(model, folder.test, folder.class_names)  # {"n_test": 0, ...}
@@ -480,8 +521,8 @@ def _test_metrics(
     return metrics
 
 
-def _test_probabilities(model, split, config: Config, session, fine_tune: bool):
-    """The saved model's probabilities for the test images.
+def _test_probabilities(model, split, config: Config, session, fine_tune: bool, name="test"):
+    """The saved model's probabilities for the test images (``name``: or another split's).
 
     Its frozen part is the one extraction ran: the trunk (when fine-tuning ran on the cached
     trunk), or the whole backbone (when nothing was fine-tuned); its weights never changed. So
@@ -503,8 +544,8 @@ def _test_probabilities(model, split, config: Config, session, fine_tune: bool):
         rest, kind = None, ""
     if rest is None:
         return predict_split(model, split, config.batch_size)
-    logits = run_in_batches(rest, views.rows(kind, "test"), config.batch_size)
-    return probabilities_from_logits(logits / temperature_of(model))
+    logits = run_in_batches(rest, views.rows(kind, name), config.batch_size)
+    return probabilities_of(logits / temperature_of(model), split.multi_label)
 
 
 def _what_was_chosen(session: Session, fine_tune: bool, refits: bool = False) -> dict:

@@ -33,7 +33,9 @@ model.keras stays the chosen model and the run says so (metrics.json: ``refit`` 
 the validation outputs of the choosing phase's chosen model (kept as `CHOSEN_MODEL_FILE`
 until the run ends) and put on the refit model (`calibrate_refit`), which trained by the same
 recipe for as many epochs on (train + val) / train as many images; a T fitted on its own
-training images would find it well calibrated whatever it is.
+training images would find it well calibrated whatever it is. A multi-label run's per-label
+thresholds (best F1 on validation) are fitted on the chosen model's validation outputs the
+same way.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import logging
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from headstart import files, runs
 from headstart.calibrate import calibrate_model, with_temperature
@@ -83,7 +86,7 @@ def start_refit(session: Session, fine_tune: bool) -> None:
     """End the choosing phase: the plan made and saved with the state (a run killed from here
     on resumes into the refit), the chosen model kept for ``--calibrate``."""
     session.plan = plan_refit(session, fine_tune)
-    if session.config.calibrate:
+    if session.config.calibrate or session.folder.multi_label:  # fitted on it at the end
         model_file = session.run_dir / runs.MODEL_FILE
         files.write_bytes_atomic(session.run_dir / CHOSEN_MODEL_FILE, model_file.read_bytes())
     session.checkpoint.best_values = {}  # the choosing phase's: model.keras holds them
@@ -137,8 +140,7 @@ def _refit(session: Session, stage: str, unfreeze: list[int], train_val) -> None
         session.fit(trainer, "refit_fine_tune", data, None, fine_tune["epochs"], rates=rates)
     clean = _clean_images(session, fine_tuned=bool(fine_tune["epochs"]))
     accuracy = float(session.evaluate(trainer, clean)["accuracy"])
-    counts = train_val.counts(session.n_classes)
-    session.plan["kept"] = accuracy > max(counts) / sum(counts)
+    session.plan["kept"] = accuracy > chance(train_val)
     session.plan["accuracy_on_its_images"] = round(accuracy, 6)
     if session.class_weight:  # --class-weight: by the counts of both splits
         session.plan["class_weights"] = {str(i): w for i, w in session.class_weight.items()}
@@ -162,15 +164,29 @@ def _clean_images(session: Session, *, fine_tuned: bool):
     if not cached:
         return session.images(TRAIN_VAL, training=False)
     rows = views.rows("trunk" if fine_tuned else "pooled", TRAIN_VAL)
-    labels = split_of(session.folder, TRAIN_VAL).labels
-    return ViewSampler([rows], labels, session.config.batch_size, shuffle=False)
+    targets = split_of(session.folder, TRAIN_VAL).targets()
+    return ViewSampler([rows], targets, session.config.batch_size, shuffle=False)
+
+
+def chance(split) -> float:
+    """The accuracy of always answering the most frequent class (multi-label: each label's
+    more frequent answer, yes or no, as "accuracy" counts each label's decision)."""
+    targets = split.targets()
+    if split.multi_label:
+        share = targets.mean(axis=0)
+        return float(np.mean(np.maximum(share, 1 - share)))
+    return float(np.bincount(targets).max() / len(targets))
+
+
+def chosen_model(run_dir: Path) -> keras.Model:
+    """The choosing phase's chosen model, kept for what is fitted on its validation outputs."""
+    return keras.saving.load_model(Path(run_dir) / CHOSEN_MODEL_FILE)
 
 
 def calibrate_refit(model: keras.Model, run_dir: Path, val, batch_size: int):
     """``--calibrate`` with the refit: T fitted on the choosing phase's chosen model's
     validation outputs, put on ``model`` (the refit model). Returns it and the record."""
-    chosen = keras.saving.load_model(Path(run_dir) / CHOSEN_MODEL_FILE)
-    _, record = calibrate_model(chosen, val, batch_size)
+    _, record = calibrate_model(chosen_model(run_dir), val, batch_size)
     record["method"] = (
         "temperature scaling, T fitted on validation to minimise NLL, on the choosing phase's "
         "model (the refit model trained on the validation images)"

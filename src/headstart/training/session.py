@@ -305,8 +305,15 @@ class Session:
         callback_list.on_train_end()
 
     def compile(self, trainer: keras.Model, learning_rate: float) -> None:
-        """`compile_for` this run: its classes, and weighted accuracy when distributed."""
-        compile_for(trainer, self.n_classes, learning_rate, weighted=self.config.distributed)
+        """`compile_for` this run: its classes (or labels), and weighted accuracy when
+        distributed."""
+        compile_for(
+            trainer,
+            self.n_classes,
+            learning_rate,
+            weighted=self.config.distributed,
+            multi_label=self.folder.multi_label,
+        )
 
     def evaluate(self, trainer, data) -> dict:
         """``trainer``'s loss and accuracy on ``data`` in inference mode, scored as validation

@@ -46,7 +46,8 @@ def split_of(folder: ImageFolder, split: str) -> Split:
     """A split of ``folder`` by name; `TRAIN_VAL`: the training images, then validation's."""
     if split != TRAIN_VAL:
         return getattr(folder, split)
-    return Split(folder.train.paths + folder.val.paths, folder.train.labels + folder.val.labels)
+    train, val = folder.train, folder.val
+    return Split(train.paths + val.paths, train.labels + val.labels, train.n_labels)
 
 
 class JoinedRows:
@@ -165,7 +166,7 @@ class FeatureViews:
 
     def sampler(self, views: list, split: str) -> ViewSampler:
         """What ``fit`` trains on: one view per image per epoch, shuffled for training."""
-        labels = np.asarray(split_of(self.folder, split).labels, dtype="int32")
+        labels = split_of(self.folder, split).targets()
         training = split in TRAINING_SPLITS
         return ViewSampler(
             views, labels, self.config.batch_size, shuffle=training, seed=self.config.seed
