@@ -96,7 +96,7 @@ def start_refit(session: Session, fine_tune: bool) -> None:
 def refit(session: Session, stage: str, unfreeze: list[int]) -> None:
     """Both stages again on the training and validation images by the session's plan, from
     ``stage`` ("refit_head", or "refit_fine_tune" when resumed after the refit's stage 1);
-    model.keras is then the refit model."""
+    model.keras is then the refit model, if it beats `chance` on its own images."""
     state = session.state
     if state is None or state.stage not in REFIT_STAGES:  # the choosing phase trained it
         session.rebuild()
