@@ -92,6 +92,7 @@ def _run(data: Path, backbone: str, out: Path, **overrides):
         "augment": "none",
         "check": False,
         "feature_norm": "none",
+        "refit": False,  # the backbone's two stages (tests/test_refit.py: the refit)
         "quiet": True,
         **overrides,
     }

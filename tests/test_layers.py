@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cv", "tune"),  # verbs built on training
     ("training", "training.demo"),
     ("training.recipe", "compare"),
+    ("training.refit",),  # the final fit on train + validation, after the choices
     ("training.session", "ensemble", "deploy", "deploy.serve", "deploy.export", "deploy.predict"),
     ("training.choose", "training.views", "report"),
     ("calibrate", "explain", "deploy.predictor"),

@@ -194,9 +194,12 @@ def test_mlflow_gets_params_every_epoch_each_trial_the_test_metrics_and_files(tr
     history = _history(run)
     for key in ("loss", "val_loss", "val_accuracy"):
         values = client.get_metric_history(record["run_id"], key)
-        assert [m.step for m in values] == list(range(len(history)))  # step: the global epoch
-        assert [m.value for m in values] == pytest.approx([float(r[key]) for r in history])
-    assert {r["stage"] for r in history} == {"head", "fine_tune"} or metrics["fine_tune_lr"] is None
+        rows = [r for r in history if r[key]]  # the refit's (the default) have no val_ figures
+        assert [m.step for m in values] == [int(r["epoch"]) for r in rows]  # the global epoch
+        assert [m.value for m in values] == pytest.approx([float(r[key]) for r in rows])
+    assert len(client.get_metric_history(record["run_id"], "loss")) == len(history)
+    choosing = {r["stage"] for r in history} - {"refit_head", "refit_fine_tune"}
+    assert choosing == {"head", "fine_tune"} or metrics["fine_tune_lr"] is None
     for choice in ("feature_norm", "augment", "fine_tune_lr"):
         scores = getattr(config, f"{choice}_scores")
         assert scores, choice
@@ -246,7 +249,8 @@ def test_a_runs_config_json_as_config_trains_that_run_again(tracked, monkeypatch
     assert differ <= {"out", *RECORDS} and "out" in differ
     assert all(second[key] == {} for key in RECORDS)
     metrics = json.loads((again / "metrics.json").read_text())
-    for key in ("accuracy", "loss", "macro_f1", "saved_from", "augment", "feature_norm"):
+    same = ("accuracy", "loss", "macro_f1", "augment", "feature_norm", "refit_epochs")
+    for key in (*same, "validation_choosing_phase"):  # the default refits: no saved_from
         assert metrics[key] == result.metrics[key], key
     # the file's mlflow went on: a second MLflow run in the same experiment
     client = _client(first["mlflow"], monkeypatch)

@@ -140,6 +140,12 @@ def calibrate(run: str | Path, *, batch_size: int = 32) -> dict:
     Accuracy is unchanged; the confidences, loss and ECE are those of the calibrated model."""
     run_dir = runs.open_run_dir(run)
     runs.refuse_multi_label(run_dir, "calibrate (temperature scaling of class probabilities)")
+    if runs.was_refit(run_dir):
+        raise UsageError(
+            f"{run_dir}: model.keras was refit on the training and validation images, so T "
+            f"cannot be fitted on validation any more: train with --calibrate (T from the model "
+            f"chosen on validation) or --no-refit"
+        )
     config = Config.load(run_dir / runs.CONFIG_FILE)
     class_names = runs.read_labels(run_dir)
     folder = run_split(run_dir, run_images(config))

@@ -703,6 +703,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--val-split", type=float)
     add("--test-split", type=float)
     add("--patience", type=int, help="early stopping patience")
+    add(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        help="once every choice is made on validation, train the final model again on train + "
+        "validation images for the chosen epochs (default; --no-refit: keep the chosen model)",
+    )
     add("--seed", type=int)
     add("--tensorboard", action="store_true", help="write TensorBoard logs to RUN/tensorboard/")
     add(
@@ -924,10 +930,19 @@ def _print_result(result) -> None:
 
         print(format_calibration(result.metrics))
     saved = result.metrics.get("saved_from", {})
+    chosen = result.metrics.get("validation_choosing_phase", {})
     if saved.get("stage"):
         print(
             f"model.keras: best validation loss {saved['val_loss']:.4f} "
             f"({saved['stage']} stage, epoch {saved['epoch']})"
+        )
+    elif chosen.get("stage"):
+        epochs = result.metrics["refit_epochs"]
+        print(
+            f"model.keras: refit on {result.metrics['refit_images']} training + validation "
+            f"images ({epochs['head']} + {epochs['fine_tune']} epochs); chosen on validation: "
+            f"loss {chosen['val_loss']:.4f}, accuracy {chosen['val_accuracy']:.4f} "
+            f"({chosen['stage']} stage, epoch {chosen['epoch']})"
         )
     print(f"run saved to {result.run_dir}")
     if result.metrics.get("multi_label"):

@@ -89,6 +89,9 @@ class Config:
     val_split: float = 0.2
     test_split: float = 0.1
     patience: int = 3  # early stopping patience, in epochs, on validation loss
+    # once every choice is made on validation, train the final model again on train + val
+    # with them, for the chosen epochs (headstart.training.refit); False: the chosen model
+    refit: bool = True
     # The headstart that wrote config.json; `runs.open_run_dir` refuses other major versions.
     headstart_version: str = __version__
     quiet: bool = False

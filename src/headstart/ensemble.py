@@ -73,6 +73,13 @@ def ensemble(
     )
     config = Config.load(run_dirs[0] / runs.CONFIG_FILE)
     given = _parse_weights(weights, len(run_dirs))
+    refit = [str(run) for run in run_dirs if runs.was_refit(run)]
+    if given == "fit" and refit:
+        raise UsageError(
+            f"--weights fit: {', '.join(refit)} refit on the training and validation images, "
+            f"so weights cannot be fitted on validation: train the members with --no-refit, "
+            f"or give weights"
+        )
     folder = _load_split(run_dirs[0], config)
     models = [runs.load_model(run, len(class_names)) for run in run_dirs]
     fitted = {}

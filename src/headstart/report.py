@@ -132,7 +132,9 @@ def write_figures(run_dir: Path, folder=None) -> _Notes:
             return None
 
     if history:
-        saved = _saved_epoch(history, metrics.get("saved_from", {}))
+        # model.keras's epoch; a refit run's: the one chosen on validation before the refit
+        chosen = metrics.get("saved_from") or metrics.get("validation_choosing_phase", {})
+        saved = _saved_epoch(history, chosen)
         attempt(
             "curves.png", lambda: figures.curves(history, run_dir / "curves.png", saved_epoch=saved)
         )
@@ -184,7 +186,8 @@ def write_figures(run_dir: Path, folder=None) -> _Notes:
 
 
 def _saved_epoch(history: list[dict], saved_from: dict) -> int | None:
-    """The 1-based epoch over both stages that model.keras comes from."""
+    """The 1-based epoch over both stages that model.keras comes from (``saved_from``: a
+    stage and its 1-based epoch)."""
     stage, epoch = saved_from.get("stage"), saved_from.get("epoch")
     if not stage or not epoch:
         return None
@@ -461,7 +464,7 @@ def _html(run_dir: Path, notes: _Notes) -> str:
     name = run_dir.resolve().name
     sections = [
         ("result", "Result", _result_section(metrics, notes)),
-        ("curves", "Training", _figure_section(run_dir, notes, ["curves.png"])),
+        ("curves", "Training", _figure(run_dir, "curves.png", notes, _curves_caption(metrics))),
         ("test", "Test set", _test_section(run_dir, metrics, notes)),
         ("gradcam", "Grad-CAM", _gradcam_section(run_dir, notes)),
         ("data", "Data", _data_section(run_dir, config, notes)),
@@ -527,6 +530,16 @@ def _figure_section(run_dir: Path, notes: _Notes, files: list[str]) -> str:
     return "".join(_figure(run_dir, file, notes, f"{file}") for file in files)
 
 
+def _curves_caption(metrics: dict) -> str:
+    if not metrics.get("refit"):
+        return "curves.png"
+    return (
+        "curves.png: the choosing phase (trained on the training images; the star marks the "
+        "epoch chosen on validation), then the refit on training + validation images for the "
+        "chosen epochs: training curves only, as validation is part of its training data"
+    )
+
+
 def _calibration_text(record: dict) -> str:
     return (
         f"T = {record['temperature']:.3f}, validation ECE {record['val_ece_before']:.4f} → "
@@ -567,6 +580,24 @@ def _result_section(metrics: dict, notes: _Notes) -> str:
         stage = _STAGE_NAMES.get(saved["stage"], saved["stage"])
         rows.append(
             ("model.keras", f"{stage}, epoch {saved['epoch']}, val loss {saved['val_loss']:.4f}")
+        )
+    chosen = metrics.get("validation_choosing_phase", {})
+    if chosen.get("stage"):  # refit: the validation figures are those of the choosing phase
+        epochs = metrics["refit_epochs"]
+        rows.append(
+            (
+                "model.keras",
+                f"refit on {metrics['refit_images']} training + validation images, stage 1 "
+                f"{epochs['head']} epochs, stage 2 {epochs['fine_tune']} epochs",
+            )
+        )
+        stage = _STAGE_NAMES.get(chosen["stage"], chosen["stage"])
+        rows.append(
+            (
+                "validation (choosing phase)",
+                f"accuracy {chosen['val_accuracy']:.4f}, loss {chosen['val_loss']:.4f} "
+                f"({stage}, epoch {chosen['epoch']}, trained on the training images only)",
+            )
         )
     text = (
         f'<p><span class="big">{metrics["accuracy"]:.1%}</span> of {metrics["n_test"]} '

@@ -186,6 +186,13 @@ def read_json(path: Path):
         ) from exc
 
 
+def was_refit(run: Path) -> bool:
+    """Whether model.keras was refit on the training and validation images (metrics.json's
+    ``refit``, `headstart.training.refit`): its validation images are then training images."""
+    path = Path(run) / METRICS_FILE
+    return path.is_file() and read_json(path).get("refit") is True
+
+
 def read_labels(run: Path) -> list[str]:
     """labels.json: the class names in output order."""
     path = Path(run) / LABELS_FILE

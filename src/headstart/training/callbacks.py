@@ -25,7 +25,8 @@ class RunCallback(keras.callbacks.Callback):
     Each stage fits a different Keras model: in extract mode stage 1 fits the head alone on
     cached features, and stage 2 the backbone's top on cached trunk activations. Before every
     stage headstart sets ``classifier`` (the whole model, raw images in, logits out, sharing
-    the weights being trained), ``run_dir`` and ``stage`` ("head" or "fine_tune").
+    the weights being trained), ``run_dir`` and ``stage`` ("head" or "fine_tune"; the refit's
+    "refit_head" and "refit_fine_tune", which have no validation logs).
     """
 
     classifier: keras.Model | None = None
@@ -83,6 +84,8 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         self.best_values: dict[int, np.ndarray] = {}
         self.keep_optimizer = False  # also keep the optimizer's variables of the best epoch
         self.best_optimizer: list[np.ndarray] = []
+        # each stage's epoch (0-based) saved last: how long the refit trains that stage
+        self.stage_epochs: dict[str, int] = {}
 
     @property
     def best_accuracy(self) -> float | None:
@@ -110,6 +113,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             "val_loss": self.best,
             "val_accuracy": None if accuracy is None else float(accuracy),
         }
+        self.stage_epochs[self.stage] = epoch
         variables = self.full_model.variables
         self.best_values = {i: np.array(variables[i].numpy()) for i in self.tracked}
         if self.keep_optimizer:
@@ -124,11 +128,17 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             variables[index].assign(value)
 
     def state(self) -> dict:
-        return {"best": self.best, "floor": self.accuracy_floor, "saved": self.saved}
+        return {
+            "best": self.best,
+            "floor": self.accuracy_floor,
+            "saved": self.saved,
+            "stage_epochs": self.stage_epochs,
+        }
 
     def set_state(self, state: dict) -> None:
         self.best, self.accuracy_floor = float(state["best"]), state["floor"]
         self.saved = dict(state["saved"])
+        self.stage_epochs = dict(state.get("stage_epochs", {}))  # older states: none
 
 
 class StageCSVLogger(keras.callbacks.Callback):

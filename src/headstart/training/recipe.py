@@ -1,5 +1,7 @@
 """The recipe (the Keras guide's): stage 1 trains a new head on the frozen backbone, stage 2
-fine-tunes its top; then the test metrics, the files of the run folder and its report.
+fine-tunes its top; by default both are then trained again on the training and validation
+images (`headstart.training.refit`); then the test metrics, the files of the run folder and
+its report.
 
 `train` starts a run, `resume` continues one; both hand the stages to
 `headstart.training.session.Session`. Stage 1 runs as workflow 2 (``extract``: the backbone
@@ -63,6 +65,16 @@ from headstart.report import REPORT_FILE, redraw
 from headstart.splits import folder_for, split_manifest
 from headstart.tracking import Tracker, resolve_mlflow_uri, trackers_for
 from headstart.training.phases import PhaseClock, breakdown_line
+from headstart.training.refit import (
+    REFIT_STAGES,
+    calibrate_refit,
+    chosen_model,
+    end_refit,
+    refit,
+    refit_kept,
+    refit_record,
+    start_refit,
+)
 from headstart.training.session import Session
 from headstart.training.state import (
     TrainingState,
@@ -177,7 +189,19 @@ def train(
         log.info(summary_line(report))
         files.write_json(run_dir / CHECK_FILE, report)
     tracker = trackers_for(config, tracker) if cluster.writes else Tracker()
-    return _run(config, backbone, folder, model, base, run_dir, None, callbacks, clock, tracker)
+    return _run(
+        config,
+        backbone,
+        folder,
+        model,
+        base,
+        run_dir,
+        None,
+        callbacks,
+        clock,
+        tracker,
+        head_builder,
+    )
 
 
 def resume(
@@ -251,7 +275,19 @@ def resume(
     if config.distributed:  # process 0 writes the run folder only once every copy is made
         barrier("headstart resume")
     tracker = trackers_for(config, tracker) if cluster.writes else Tracker()
-    return _run(config, backbone, folder, model, base, run_dir, state, callbacks, clock, tracker)
+    return _run(
+        config,
+        backbone,
+        folder,
+        model,
+        base,
+        run_dir,
+        state,
+        callbacks,
+        clock,
+        tracker,
+        head_builder,
+    )
 
 
 def _check_multi_label(config: Config) -> None:
@@ -295,13 +331,33 @@ TRACKED_FILES = (
 
 
 def _run(
-    config, backbone, folder, model, base, run_dir: Path, state, callbacks, clock, tracker
+    config,
+    backbone,
+    folder,
+    model,
+    base,
+    run_dir: Path,
+    state,
+    callbacks,
+    clock,
+    tracker,
+    head_builder=None,
 ) -> TrainResult:
     """`_stages_and_test`, told to ``tracker``: its start, then its end or its failure."""
     tracker.start(config)
     try:
         result = _stages_and_test(
-            config, backbone, folder, model, base, run_dir, state, callbacks, clock, tracker
+            config,
+            backbone,
+            folder,
+            model,
+            base,
+            run_dir,
+            state,
+            callbacks,
+            clock,
+            tracker,
+            head_builder,
         )
     except BaseException as error:
         tracker.fail(error)
@@ -313,14 +369,25 @@ def _run(
 
 
 def _stages_and_test(
-    config, backbone, folder, model, base, run_dir: Path, state, callbacks, clock, tracker
+    config,
+    backbone,
+    folder,
+    model,
+    base,
+    run_dir: Path,
+    state,
+    callbacks,
+    clock,
+    tracker,
+    head_builder=None,
 ) -> TrainResult:
-    """Both stages from ``state`` (None: from the start), then the test metrics and report;
-    metrics.json ends with where the time went (``clock``'s phases)."""
+    """Both stages from ``state`` (None: from the start), the refit, then the test metrics and
+    report; metrics.json ends with where the time went (``clock``'s phases)."""
     session = Session(
         config, backbone, folder, model, base, run_dir, state, clock=clock, tracker=tracker
     )
     session.user_callbacks = list(callbacks)
+    session.head_builder = head_builder
     if state is None:  # resumable from here on: a kill during extraction restarts stage 1
         write_state(
             run_dir,
@@ -329,7 +396,9 @@ def _stages_and_test(
     unfreeze = [int(count) for count in str(config.unfreeze).split(FUSION_SEPARATOR)]
     fine_tune = bool(backbone.pretrained and config.fine_tune and config.fine_tune_epochs)
     fine_tune = fine_tune and any(unfreeze)
-    _stages(session, state, fine_tune, unfreeze)
+    refits = _refits(config, folder)
+    _stages(session, state, fine_tune, unfreeze, refits)
+    refitted = refits and refit_kept(session.plan)  # model.keras is the refit model
     train_seconds = session.elapsed()
     if config.distributed:  # evaluation and the report are process 0's, on one device
         cluster = current(True)
@@ -339,23 +408,25 @@ def _stages_and_test(
             shutil.rmtree(run_dir, ignore_errors=True)
             log.info(breakdown_line(*clock.breakdown()))
             return TrainResult(run_dir, {}, session.config)
-    with clock.phase("test"):
-        metrics = _test_metrics(config, folder, run_dir, session, fine_tune)
-    metrics["train_seconds"] = round(train_seconds, 1)  # both stages, test evaluation excluded
+    with clock.phase("test"):  # the first time the test split is read since the checks
+        metrics = _test_metrics(config, folder, run_dir, session, fine_tune, refitted)
+    metrics["train_seconds"] = round(train_seconds, 1)  # training and refit, test excluded
     metrics["skipped"] = len(folder.skipped)
-    metrics.update(_what_was_chosen(session, fine_tune))
+    metrics.update(_what_was_chosen(session, fine_tune, refits))
     files.write_json(run_dir / runs.METRICS_FILE, metrics)
     if fine_tune and not metrics["fine_tune_kept"]:
         log.info(
             "fine-tuning did not beat stage 1's validation accuracy (%.4f): model.keras is the "
-            "stage-1 model",
+            "stage-1 model%s",
             session.checkpoint.accuracy_floor,
+            " (refit: stage 1 only)" if refitted else "",
         )
     with clock.phase("report"):
         if session.summaries:  # a resumed run keeps the summaries written when it started
             files.write_text_atomic(run_dir / runs.SUMMARY_FILE, "\n".join(session.summaries))
         redraw(run_dir, folder=folder)  # figures + report.html
     remove_state(run_dir)
+    end_refit(run_dir)
     metrics["total_seconds"], metrics["phase_seconds"] = clock.breakdown()
     if session.feature_views.passes:  # each backbone pass: how long, how many images computed
         metrics["extraction_passes"] = session.feature_views.passes
@@ -364,39 +435,70 @@ def _stages_and_test(
     return TrainResult(run_dir, metrics, session.config)
 
 
-def _stages(session: Session, state, fine_tune: bool, unfreeze: list[int]) -> None:
-    """Stage 1 then (``fine_tune``) stage 2, each skipped when ``state`` says it is done."""
+def _refits(config: Config, folder) -> bool:
+    """Whether the run ends with the refit (`headstart.training.refit`): ``--refit`` (the
+    default), and validation images to add."""
+    if config.refit and not len(folder.val):
+        log.info("no refit: there are no validation images to add to the training images")
+    return config.refit and bool(len(folder.val))
+
+
+def _stages(session: Session, state, fine_tune: bool, unfreeze: list[int], refits: bool) -> None:
+    """Stage 1 then (``fine_tune``) stage 2, then (``refits``) the refit, each skipped when
+    ``state`` says it is done."""
     if fine_tune:
         session.plan_fine_tuning(unfreeze)
     stage, clock = state.stage if state else "head", session.clock
     if stage == "head":
         with clock.phase("stage 1"):
             session.train_head()
-            session.end_stage("fine_tune" if fine_tune else "done")
+            if fine_tune:
+                session.end_stage("fine_tune")
+            else:
+                _end_choosing(session, fine_tune, refits)
     elif stage == "fine_tune":
         session.freeze_for_head()
         state.apply(session.model)  # the head as stage 1 left it
-    if fine_tune and stage != "done":
+    if fine_tune and stage in ("head", "fine_tune"):
         with clock.phase("stage 2"):
             session.fine_tune(unfreeze)
-            session.end_stage("done")
+            _end_choosing(session, fine_tune, refits)
+    if refits and stage != "done":
+        with clock.phase("refit"):
+            refit(session, stage if stage in REFIT_STAGES else "refit_head", unfreeze)
 
 
-def _test_metrics(config: Config, folder, run_dir: Path, session=None, fine_tune=True) -> dict:
-    """The saved model (the best on validation; calibrated with --calibrate) scored on the test
-    split, its predictions written to predictions.csv (see `_test_probabilities`)."""
+def _end_choosing(session: Session, fine_tune: bool, refits: bool) -> None:
+    """The choosing phase is over: the refit starts (its plan saved with the state), or the
+    run is done."""
+    if refits:
+        start_refit(session, fine_tune)
+    else:
+        session.end_stage("done")
+
+
+def _test_metrics(
+    config: Config, folder, run_dir: Path, session=None, fine_tune=True, refits=False
+) -> dict:
+    """The saved model (the refit's, or the best on validation; calibrated with --calibrate)
+    scored on the test split, its predictions written to predictions.csv (see
+    `_test_probabilities`)."""
     model = keras.saving.load_model(run_dir / runs.MODEL_FILE)
     calibration = None
     if config.calibrate:  # T fitted on validation, saved inside model.keras (headstart.calibrate)
-        model, calibration = calibrate_model(model, folder.val, config.batch_size)
+        if refits:  # on the choosing phase's model (`headstart.training.refit`)
+            model, calibration = calibrate_refit(model, run_dir, folder.val, config.batch_size)
+        else:
+            model, calibration = calibrate_model(model, folder.val, config.batch_size)
         files.save_model_atomic(model, run_dir / runs.MODEL_FILE)
     thresholds = None
     if folder.multi_label:  # each label's threshold: its best F1 on validation
         val = folder.val
+        on = chosen_model(run_dir) if refits else model  # held out from the chosen model only
         record = thresholds_record(
             folder.class_names,
             val.targets(),
-            _test_probabilities(model, val, config, session, fine_tune, "val"),
+            _test_probabilities(on, val, config, session, fine_tune, "val"),
         )
         files.write_json(run_dir / runs.THRESHOLDS_FILE, record)
         thresholds = [record["thresholds"][name] for name in folder.class_names]
@@ -446,11 +548,21 @@ def _test_probabilities(model, split, config: Config, session, fine_tune: bool, 
     return probabilities_of(logits / temperature_of(model), split.multi_label)
 
 
-def _what_was_chosen(session: Session, fine_tune: bool) -> dict:
-    """metrics.json's record of the run's choices: the saved epoch, head input, class weights,
+def _what_was_chosen(session: Session, fine_tune: bool, refits: bool = False) -> dict:
+    """metrics.json's record of the run's choices: the saved epoch (with the refit: the
+    choosing phase's chosen one, and the refit's epochs), head input, class weights,
     augmentation and fine-tuning rate, with every candidate's validation scores."""
     config, checkpoint = session.config, session.checkpoint
-    record = {"saved_from": {**checkpoint.saved, "epoch": checkpoint.saved["epoch"] + 1}}
+    chosen = {**checkpoint.saved, "epoch": checkpoint.saved["epoch"] + 1}
+    refitted = refits and refit_kept(session.plan)
+    record: dict = {"refit": refitted}
+    if refitted:  # the validation figures are the choosing phase's: the refit has none
+        record["validation_choosing_phase"] = chosen
+        record.update(refit_record(session.plan, session.folder.class_names))
+    else:
+        record["saved_from"] = chosen
+        if refits:  # refit, and found wanting (`headstart.training.refit.refit`)
+            record["refit_rejected"] = refit_record(session.plan, session.folder.class_names)
     if fine_tune:
         record["fine_tune_kept"] = checkpoint.saved["stage"] == "fine_tune"
     runtimes = session.feature_views.runtimes()
