@@ -135,6 +135,7 @@ def test_train_with_calibrate_matches_the_uncalibrated_run_answer_for_answer(
         epochs=2,
         batch_size=8,
         augment="none",
+        refit=False,  # as tiny_run
         quiet=True,
         calibrate=True,
     )

@@ -136,7 +136,8 @@ def test_two_processes_end_identical_and_match_one_process(
     )
     assert alone.returncode == 0, alone.stderr[-3000:]
     rows = same_training(two, one)
-    assert [r["stage"] for r in rows] == ["head", "fine_tune"]
+    stages = [r["stage"] for r in rows]
+    assert stages[:3] == ["head", "fine_tune", "refit_head"]  # then the default refit
 
 
 @pytest.mark.slow  # a full training run
@@ -301,12 +302,16 @@ def test_resumed_distributed_run_ends_as_one_uninterrupted_process(sharded_runs,
     assert not sharded_runs["new_scratch"]  # process 1's scratch copy is gone
     two, one = tmp / "two", tmp / "one"
     assert not (two / "resume.npz").exists() and (two / "metrics.json").is_file()
-    rows = same_training(two, one)
-    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    rows = same_training(two, one)  # the refit too (the default), on the validation images'
+    assert [r["epoch"] for r in rows][:3] == ["0", "1", "2"]  # flipped view, extracted in parts
+    passes = json.loads((two / "metrics.json").read_text())["extraction_passes"]
+    assert rows[3]["stage"] == "refit_head" and ("val", "flip#1") in [
+        (p["split"], p["view"]) for p in passes
+    ]
     # where the time went: every process logs its breakdown, process 0 writes its own
     assert re.search(r"\[0\] headstart: time [\d.]+ s: start-up ", resumed)
     assert re.search(r"\[1\] headstart: time [\d.]+ s: start-up ", resumed)
     metrics = json.loads((two / "metrics.json").read_text())
     phases = metrics["phase_seconds"]
-    assert {"start-up", "stage 1", "stage 2", "test", "report"} <= set(phases)
+    assert {"start-up", "stage 1", "stage 2", "refit", "test", "report"} <= set(phases)
     assert sum(phases.values()) == pytest.approx(metrics["total_seconds"], rel=0.01)

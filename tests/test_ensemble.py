@@ -34,6 +34,7 @@ def members(three_class_folder, tmp_path_factory):
         batch_size=8,
         augment="none",
         check=False,
+        refit=False,  # weights fitted on validation need members that never trained on it
         quiet=True,
     )
     first = train(Config(out=str(root / "a32"), image_size=32, **common)).run_dir

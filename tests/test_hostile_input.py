@@ -187,7 +187,7 @@ def test_training_on_a_hostile_folder(hostile, image_folder_factory, tmp_path, c
 
     # a complete run, nothing half-written, and the data folder untouched to the byte
     rows = list(csv.DictReader((run / "history.csv").open(encoding="utf-8")))
-    assert [row["stage"] for row in rows] == ["head"]
+    assert [row["stage"] for row in rows] == ["head", "refit_head"]  # the default refits
     assert not [p.name for p in run.iterdir() if files.is_temp_file(p.name)]
     assert _fingerprint(hostile) == before
 

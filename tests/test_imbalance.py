@@ -88,7 +88,8 @@ def test_auto_weights_every_fit_of_the_recipe_and_records_the_choice(
     imbalanced_folder, tmp_path, monkeypatch
 ):
     """Extract mode with --augment auto and --fine-tune-lr auto: the candidate trials, stage 1
-    and stage 2 all get the balanced weights of the training split."""
+    and stage 2 all get the balanced weights of the training split; the refit (the default),
+    which trains on training + validation images, those of both splits."""
     seen = []
     fit = keras.Model.fit
 
@@ -119,13 +120,24 @@ def test_auto_weights_every_fit_of_the_recipe_and_records_the_choice(
     # input's own trial) and each fine-tuning rate; stages 1 and 2 replay their chosen trial
     fits = len(result.config.feature_norm_scores) + len(result.config.augment_scores) - 1
     fits += len(result.config.fine_tune_lr_scores)
-    assert len(seen) == fits >= 5 and all(w == pytest.approx(expected) for w in seen)
+    # the refit's record (under refit_rejected if it did no better than chance: weak here)
+    record = result.metrics if result.metrics["refit"] else result.metrics["refit_rejected"]
+    refit = [n for n in record["refit_epochs"].values() if n]  # its stages, trained live
+    assert len(seen) == fits + len(refit) and fits >= 5
+    assert all(w == pytest.approx(expected) for w in seen[:fits])
+    both = np.bincount(_train_labels(result.run_dir, "train", "val"), minlength=2)
+    assert all(w == pytest.approx(balanced_weights(both)) for w in seen[fits:])
     config = json.loads((result.run_dir / "config.json").read_text())
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert config["class_weight"] == metrics["class_weight"] == "balanced"
     assert metrics["class_weights"] == {
         "cat": pytest.approx(expected[0]),
         "dog": pytest.approx(expected[1]),
+    }
+    refit_weights = balanced_weights(both)  # the refit model's: both splits' counts
+    assert record["refit_class_weights"] == {
+        "cat": pytest.approx(refit_weights[0]),
+        "dog": pytest.approx(refit_weights[1]),
     }
     for key in ("macro_f1", "balanced_accuracy", "per_class"):
         assert key in metrics
@@ -165,23 +177,25 @@ def test_frozen_mode_weights_its_tf_data_pipeline_too(imbalanced_folder, tmp_pat
         )
     )
     assert result.config.mode == "frozen" and result.metrics["class_weight"] == "balanced"
-    assert len(seen) == 1 and "Dataset" in seen[0][0]
+    assert len(seen) == 2 and all("Dataset" in kind for kind, _ in seen)  # stage 1, the refit
     counts = np.bincount(_train_labels(result.run_dir), minlength=2)
     assert seen[0][1] == pytest.approx(balanced_weights(counts))
+    both = np.bincount(_train_labels(result.run_dir, "train", "val"), minlength=2)
+    assert seen[1][1] == pytest.approx(balanced_weights(both))
 
 
-def _train_labels(run_dir):
+def _train_labels(run_dir, *splits):
     split = json.loads((run_dir / "split.json").read_text())
     names = split["class_names"]
-    return np.array([names.index(name) for _, name in split["train"]])
+    return np.array([names.index(name) for s in splits or ("train",) for _, name in split[s]])
 
 
 def test_cli_options_reach_the_config():
-    from headstart.cli import build_parser
+    from headstart.cli import _config_of, build_parser
 
     args = build_parser().parse_args(["train", "DATA", "--class-weight", "balanced", "--calibrate"])
     assert args.class_weight == "balanced" and args.calibrate is True
-    defaults = build_parser().parse_args(["train", "DATA"])
+    defaults = _config_of(build_parser().parse_args(["train", "DATA"]))
     assert defaults.class_weight == Config(data="").class_weight == "auto"
     assert defaults.calibrate is False
 

@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cv", "tune"),  # verbs built on training
     ("training", "training.demo"),
     ("training.recipe", "compare"),
+    ("training.refit",),  # the final fit on train + validation, after the choices
     ("training.session", "ensemble", "deploy", "deploy.serve", "deploy.export", "deploy.predict"),
     ("training.choose", "training.views", "report"),
     ("calibrate", "explain", "deploy.predictor"),
@@ -36,9 +37,16 @@ LAYERS: list[tuple[str, ...]] = [
     ),
     ("runtime",),  # the frozen parts on OpenVINO or Keras (extract and evaluation run them)
     ("runs", "tta", "model", "distributed", "distributed.cluster"),
-    ("splits", "freeze", "figures", "imbalance"),
+    ("splits", "freeze", "figures", "imbalance", "tracking"),
     ("config", "data", "augment", "layers", "backbones"),
-    ("files", "metrics", "progress", "backbones.efficientnet_lite", "training.phases"),
+    (
+        "files",
+        "metrics",
+        "progress",
+        "backbones.efficientnet_lite",
+        "backbones.hub",
+        "training.phases",
+    ),
     ("_version", "errors"),  # the foundation
 ]
 

@@ -11,7 +11,6 @@ import time
 import keras
 import numpy as np
 import pytest
-from PIL import Image
 
 from headstart import Config, train
 from headstart.augment import AUTO_CANDIDATES
@@ -22,21 +21,6 @@ from headstart.runtime import FrozenRunner
 from headstart.splits import folder_for
 from headstart.training import choose as choose_module
 from headstart.training.session import Session
-
-
-@pytest.fixture(scope="module")
-def mirrored_classes(tmp_path_factory):
-    """Two classes that are mirror images of each other (a ramp rising to the right or to the
-    left, with noise): every flipping policy turns one class into the other."""
-    root = tmp_path_factory.mktemp("mirrored") / "data"
-    rng = np.random.default_rng(7)
-    ramp = np.linspace(30, 220, 64)[None, :, None] * np.ones((64, 1, 3))
-    for name, pixels in (("rising", ramp), ("falling", ramp[:, ::-1])):
-        (root / name).mkdir(parents=True)
-        for i in range(24):
-            noisy = np.clip(pixels + rng.normal(0, 25, pixels.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(noisy).save(root / name / f"{i:02d}.png")
-    return root
 
 
 class _Lines(logging.Handler):
@@ -100,6 +84,7 @@ def test_every_phase_of_the_default_path_is_timed_and_they_add_up(timed_auto_run
         "stage 1",
         "fine-tuning rate",
         "stage 2",  # what is left of it: unfreezing, the stage's state (no epoch: none won)
+        "refit",  # the default: stage 1 again on train + validation
         "test",
         "report",
         "other",
@@ -164,21 +149,26 @@ def test_the_head_input_is_chosen_on_validation_and_built_into_the_model(auto_ru
     assert ("l2_normalize" in names) == (chosen == "l2")
 
 
+# The default path refits (`headstart.training.refit`): its validation figures are the choosing
+# phase's, in metrics.json's "validation_choosing_phase" ("saved_from" with --no-refit).
+
+
 @pytest.mark.slow  # a full training run
 def test_the_result_is_never_below_plain_cached_features_on_validation(auto_run):
     floor = auto_run.config.feature_norm_scores["none"]["val_accuracy"]  # raw features, no views
-    assert auto_run.metrics["saved_from"]["val_accuracy"] >= floor
+    assert auto_run.metrics["validation_choosing_phase"]["val_accuracy"] >= floor
 
 
 @pytest.mark.slow  # a full training run
 def test_fine_tuning_that_cannot_beat_stage_1_is_skipped(auto_run):
     metrics = auto_run.metrics
-    assert metrics["saved_from"]["val_accuracy"] == 1.0  # nothing left to beat
+    assert metrics["validation_choosing_phase"]["val_accuracy"] == 1.0  # nothing left to beat
     assert metrics["fine_tune_kept"] is False and metrics["fine_tune_lr"] is None
     assert list(metrics["fine_tune_lr_scores"]) == [str(r) for r in FINE_TUNE_LR_CANDIDATES]
     assert all(s["val_accuracy"] is None for s in metrics["fine_tune_lr_scores"].values())
     rows = list(csv.DictReader((auto_run.run_dir / "history.csv").open()))
-    assert {r["stage"] for r in rows} == {"head"}
+    assert {r["stage"] for r in rows} == {"head", "refit_head"}  # no stage 2 in the refit either
+    assert metrics["refit_epochs"]["fine_tune"] == 0
 
 
 def test_l2_feature_norm_puts_pooled_features_on_a_sphere_of_radius_sqrt_dim():
@@ -221,13 +211,14 @@ def test_stage_1_repeats_the_chosen_trial_and_stops_at_its_best_epoch(auto_run):
     head = [r for r in rows if r["stage"] == "head"]
     # the same start, data and procedure: the same epochs, ending where the trial saved
     assert 1 <= chosen["epochs"] == len(head) <= auto_run.config.epochs
-    saved = auto_run.metrics["saved_from"]
+    saved = auto_run.metrics["validation_choosing_phase"]
     assert saved["stage"] == "head" and saved["epoch"] == chosen["epochs"]
     assert saved["val_loss"] == pytest.approx(chosen["val_loss"], abs=1e-6)
     assert saved["val_accuracy"] == chosen["val_accuracy"]
 
 
-# a weak stage 1 (one epoch at a tiny rate): fine-tuning beats it
+# a weak stage 1 (one epoch at a tiny rate): fine-tuning beats it; --no-refit: the tests
+# read the saved model's validation figures and its stages (tests/test_refit.py: the refit)
 WEAK_STAGE_1 = dict(
     backbone="tiny_test",
     weights="none",
@@ -237,6 +228,7 @@ WEAK_STAGE_1 = dict(
     fine_tune_epochs=4,
     batch_size=8,
     val_split=0.3,
+    refit=False,
     quiet=True,
 )
 
@@ -352,10 +344,10 @@ def test_the_chosen_head_input_is_its_candidate_as_built_and_no_runner_is_made_a
 ):
     """When "l2" wins the head input, the session's model is the candidate its trial trained,
     put back as built: every variable as `build_from_config` makes it from the seed (as a
-    resumed run builds it); and the frozen part's runner (converted and checked once) serves
-    the test split after the swap."""
+    resumed run builds it); and the trunk's runner (converted and checked once) serves the
+    test split after the swap."""
     adopted, runners = [], []
-    monkeypatch.setattr(choose_module, "best_of", lambda scores: "l2")
+    monkeypatch.setattr(choose_module, "best_of", lambda scores, **_: "l2")
     rebuild = Session.rebuild
 
     def record(self, built=None):
@@ -378,7 +370,9 @@ def test_the_chosen_head_input_is_its_candidate_as_built_and_no_runner_is_made_a
         image_size=32,
         epochs=2,
         augment="none",
-        fine_tune=False,
+        fine_tune_epochs=1,
+        fine_tune_lr=1e-4,
+        refit=False,
         runtime="keras",  # a runner all the same, without converting
         quiet=True,
     )

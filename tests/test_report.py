@@ -35,6 +35,7 @@ FIGURES = (
     "gradcam.png",
 )
 FINE_TUNE_TINT = (253, 241, 227)  # figures._STAGE_COLOURS["fine_tune"]
+REFIT_TINT = (233, 245, 234)  # figures._STAGE_COLOURS["refit"]
 CURVE_BLUE = (31, 119, 180)  # matplotlib's C0: the train curve
 BANNER = (26, 79, 156)  # the report header's #1a4f9c
 
@@ -165,7 +166,8 @@ def test_report_without_the_data_folder_still_shows_what_it_can(run, tmp_path):
 def test_tensorboard_logs_every_epoch_of_the_stage(run):
     from tensorflow.compat.v1.train import summary_iterator
 
-    epochs = len(list(csv.DictReader((run / "history.csv").open())))
+    rows = csv.DictReader((run / "history.csv").open())
+    epochs = len([row for row in rows if row["stage"] == "head"])  # the refit logs apart
     for split in ("train", "validation"):
         files = list((run / "tensorboard" / "head" / split).glob("events.out.tfevents.*"))
         assert files, split
@@ -202,6 +204,25 @@ def test_curves_mark_fine_tuning_only_when_it_ran(tmp_path):
     assert _has_colour(with_tuning, FINE_TUNE_TINT, minimum=2000)
     assert not _has_colour(without, FINE_TUNE_TINT, minimum=2000)
     assert _has_colour(without, CURVE_BLUE)
+
+
+def test_curves_show_the_refit_apart_from_the_choosing_phase(drawn, tmp_path):
+    """The refit's epochs (training curves only) are tinted and labelled; the validation
+    curves and the star are the choosing phase's."""
+    row = {"accuracy": 0.5, "val_accuracy": 0.6, "loss": 1.0, "val_loss": 0.9}
+    refit = {"accuracy": 0.7, "val_accuracy": "", "loss": 0.8, "val_loss": ""}
+    history = [dict(row, stage="head") for _ in range(3)]
+    history += [dict(refit, stage="refit_head") for _ in range(3)]
+    pixels = _png(figures.curves(history, tmp_path / "refit.png", saved_epoch=3))
+    assert _has_colour(pixels, REFIT_TINT, minimum=2000)
+    assert not _has_colour(pixels, FINE_TUNE_TINT, minimum=2000)
+    labels = [text.get_text() for text in drawn[0].axes[0].get_legend().get_texts()]
+    assert labels == [
+        "train",
+        "validation (choosing phase)",
+        "train (refit on train + validation)",
+        "chosen on validation",
+    ]
 
 
 def _no_overlap(boxes) -> bool:
@@ -344,7 +365,7 @@ def test_transfer_run_report_shows_both_stages(tiny_folder, tmp_path):
         quiet=True,
     )
     run = train(config).run_dir
-    assert {p.name for p in (run / "tensorboard").iterdir()} == {"head", "fine_tune"}
+    assert {"head", "fine_tune"} <= {p.name for p in (run / "tensorboard").iterdir()}
     stages = stage_parameters((run / "summary.txt").read_text())
     assert [s["stage"] for s in stages] == ["stage 1: head training", "stage 2: fine-tuning"]
     assert stages[1]["trainable"] > stages[0]["trainable"]

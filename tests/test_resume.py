@@ -44,13 +44,15 @@ TOLERANCE = 1e-5
 
 def _assert_ends_as(run, reference) -> list[dict]:
     """The resumed ``run`` ended as the uninterrupted ``reference``: every epoch's figures
-    and the test probabilities within TOLERANCE. Returns ``run``'s history rows."""
+    (the refit's have no validation figures) and the test probabilities within TOLERANCE.
+    Returns ``run``'s history rows."""
     expected, got = _history(reference), _history(run)
     assert [r["stage"] for r in got] == [r["stage"] for r in expected]
     for column in ("loss", "val_loss", "accuracy", "val_accuracy", "learning_rate"):
+        assert [r[column] == "" for r in got] == [r[column] == "" for r in expected]
         np.testing.assert_allclose(
-            [float(r[column]) for r in got],
-            [float(r[column]) for r in expected],
+            [float(r[column]) for r in got if r[column]],
+            [float(r[column]) for r in expected if r[column]],
             rtol=TOLERANCE,
             atol=TOLERANCE,
             err_msg=column,
@@ -117,7 +119,7 @@ def _kill_during(process: subprocess.Popen, run: Path, stage: str, after_rows: i
 
 
 @pytest.mark.slow
-def test_killed_in_stage_1_and_in_stage_2_resumes_to_the_uninterrupted_result(
+def test_killed_in_stage_1_in_stage_2_and_in_the_refit_resumes_to_the_uninterrupted_result(
     tiny_folder, tmp_path
 ):
     reference = tmp_path / "reference"
@@ -134,22 +136,32 @@ def test_killed_in_stage_1_and_in_stage_2_resumes_to_the_uninterrupted_result(
     assert state.stage == "fine_tune" and 2 <= state.next_epoch < EPOCHS
     assert state.optimizer, "the optimizer's moments are saved mid-stage"
 
+    # the refit (the default): stage 1 again on train + validation, for the chosen epochs
+    refit_rows = [r for r in _history(reference) if r["stage"] == "refit_head"]
+    assert len(refit_rows) >= 4  # so that the kill lands inside it
+    _kill_during(_start(tiny_folder, None, resume_run=run), run, "refit_head", after_rows=2)
+    state = read_state(run)
+    assert state.stage == "refit_head" and 1 <= state.next_epoch < len(refit_rows)
+    assert state.plan["head"]["epochs"] == len(refit_rows) and state.optimizer
+
     result = resume(run)
     assert not (run / RESUME_FILE).exists()  # a finished run does not keep it
 
     got = _assert_ends_as(run, reference)
-    assert [r["epoch"] for r in got] == [str(i) for i in range(2 * EPOCHS)]
-    saved, expected_saved = result.metrics["saved_from"], _metrics(reference)["saved_from"]
+    assert [r["epoch"] for r in got] == [str(i) for i in range(len(_history(reference)))]
+    saved = result.metrics["validation_choosing_phase"]
+    expected_saved = _metrics(reference)["validation_choosing_phase"]
     assert (saved["stage"], saved["epoch"]) == (expected_saved["stage"], expected_saved["epoch"])
     assert saved["val_loss"] == pytest.approx(expected_saved["val_loss"], abs=TOLERANCE)
+    assert result.metrics["refit_epochs"] == _metrics(reference)["refit_epochs"]
     assert result.metrics["train_seconds"] > 0
-    # the times are the resumed launch's: it started in stage 2 (from Python: no start-up)
+    # the times are the resumed launch's: it started in the refit (from Python: no start-up)
     phases = result.metrics["phase_seconds"]
     assert list(phases) == [
         "decode check",
         "build model",
         "extraction clean",  # the cached trunk, read back
-        "stage 2",
+        "refit",
         "test",
         "report",
         "other",

@@ -45,8 +45,8 @@ class _Recorder(keras.callbacks.Callback):
 
 
 def test_callbacks_see_every_epoch_of_both_stages_not_the_trials(tiny_folder, tmp_path):
-    """One call per epoch in history.csv, in both stages; the candidate trials (three
-    fine-tuning rates here) would add more."""
+    """One call per epoch in history.csv, in both stages and in the refit (the default, with
+    no validation logs); the candidate trials (three fine-tuning rates here) would add more."""
     recorder = _Recorder()
     config = Config(
         data=str(tiny_folder),
@@ -64,9 +64,12 @@ def test_callbacks_see_every_epoch_of_both_stages_not_the_trials(tiny_folder, tm
     )
     result = train(config, callbacks=[recorder])
     history = _history(result.run_dir)
-    assert history == [("head", 1), ("head", 2), ("fine_tune", 1), ("fine_tune", 2)]
+    assert history[:4] == [("head", 1), ("head", 2), ("fine_tune", 1), ("fine_tune", 2)]
+    refit = history[4:]
+    assert refit[0] == ("refit_head", 1)
+    assert {stage for stage, _ in refit} <= {"refit_head", "refit_fine_tune"}
     assert len(recorder.epochs) == len(history)
-    assert all(has_val for _, _, has_val in recorder.epochs)
+    assert [has_val for _, _, has_val in recorder.epochs] == [True] * 4 + [False] * len(refit)
     assert recorder.epochs[0][0] == "classifier"  # stage 1 fits the head on cached features
 
 

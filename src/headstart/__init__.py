@@ -15,6 +15,8 @@ from headstart.errors import DiskFullError, UsageError  # noqa: E402
 # public name -> the module that defines it (none of these names is also a module's)
 _PUBLIC = {
     "Config": "headstart.config",
+    "MlflowTracker": "headstart.tracking",
+    "Tracker": "headstart.tracking",
     "demo": "headstart.training.demo",
     "evaluate": "headstart.evaluation",
     "list_backbones": "headstart.backbones",

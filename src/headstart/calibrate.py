@@ -29,7 +29,7 @@ from headstart.evaluation import (
 )
 from headstart.metrics import EPSILON, calibration, probabilities_from_logits
 from headstart.model import TEMPERATURE_NAME
-from headstart.splits import run_split
+from headstart.splits import run_images, run_split
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +139,16 @@ def calibrate(run: str | Path, *, batch_size: int = 32) -> dict:
     report: `headstart.report.redraw`).
     Accuracy is unchanged; the confidences, loss and ECE are those of the calibrated model."""
     run_dir = runs.open_run_dir(run)
+    runs.refuse_multi_label(run_dir, "calibrate (temperature scaling of class probabilities)")
+    if runs.was_refit(run_dir):
+        raise UsageError(
+            f"{run_dir}: model.keras was refit on the training and validation images, so T "
+            f"cannot be fitted on validation any more: train with --calibrate (T from the model "
+            f"chosen on validation) or --no-refit"
+        )
     config = Config.load(run_dir / runs.CONFIG_FILE)
     class_names = runs.read_labels(run_dir)
-    folder = run_split(run_dir, config.data)
+    folder = run_split(run_dir, run_images(config))
     model = runs.load_model(run_dir, len(class_names))
     model, record = calibrate_model(model, folder.val, batch_size)
     files.save_model_atomic(model, run_dir / runs.MODEL_FILE)

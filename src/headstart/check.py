@@ -33,6 +33,7 @@ from headstart.data import (
     ImageFolder,
     UnreadableImage,
     decode_image,
+    is_labels_file,
     unreadable_images,
     unreadable_reason,
 )
@@ -515,6 +516,9 @@ def check_folder(
         "layout": folder.layout,
         "class_names": list(names),
         "n_images": len(kept),
+        # images per split (the counts of a multi-label folder count each label an image has)
+        "split_images": {split: sum(e[1] == split for e in kept) for split in SPLITS},
+        "multi_label": folder.multi_label,
         "counts": _counts(kept, names),
         "imbalance_ratio": _imbalance(kept, names),
         "skipped": [
@@ -533,17 +537,28 @@ def check_folder(
     return report
 
 
+def _indices(label) -> tuple[int, ...]:
+    """An image's class indices: its class, or a multi-label image's labels (maybe none)."""
+    return label if isinstance(label, tuple) else (label,)
+
+
+def _class_text(label, names) -> str:
+    """An image's class name; a multi-label image's labels joined by ';' (as in the CSV)."""
+    return ";".join(names[i] for i in _indices(label))
+
+
 def _counts(kept: list[tuple[str, str, int]], names) -> dict:
-    """{split: {class: n}} including zeros, plus "total"."""
+    """{split: {class: n}} including zeros, plus "total" (multi-label: images per label)."""
     counts = {split: dict.fromkeys(names, 0) for split in (*SPLITS, "total")}
     for _, split, label in kept:
-        counts[split][names[label]] += 1
-        counts["total"][names[label]] += 1
+        for i in _indices(label):
+            counts[split][names[i]] += 1
+            counts["total"][names[i]] += 1
     return counts
 
 
 def _imbalance(kept, names) -> float | None:
-    totals = Counter(label for _, _, label in kept)
+    totals = Counter(i for _, _, label in kept for i in _indices(label))
     sizes = [totals.get(i, 0) for i in range(len(names))]
     if not sizes or min(sizes) == 0:
         return None
@@ -583,7 +598,7 @@ def _duplicates(kept, facts, folder: ImageFolder, near_distance: int) -> dict:
         files = [
             {
                 "path": _relative(kept[i][0], folder.root),
-                "class": names[kept[i][2]],
+                "class": _class_text(kept[i][2], names),
                 "split": kept[i][1],
             }
             for i in members
@@ -649,7 +664,7 @@ def _warnings(report: dict) -> list[str]:
             f"class imbalance {ratio:.1f}x ({big}: {totals[big]}, {small}: {totals[small]}): "
             "read balanced accuracy and macro-F1, not accuracy alone"
         )
-    n_test = sum(report["counts"]["test"].values())
+    n_test = _split_images(report)["test"]
     if n_test:
         margin = 1.96 * 0.5 / np.sqrt(n_test)
         if margin > 0.02:
@@ -665,14 +680,21 @@ def _warnings(report: dict) -> list[str]:
 # ----------------------------------------------------------------------------- summaries
 
 
+def _split_images(report: dict) -> dict[str, int]:
+    """Images per split (an older check.json has only the per-class counts)."""
+    counts = report["counts"]
+    return report.get("split_images") or {s: sum(counts[s].values()) for s in SPLITS}
+
+
 def summary_line(report: dict) -> str:
     """One line for the training log and the report: sizes, imbalance, unreadable, duplicates."""
-    counts = report["counts"]
-    split_sizes = "/".join(str(sum(counts[s].values())) for s in SPLITS)
+    sizes = _split_images(report)
+    split_sizes = "/".join(str(sizes[s]) for s in SPLITS)
     dup = report["duplicates"]
     ratio = report["imbalance_ratio"]
     return (
-        f"data check: {report['n_images']} images in {len(report['class_names'])} classes "
+        f"data check: {report['n_images']} images in {len(report['class_names'])} "
+        f"{'labels (multi-label)' if report.get('multi_label') else 'classes'} "
         f"(train/val/test {split_sizes}), imbalance "
         f"{f'{ratio:.1f}x' if ratio is not None else 'n/a'}, {len(report['skipped'])} "
         f"unreadable, {dup['n_groups']} duplicate groups ({dup['n_exact']} exact): "
@@ -754,7 +776,8 @@ def leakage_free(folder: ImageFolder, report: dict) -> tuple[ImageFolder, int]:
     parts: dict[str, list[tuple[int, str]]] = {s: [] for s in SPLITS}
     for path, split, label in _entries(folder):
         parts[target.get(_relative(path, folder.root), split)].append((label, path))
-    splits = {s: sorted_split(pairs) for s, pairs in parts.items()}
+    n_labels = folder.train.n_labels
+    splits = {s: sorted_split(pairs, n_labels) for s, pairs in parts.items()}
     return replace(folder, **splits), len(target)
 
 
@@ -762,14 +785,18 @@ def leakage_free(folder: ImageFolder, report: dict) -> tuple[ImageFolder, int]:
 
 
 def default_out(data: str | Path) -> Path:
-    """``./check-<DATA folder name>.json``: in the working folder, never inside DATA."""
-    name = Path(os.path.abspath(os.fspath(data))).name or "data"
+    """``./check-<DATA folder name>.json`` (``check-<name>.json`` for ``<name>.csv``): in the
+    working folder, never inside a DATA folder."""
+    path = Path(os.path.abspath(os.fspath(data)))
+    name = (path.stem if is_labels_file(path) else path.name) or "data"
     return Path(f"check-{name}.json")
 
 
 def check(
     data: str | Path,
     *,
+    root: str | Path | None = None,
+    multi_label: bool | None = None,
     val_split: float = 0.2,
     test_split: float = 0.1,
     seed: int = 0,
@@ -778,11 +805,12 @@ def check(
     near_distance: int = NEAR_DISTANCE,
     progress: bool = True,
 ) -> dict:
-    """Check DATA as `train` would split it; write the report to ``out`` (default
-    `default_out`) and, with ``fix_split``, a leakage-free split manifest. Returns the report.
-    ``progress``: a bar while the files are read, when stderr is a terminal.
+    """Check DATA (a folder, or a CSV labels file whose relative paths start from ``root``) as
+    `train` would split it; write the report to ``out`` (default `default_out`) and, with
+    ``fix_split``, a leakage-free split manifest. Returns the report. ``progress``: a bar
+    while the files are read, when stderr is a terminal.
 
-    Both outputs are refused inside DATA: the data folder is only ever read.
+    Both outputs are refused inside a DATA folder (it is only ever read), and over a CSV file.
     """
     out = Path(out) if out else default_out(data)
     for option, target in (("--out", out), ("--fix-split", fix_split)):
@@ -791,15 +819,19 @@ def check(
     reader = FactsReader()  # each file decoded once, for both the scan and the report
     folder = load_image_folder(
         str(data),
+        root=None if root is None else str(root),
         val_split=val_split,
         test_split=test_split,
         seed=seed,
         min_classes=1,
         reader=reader,
         progress=progress,
+        multi_label=multi_label,
     )
     report = check_folder(folder, near_distance=near_distance, facts=reader.facts)
     report["split"] = {"val_split": val_split, "test_split": test_split, "seed": seed}
+    if is_labels_file(data):  # "data" is the folder the file's paths start from
+        report["labels_file"] = os.path.abspath(os.fspath(data))
     if fix_split is not None:
         fixed, moved = leakage_free(folder, report)
         note = (
@@ -817,6 +849,10 @@ def check(
 def _refuse_inside(data: str | Path, target: str | Path, option: str) -> None:
     root = Path(os.path.realpath(os.fspath(data)))
     where = Path(os.path.realpath(os.fspath(target)))
+    if is_labels_file(data):  # the images may sit anywhere: only the file itself is refused
+        if where == root:
+            raise UsageError(f"{option} {target} is the labels file {data}: choose another path")
+        return
     if where == root or root in where.parents:
         raise UsageError(
             f"{option} {target} is inside the data folder {data}, which headstart never writes "

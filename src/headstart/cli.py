@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import functools
 import json
 import logging
@@ -20,10 +21,11 @@ import time
 from headstart._version import __version__
 from headstart.config import (
     CLASS_WEIGHT_CHOICES,
-    DEFAULT_AUGMENT,
     IMBALANCE_THRESHOLD,
+    MLFLOW_DEFAULT,
     RUNTIME_CHOICES,
     Config,
+    read_config_file,
 )
 from headstart.distributed import launch
 from headstart.errors import DiskFullError, UsageError
@@ -121,7 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train(add_verb) -> None:
     parser = add_verb("train", help="train, evaluate and save a classifier")
-    parser.add_argument("data", nargs="?", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
     _train_arguments(parser)
     parser.add_argument(
         "--resume",
@@ -134,12 +135,10 @@ def _add_train(add_verb) -> None:
 def _train(args: argparse.Namespace) -> int:
     if args.resume:
         return _resume(args)
-    if not args.data:
-        raise UsageError("train needs DATA (a folder of class folders), or --resume RUN")
     from headstart.training import train  # Keras/TensorFlow
 
-    _resolve_out(args)
-    _print_result(train(_config_of(args), started=args.started))
+    config = _resolve_out(args, _config_of(args))
+    _print_result(train(config, started=args.started))
     return 0
 
 
@@ -149,7 +148,7 @@ def _resume(args: argparse.Namespace) -> int:
     args.out = args.resume  # so that a Ctrl-C message names the run
     from headstart.training import resume  # Keras/TensorFlow
 
-    cluster = {key: getattr(args, key) for key in CLUSTER_OPTIONS}
+    cluster = {key: getattr(args, key, None) for key in CLUSTER_OPTIONS}
     _print_result(resume(args.resume, **cluster, started=args.started))
     return 0
 
@@ -167,9 +166,9 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(add_verb) -> None:
-    parser = add_verb("evaluate", help="score a run on a folder of labelled images")
+    parser = add_verb("evaluate", help="score a run on a folder (or CSV file) of labelled images")
     parser.add_argument("run")
-    parser.add_argument("data")
+    _data_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tta", type=int, default=1, metavar="N", help=_TTA_HELP)
     parser.set_defaults(handler=_evaluate)
@@ -179,7 +178,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     # Pillow; evaluate() itself loads Keras/TensorFlow
     from headstart.evaluation import evaluate, format_metrics, format_tta, format_uncertainty
 
-    metrics = evaluate(args.run, args.data, batch_size=args.batch_size, tta=args.tta)
+    _take_labels(args)
+    metrics = evaluate(
+        args.run, args.data, root=args.root, batch_size=args.batch_size, tta=args.tta
+    )
     print(format_metrics(metrics))
     for line in (format_uncertainty(metrics), format_tta(metrics)):
         if line:
@@ -214,7 +216,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _add_check(add_verb) -> None:
     parser = add_verb("check", help="check a data folder: counts, bad files, duplicates, leakage")
-    parser.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
+    _data_arguments(parser)
     parser.add_argument("-o", "--out", help="report file (default: ./check-<DATA name>.json)")
     parser.add_argument(
         "--fix-split",
@@ -228,6 +230,13 @@ def _add_check(add_verb) -> None:
             default=getattr(Config(data=""), option),
             help="as for train",
         )
+    parser.add_argument(
+        "--multi-label",
+        action="store_const",
+        const=True,
+        help="read a CSV file's label cells as sets of labels separated by ';' (default: when "
+        "a cell holds ';')",
+    )
     # no default here: check's own (NEAR_DISTANCE) applies, and --help need not import check
     parser.add_argument(
         "--near-distance",
@@ -242,8 +251,11 @@ def _check(args: argparse.Namespace) -> int:
     from headstart.check import check, format_summary  # Pillow
 
     near = {} if args.near_distance is None else {"near_distance": args.near_distance}
+    _take_labels(args)
     report = check(
         args.data,
+        root=args.root,
+        multi_label=args.multi_label,
         val_split=args.val_split,
         test_split=args.test_split,
         seed=args.seed,
@@ -330,7 +342,7 @@ def _add_demo(add_verb) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from headstart.training.demo import demo  # Keras/TensorFlow
 
-    _resolve_out(args)
+    _resolve_out(args, Config(data="", out=args.out))
     _print_result(demo(args.out, quiet=args.quiet, started=args.started))
     return 0
 
@@ -356,22 +368,25 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _add_cv(add_verb) -> None:
     parser = add_verb("cv", help="stratified K-fold cross-validation: accuracy mean ± std")
-    parser.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/* (pooled)")
     parser.add_argument("--folds", type=int, default=5, metavar="K")
-    _train_arguments(parser)  # every fold trains with these; --out holds fold1..K and cv.json
+    # every fold trains with these (DATA's splits pooled); --out holds fold1..K and cv.json
+    _train_arguments(parser)
     parser.add_argument(
-        "--fine-tune", action="store_true", help="also fine-tune in every fold (default: head only)"
+        "--fine-tune",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="also fine-tune in every fold (default: head only)",
     )
-    parser.set_defaults(fine_tune=False, handler=_cv)
+    parser.set_defaults(handler=_cv)
 
 
 def _cv(args: argparse.Namespace) -> int:
-    if args.test_split != Config(data="").test_split:
+    config = _config_of(args, fine_tune=False)  # cv's own default: the head only
+    if config.test_split != Config(data="").test_split:
         raise UsageError("cv: --test-split does not apply, each fold tests 1/K of the images")
     from headstart.cv import cross_validate, format_cv  # Pillow; each fold loads Keras
 
-    _resolve_out(args)
-    summary = cross_validate(_config_of(args), folds=args.folds)
+    summary = cross_validate(_resolve_out(args, config), folds=args.folds)
     print(format_cv(summary))
     print(f"written: {summary['out']}/cv.json")
     return 0
@@ -515,7 +530,6 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 def _add_tune(add_verb) -> None:
     parser = add_verb("tune", help="search head hyperparameters with KerasTuner on cached features")
-    parser.add_argument("data", help="DATA/<class>/* or DATA/{train,val,test}/<class>/*")
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--max-time", type=float, metavar="MIN", help="start no trial after this")
     parser.add_argument(
@@ -549,55 +563,94 @@ def _tune(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------ shared options
 
 
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    """DATA (optional here: `_take_labels` requires it), or ``--labels CSV``, and ``--root``:
+    for the verbs that read labelled data without training (``check``, ``evaluate``)."""
+    parser.add_argument(
+        "data",
+        nargs="?",
+        help="DATA/<class>/*, DATA/{train,val,test}/<class>/*, or a CSV labels file with "
+        "columns path,label[,split]",
+    )
+    _labels_arguments(parser.add_argument)
+
+
+def _labels_arguments(add) -> None:
+    add("--labels", metavar="CSV", help="a CSV labels file (path,label[,split]), in place of DATA")
+    add(
+        "--root",
+        metavar="DIR",
+        help="the folder a CSV file's relative image paths start from (default: the CSV's folder)",
+    )
+
+
+def _take_labels(args: argparse.Namespace) -> None:
+    """``--labels CSV`` is DATA; giving both, or neither, is a usage error."""
+    data, labels = getattr(args, "data", None), getattr(args, "labels", None)
+    if data and labels:
+        raise UsageError(f"give DATA ({data}) or --labels {labels}, not both")
+    args.data = data or labels
+    if not args.data:
+        raise UsageError(f"{args.verb} needs DATA (a folder, or a CSV labels file) or --labels CSV")
+
+
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of a training run, shared by ``train``, ``cv`` and ``tune``."""
-    defaults = Config(data="")
-    add = parser.add_argument
+    """The options of a training run, shared by ``train``, ``cv`` and ``tune``: `Config`'s
+    fields. None has a default here (argparse.SUPPRESS: an option not given is not in the
+    namespace), so that `_config_of` can tell the options given, which override a --config
+    file, from the rest, which `Config`'s defaults fill."""
+    data_help = (
+        "DATA/<class>/*, DATA/{train,val,test}/<class>/*, or a CSV labels file with columns "
+        "path,label[,split] (or `data:` in --config)"
+    )
+    parser.add_argument("data", nargs="?", default=argparse.SUPPRESS, help=data_help)
+    add = functools.partial(parser.add_argument, default=argparse.SUPPRESS)
+    _labels_arguments(add)
+    add(
+        "--config",
+        metavar="FILE",
+        help="settings from a YAML or JSON file of config.json's keys (a run's own config.json "
+        "trains that run again); options given here override it",
+    )
     add("-o", "--out", help="run directory (default: runs/<timestamp>)")
     add(
         "--backbone",
-        default=defaults.backbone,
-        help="see `headstart backbones`; A+B fuses two (their pooled features concatenated)",
+        help="see `headstart backbones`; A+B fuses two (their pooled features concatenated); "
+        "hub:PRESET or hub:/path/to/preset is a keras-hub image backbone",
     )
-    add("--weights", default=defaults.weights, help="imagenet, none, or a weights file path")
+    add("--weights", help="imagenet, none, or a weights file path")
     add("--image-size", type=int, help="input size in pixels (default: the backbone's)")
     add(
         "--mode",
         choices=("extract", "frozen"),
-        default=defaults.mode,
         help="stage 1: extract = cache backbone features (fast), frozen = backbone in the loop",
     )
-    add("--epochs", type=int, default=defaults.epochs, help="stage 1 (head) epochs")
-    add("--fine-tune-epochs", type=int, default=defaults.fine_tune_epochs)
+    add("--epochs", type=int, help="stage 1 (head) epochs")
+    add("--fine-tune-epochs", type=int)
     add("--no-fine-tune", dest="fine_tune", action="store_false", help="skip stage 2")
     add(
         "--unfreeze",
-        default=defaults.unfreeze,
         help="top backbone layers to fine-tune: N, all, or default (the top block)",
     )
     add(
         "--bn",
         choices=("frozen", "inference"),
-        default=defaults.bn,
         help="BatchNormalization when fine-tuning: frozen, or gamma/beta train (inference)",
     )
-    add("--lr", type=float, default=defaults.lr)
+    add("--lr", type=float)
     add(
         "--fine-tune-lr",
         type=_rate_or_auto,
-        default=defaults.fine_tune_lr,
         help="auto (chosen on validation, with the cached trunk) or a rate, e.g. 1e-5",
     )
-    add("--batch-size", type=int, default=defaults.batch_size)
+    add("--batch-size", type=int)
     add(
         "--augment",
-        default=DEFAULT_AUGMENT,
         help="auto (chosen on validation), none, or a policy, e.g. flip,rotate=0.1,zoom=0.2",
     )
     add(
         "--views",
         type=int,
-        default=defaults.views,
         help="extract mode: cached augmented views per training image",
     )
     add(
@@ -618,17 +671,15 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--runtime",
         choices=RUNTIME_CHOICES,
-        default=defaults.runtime,
         help="what runs the frozen backbone when extracting: auto (OpenVINO when installed, on "
         "TensorFlow; checked against Keras, which it falls back to), keras, or openvino",
     )
-    add("--head", choices=("gap", "flatten"), default=defaults.head)
-    add("--hidden", type=int, default=defaults.hidden, help="hidden Dense width (0: none)")
-    add("--dropout", type=float, default=defaults.dropout)
+    add("--head", choices=("gap", "flatten"))
+    add("--hidden", type=int, help="hidden Dense width (0: none)")
+    add("--dropout", type=float)
     add(
         "--feature-norm",
         choices=("auto", "none", "l2"),
-        default=defaults.feature_norm,
         help="the head's input: auto (chosen on validation), none, or l2 (L2-normalised)",
     )
     add(
@@ -642,16 +693,36 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="skip the data check (duplicates, leakage, imbalance) at the start",
     )
-    add("--val-split", type=float, default=defaults.val_split)
-    add("--test-split", type=float, default=defaults.test_split)
-    add("--patience", type=int, default=defaults.patience, help="early stopping patience")
-    add("--seed", type=int, default=defaults.seed)
+    add(
+        "--multi-label",
+        action="store_const",
+        const=True,
+        help="a CSV file's label cells are sets of labels separated by ';' (cat;outdoor): one "
+        "sigmoid per label (default: detected, when a cell holds ';')",
+    )
+    add("--val-split", type=float)
+    add("--test-split", type=float)
+    add("--patience", type=int, help="early stopping patience")
+    add(
+        "--refit",
+        action=argparse.BooleanOptionalAction,
+        help="once every choice is made on validation, train the final model again on train + "
+        "validation images for the chosen epochs (default; --no-refit: keep the chosen model)",
+    )
+    add("--seed", type=int)
     add("--tensorboard", action="store_true", help="write TensorBoard logs to RUN/tensorboard/")
+    add(
+        "--mlflow",
+        nargs="?",
+        const=MLFLOW_DEFAULT,
+        metavar="URI",
+        help="log the run to MLflow: a tracking URI or a folder (default: $MLFLOW_TRACKING_URI, "
+        'else ./mlruns); needs pip install "headstart[mlflow]"',
+    )
     # small-data honesty (issue 7)
     add(
         "--class-weight",
         choices=CLASS_WEIGHT_CHOICES,
-        default=defaults.class_weight,
         help="balanced: weight classes by n/(classes*count); auto: balanced when the largest "
         f"training class has over {IMBALANCE_THRESHOLD}x the images of the smallest",
     )
@@ -676,9 +747,28 @@ _TTA_HELP = (
 )
 
 
-def _config_of(args: argparse.Namespace) -> Config:
-    """The Config that the train options of ``train``, ``cv`` and ``tune`` describe."""
-    return Config(**{k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__})
+def _config_of(args: argparse.Namespace, **verb_defaults) -> Config:
+    """The Config that the train options of ``train``, ``cv`` and ``tune`` describe: `Config`'s
+    defaults, then the verb's own (``verb_defaults``), then the --config file's values, then the
+    options given on the command line (the only ones in ``args``, see `_train_arguments`)."""
+    given = {k: v for k, v in vars(args).items() if k in Config.__dataclass_fields__}
+    if not given.get("quiet"):  # --quiet has a default (False) on the main parser
+        given.pop("quiet", None)
+    if "labels" in args:  # --labels CSV: DATA under another name
+        if "data" in given:
+            raise UsageError(f"give DATA ({given['data']}) or --labels {args.labels}, not both")
+        given["data"] = args.labels
+    from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
+    values = {**verb_defaults, **from_file, **given}
+    if "data" not in values:
+        hint = ", or --resume RUN" if args.verb == "train" else ""
+        if given.get("mlflow", MLFLOW_DEFAULT) != MLFLOW_DEFAULT:  # `--mlflow DATA` took it
+            hint += f" (--mlflow took {given['mlflow']} as its URI: put DATA before --mlflow)"
+        raise UsageError(
+            f"{args.verb} needs DATA (a folder of class folders, or a CSV labels file), or a "
+            "--config file with data" + hint
+        )
+    return Config(**values)
 
 
 def _rate_or_auto(text: str) -> float | str:
@@ -698,15 +788,15 @@ def _check_resume_arguments(args: argparse.Namespace) -> None:
     """--resume takes every setting from the run's config.json: refuse others, rather than
     silently ignoring them. The cluster options are the new launch's (`headstart launch`
     adds them and --distributed), so they are taken, for a run that was --distributed."""
+    # the train options given are the only ones in args (see `_train_arguments`)
     defaults = vars(build_parser().parse_args(["train", "--resume", args.resume]))
     launch_options = ("distributed", *CLUSTER_OPTIONS)
     given = [
         "--" + key.replace("_", "-")
-        for key, value in vars(args).items()
-        if key not in ("quiet", "verbose", "data", "started", *launch_options)  # started: no option
-        and value != defaults.get(key)
+        for key in vars(args)
+        if key not in defaults and key not in ("data", "started", *launch_options)
     ]
-    if args.data:
+    if getattr(args, "data", None):
         given.insert(0, "DATA")
     if given:
         raise UsageError(
@@ -714,7 +804,7 @@ def _check_resume_arguments(args: argparse.Namespace) -> None:
             f"drop {', '.join(given)}"
         )
     config = os.path.join(args.resume, "config.json")
-    launched = [f"--{key.replace('_', '-')}" for key in launch_options if getattr(args, key)]
+    launched = [f"--{key.replace('_', '-')}" for key in launch_options if getattr(args, key, None)]
     if launched and os.path.isfile(config) and not Config.load(config).distributed:
         raise UsageError(
             f"--resume {args.resume}: the run was not --distributed: drop {', '.join(launched)} "
@@ -722,13 +812,14 @@ def _check_resume_arguments(args: argparse.Namespace) -> None:
         )
 
 
-def _resolve_out(args: argparse.Namespace) -> None:
-    """Decide the run folder here, so that a Ctrl-C message can name it."""
+def _resolve_out(args: argparse.Namespace, config: Config) -> Config:
+    """Decide the run folder here (``config.out``, from --out or --config, or a new
+    runs/<timestamp>), so that a Ctrl-C message can name it: ``config`` with it."""
     from headstart import runs  # Keras (runs registers the saved models' layers): needed next
 
-    args.out_given = bool(args.out)
-    if not args.out:
-        args.out = str(runs.default_run_dir())
+    args.out_given = bool(config.out)
+    args.out = config.out or str(runs.default_run_dir())
+    return dataclasses.replace(config, out=args.out)
 
 
 def _redraw_report(run) -> None:
@@ -839,12 +930,27 @@ def _print_result(result) -> None:
 
         print(format_calibration(result.metrics))
     saved = result.metrics.get("saved_from", {})
+    chosen = result.metrics.get("validation_choosing_phase", {})
     if saved.get("stage"):
         print(
             f"model.keras: best validation loss {saved['val_loss']:.4f} "
             f"({saved['stage']} stage, epoch {saved['epoch']})"
         )
+    elif chosen.get("stage"):
+        epochs = result.metrics["refit_epochs"]
+        print(
+            f"model.keras: refit on {result.metrics['refit_images']} training + validation "
+            f"images ({epochs['head']} + {epochs['fine_tune']} epochs); chosen on validation: "
+            f"loss {chosen['val_loss']:.4f}, accuracy {chosen['val_accuracy']:.4f} "
+            f"({chosen['stage']} stage, epoch {chosen['epoch']})"
+        )
     print(f"run saved to {result.run_dir}")
+    if result.metrics.get("multi_label"):
+        print(
+            f"test mAP {result.metrics['map']:.4f} (constant baseline "
+            f"{result.metrics['map_baseline']:.4f}), micro-F1 {result.metrics['micro_f1']:.4f} "
+            f"on {result.metrics['n_test']} images"
+        )
     if "accuracy" in result.metrics:
         print(
             f"test accuracy {result.metrics['accuracy']:.4f} on {result.metrics['n_test']} images"
@@ -857,10 +963,12 @@ def _print_predictions(predictions, output_format: str) -> tuple[int, int]:
     if hasattr(sys.stdout, "reconfigure"):  # file names need not be valid UTF-8
         sys.stdout.reconfigure(errors="backslashreplace")
     writer = csv.writer(sys.stdout)
-    if output_format == "csv":
-        writer.writerow(["path", "rank", "label", "probability", "error"])
-    rows, total, unreadable = [], 0, 0
+    rows, total, unreadable, multi = [], 0, 0, False
     for p in predictions:
+        if output_format == "csv" and not total:  # multi-label: a "predicted" column (0 or 1)
+            multi = p.labels is not None
+            predicted = ["predicted"] if multi else []
+            writer.writerow(["path", "rank", "label", "probability", *predicted, "error"])
         total += 1
         unreadable += p.error is not None
         row = {
@@ -868,15 +976,22 @@ def _print_predictions(predictions, output_format: str) -> tuple[int, int]:
             "error": p.error or "",
             "top": [{"label": label, "probability": round(prob, 6)} for label, prob in p.top],
         }
+        if p.labels is not None:  # multi-label: the labels at or above their thresholds
+            row["labels"] = list(p.labels)
         if output_format == "json":
             rows.append(row)
         elif output_format == "csv":
             for rank, item in enumerate(row["top"], 1):
-                writer.writerow([row["path"], rank, item["label"], item["probability"], ""])
+                called = [int(item["label"] in row["labels"])] if multi else []
+                writer.writerow(
+                    [row["path"], rank, item["label"], item["probability"], *called, ""]
+                )
             if row["error"]:
-                writer.writerow([row["path"], "", "", "", row["error"]])
+                writer.writerow([row["path"], "", "", "", *[""] * multi, row["error"]])
         else:
             text = "  ".join(f"{i['label']} {i['probability']:.3f}" for i in row["top"])
+            if p.labels is not None and not p.error:
+                text = f"[{', '.join(p.labels) or 'no label'}]  {text}"
             print(f"{row['path']}\t{text or 'skipped: ' + row['error']}")
     if output_format == "json":
         print(json.dumps(rows, indent=2, ensure_ascii=False))
@@ -898,6 +1013,10 @@ def _print_backbones(rows: list[dict]) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1])
+    print(
+        "\nhub:PRESET, hub:/path/to/preset: a keras-hub image backbone, by preset name or local "
+        'preset folder (pip install "headstart[hub]"; docs/backbones.md)'
+    )
 
 
 def _print_cache_entries(entries: list[dict]) -> None:

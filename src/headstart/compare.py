@@ -95,6 +95,8 @@ def _row(name: str, path: Path, history: list[dict]) -> dict:
         mode = config.get("mode", "?") + (" + fine-tune" if tune_epochs else "")
     else:
         mode = "from scratch"
+    if metrics.get("refit"):  # then trained again on train + validation (training.refit)
+        mode += " + refit"
     summary_file = path / runs.SUMMARY_FILE
     summary = summary_file.read_text(encoding="utf-8") if summary_file.is_file() else ""
     trained = " → ".join(f"{s['trainable']:,}" for s in stage_parameters(summary)) or "?"

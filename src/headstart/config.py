@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import json
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,6 +31,7 @@ FINE_TUNE_LR_CANDIDATES = (1e-4, 1e-3)
 DEFAULT_AUGMENT = "auto"  # chosen on validation (headstart.augment.AUTO_CANDIDATES)
 FEATURE_NORMS = ("none", "l2")  # the head's input: raw pooled features, or L2-normalised
 RUNTIME_CHOICES = ("auto", "keras", "openvino")  # --runtime, see headstart.runtime
+MLFLOW_DEFAULT = "default"  # --mlflow without a URI: $MLFLOW_TRACKING_URI, else ./mlruns
 
 
 @dataclass
@@ -39,9 +43,14 @@ class Config:
     holds the concrete values that were used.
     """
 
-    data: str
+    data: str  # a folder of labelled images, or a CSV labels file (path,label[,split])
+    # a CSV labels file's relative paths start from this folder (--root); None: the file's own
+    root: str | None = None
+    # each image has a set of labels (a CSV file's cells "cat;outdoor"): one sigmoid per label.
+    # None: detected (a label cell holding ';'); config.json holds the resolved choice
+    multi_label: bool | None = None
     out: str | None = None
-    backbone: str = "efficientnet_lite0"
+    backbone: str = "efficientnet_lite0"  # a registry name, "A+B" (fusion) or "hub:PRESET"
     weights: str = "default"  # "imagenet", "none", a path, or "default" (the backbone's own)
     image_size: int | None = None  # None: the backbone's default input size
     mode: Mode = "extract"  # extract: cache backbone features (workflow 2); frozen: workflow 1
@@ -80,10 +89,17 @@ class Config:
     val_split: float = 0.2
     test_split: float = 0.1
     patience: int = 3  # early stopping patience, in epochs, on validation loss
+    # once every choice is made on validation, train the final model again on train + val
+    # with them, for the chosen epochs (headstart.training.refit); False: the chosen model
+    refit: bool = True
     # The headstart that wrote config.json; `runs.open_run_dir` refuses other major versions.
     headstart_version: str = __version__
     quiet: bool = False
     tensorboard: bool = False  # write TensorBoard logs of both stages to RUN/tensorboard/<stage>
+    # --mlflow (headstart.tracking): log the run to MLflow; None: off; a tracking URI or a
+    # folder (a local file store), or "default": $MLFLOW_TRACKING_URI, else ./mlruns. The run
+    # records the URI it resolved to.
+    mlflow: str | None = None
     # Small-data honesty (issue 7). class_weight "auto": "balanced" when the training split's
     # largest/smallest class ratio exceeds headstart.imbalance.IMBALANCE_THRESHOLD, else "none";
     # config.json holds the resolved choice.
@@ -138,6 +154,10 @@ class Config:
                 not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,
                 "--tensorboard needs the tensorboard package: pip install tensorboard",
             ),
+            (
+                not self.mlflow or importlib.util.find_spec("mlflow") is not None,
+                '--mlflow needs MLflow: pip install "headstart[mlflow]"',
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -157,3 +177,116 @@ class Config:
         values = json.loads(Path(path).read_text())
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+
+# ------------------------------------------------------------------------- --config FILE
+
+CONFIG_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The settings a ``--config`` file gives: a YAML or JSON mapping of `Config` fields
+    (``fine_tune_lr`` or ``fine-tune-lr``), checked against their types. A run's own
+    config.json is such a file. An unknown key, a value of the wrong type or an unreadable
+    file is a one-line `UsageError` naming the key and the file."""
+    path = Path(path)
+    if path.suffix.lower() not in CONFIG_FILE_SUFFIXES:
+        raise UsageError(f"--config {path}: give a .yaml, .yml or .json file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise UsageError(f"--config {path}: cannot read it ({reason})") from exc
+    values = _parse_yaml(text, path) if path.suffix.lower() != ".json" else _parse_json(text, path)
+    if values is None:  # an empty file sets nothing
+        return {}
+    if not isinstance(values, dict):
+        raise UsageError(
+            f"--config {path}: must be a mapping of settings (key: value), "
+            f"not a {type(values).__name__}"
+        )
+    hints = typing.get_type_hints(Config)
+    settings = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in hints:
+            close = difflib.get_close_matches(name, list(hints), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UsageError(f"--config {path}: unknown key {key!r}{hint}")
+        fitted = _fit(value, hints[name])
+        if fitted is _NO_FIT:
+            raise UsageError(
+                f"--config {path}: {key} must be {_type_text(hints[name])}, not {value!r}"
+            )
+        settings[name] = fitted
+    return settings
+
+
+def _parse_json(text: str, path: Path):
+    try:
+        return json.loads(text) if text.strip() else None
+    except ValueError as exc:
+        raise UsageError(f"--config {path}: not valid JSON ({exc})") from exc
+
+
+def _parse_yaml(text: str, path: Path):
+    if importlib.util.find_spec("yaml") is None:
+        raise UsageError(
+            f"--config {path}: reading YAML needs PyYAML: pip install pyyaml (or give a .json file)"
+        )
+    import yaml  # optional: only YAML config files need it
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+
+
+_NO_FIT = object()
+
+
+def _fit(value, hint):
+    """``value`` as a field of type ``hint`` wants it (an int where a float goes becomes a float,
+    and so does a number written as text, as YAML reads ``1e-3``), or `_NO_FIT`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        # a number first: "1e-5" is a rate where the field is float | str | None, "auto" text
+        for arm in sorted(args, key=lambda arm: arm is not float):
+            fitted = _fit(value, arm)
+            if fitted is not _NO_FIT:
+                return fitted
+        return _NO_FIT
+    if origin is Literal:
+        return value if value in args else _NO_FIT
+    if origin is dict or hint is dict:
+        return value if isinstance(value, dict) else _NO_FIT
+    if hint is type(None):
+        return value if value is None else _NO_FIT
+    if hint is bool:
+        return value if isinstance(value, bool) else _NO_FIT
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NO_FIT
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value) if isinstance(value, str) else _NO_FIT
+        except ValueError:
+            return _NO_FIT
+    return value if isinstance(value, hint) else _NO_FIT
+
+
+def _type_text(hint) -> str:
+    """``int | None`` -> "int or null"; a Literal -> its values."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_text(arm) for arm in args)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )

@@ -1,4 +1,5 @@
-"""``headstart cv DATA --folds K``: stratified K-fold cross-validation, mean ± std.
+"""``headstart cv DATA --folds K``: stratified K-fold cross-validation, mean ± std (DATA: a
+folder, or a CSV labels file whose split column, if any, is pooled like split folders).
 
 On a small dataset one test split of 50 images says little: another split could move the
 accuracy by several points. K-fold tests every image exactly once, on a model that never saw
@@ -43,7 +44,14 @@ def cross_validate(config: Config, folds: int = DEFAULT_FOLDS) -> dict:
         raise UsageError("--folds must be at least 2")
     if config.split_from:
         raise UsageError("cv makes its own splits: drop --split-from")
-    pooled = load_image_folder(config.data, val_split=0.0, test_split=0.0, seed=config.seed)
+    pooled = load_image_folder(
+        config.data,
+        root=config.root,
+        val_split=0.0,
+        test_split=0.0,
+        seed=config.seed,
+        multi_label=config.multi_label,
+    )
     where = fold_of(pooled, folds, config.seed)
     out = runs.new_run_dir(config.out)
     rows = []

@@ -1,9 +1,11 @@
 """Read images and folders of labelled images, and feed them to Keras as tf.data pipelines.
 
-Two layouts are accepted: ``DATA/<class>/*`` (split by `headstart.splits`, stratified and
-seeded) and ``DATA/{train,val,test}/<class>/*`` (the user's split is kept). Every image is
-decoded once up front so broken files are reported before training instead of killing it
-halfway. The data folder is only ever read, never written.
+Two folder layouts are accepted: ``DATA/<class>/*`` (split by `headstart.splits`, stratified
+and seeded) and ``DATA/{train,val,test}/<class>/*`` (the user's split is kept). A CSV labels
+file (``path,label[,split]``, `read_labels_csv`) is read into the very same `Scan`: without a
+split column like the first layout, with one like the second. Every image is decoded once up
+front so broken files are reported before training instead of killing it halfway. The data
+folder is only ever read, never written.
 
 Pixel conventions (identical for training and prediction, since both go through `read_image`):
 transparent images are composited on white, 16-bit images are scaled to 8 bits, EXIF
@@ -12,6 +14,7 @@ orientation is applied, and GIF/WebP animations use their first frame.
 
 from __future__ import annotations
 
+import csv
 import errno
 import glob
 import logging
@@ -42,6 +45,9 @@ PIL_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")
 
 CLASS_FOLDERS = "class_folders"
 SPLIT_FOLDERS = "split_folders"
+CSV_LAYOUT = "csv"  # a CSV labels file: path,label[,split]
+CSV_COLUMNS = ("path", "label", "split")  # the columns headstart reads (others are ignored)
+LABEL_SEPARATOR = ";"  # between the labels of a multi-label cell: cat;outdoor
 
 _SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 _CACHE_BUDGET_BYTES = 2 * 1024**3
@@ -54,17 +60,39 @@ _WHITE = (255, 255, 255, 255)
 
 @dataclass(frozen=True)
 class Split:
-    """One subset (train, val or test) as parallel tuples, so it can feed tf.data directly."""
+    """One subset (train, val or test) as parallel tuples, so it can feed tf.data directly.
+
+    ``labels`` holds each image's class index; in a multi-label split (``n_labels`` > 0, the
+    number of labels) each image's label indices instead, as a sorted tuple (maybe empty).
+    """
 
     paths: tuple[str, ...]
-    labels: tuple[int, ...]
+    labels: tuple[int, ...] | tuple[tuple[int, ...], ...]
+    n_labels: int = 0  # > 0: multi-label, with this many labels
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def multi_label(self) -> bool:
+        return self.n_labels > 0
+
     def counts(self, n_classes: int) -> list[int]:
-        """Images per class, including zeros, for reports and class weights."""
+        """Images per class (carrying each label, in a multi-label split), including zeros, for
+        reports and class weights."""
+        if self.multi_label:
+            return self.targets().sum(axis=0).astype(np.int64).tolist()
         return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=n_classes).tolist()
+
+    def targets(self) -> np.ndarray:
+        """What a model is fitted to: class indices (N,) int32, or for a multi-label split the
+        (N, n_labels) float32 matrix of 0 and 1 (one column per label)."""
+        if not self.multi_label:
+            return np.asarray(self.labels, dtype=np.int32)
+        matrix = np.zeros((len(self.labels), self.n_labels), dtype=np.float32)
+        for row, indices in enumerate(self.labels):
+            matrix[row, list(indices)] = 1.0
+        return matrix
 
 
 @dataclass(frozen=True)
@@ -78,6 +106,7 @@ class ImageFolder:
     test: Split
     skipped: tuple[tuple[str, str], ...]
     layout: str
+    multi_label: bool = False  # each image has a set of labels (`Split.n_labels`)
 
 
 class UnreadableImage(Exception):
@@ -353,6 +382,37 @@ class Scan:
     layout: str
     found: dict[str, dict[str, list[str]]]
     unreadable: dict[str, str]
+    labels_file: str | None = None  # the CSV labels file, when the data is one
+    # multi-label: {split: {path: label names}} of the readable images (``found`` is empty)
+    label_sets: dict[str, dict[str, tuple[str, ...]]] | None = None
+
+
+def scan_data(
+    data: str,
+    *,
+    root: str | None = None,
+    check_size: int = 64,
+    workers: int | None = None,
+    multi_label: bool | None = None,
+    reader: Reader | None = None,
+    progress: bool = False,
+) -> Scan:
+    """`scan_folder` for a folder, `scan_csv` for a CSV labels file (``root``: the folder its
+    relative paths start from; ``multi_label``: see `scan_csv`; both only for a CSV).
+    ``reader`` and ``progress``: see `unreadable_images`."""
+    check = {"check_size": check_size, "workers": workers, "reader": reader, "progress": progress}
+    if is_labels_file(data):
+        return scan_csv(data, root=root, multi_label=multi_label, **check)
+    if root is not None:
+        raise UsageError(
+            f"--root {root} applies to a CSV labels file, and {data} is a folder: drop --root"
+        )
+    if multi_label:
+        raise UsageError(
+            f"--multi-label needs a CSV labels file (labels separated by ';'), and {data} is a "
+            f"folder"
+        )
+    return scan_folder(data, **check)
 
 
 def scan_folder(
@@ -366,10 +426,7 @@ def scan_folder(
     """Find the class folders under ``root`` and decode every image once (unreadable files
     are recorded with their reason, never fatal); `headstart.splits` splits the result.
     ``reader`` and ``progress``: see `unreadable_images`."""
-    if workers is not None and workers < 1:
-        raise UsageError(f"workers must be at least 1, got {workers!r}")
-    if check_size < 1:
-        raise UsageError(f"check_size must be at least 1, got {check_size!r}")
+    _check_scan_arguments(check_size, workers)
     root = _existing_folder(root)
     layout, found = _detect_layout(root)
     paths = [p for classes in found.values() for files in classes.values() for p in files]
@@ -379,6 +436,13 @@ def scan_folder(
         for split, classes in found.items()
     }
     return Scan(root, layout, found, bad)
+
+
+def _check_scan_arguments(check_size: int, workers: int | None) -> None:
+    if workers is not None and workers < 1:
+        raise UsageError(f"workers must be at least 1, got {workers!r}")
+    if check_size < 1:
+        raise UsageError(f"check_size must be at least 1, got {check_size!r}")
 
 
 def _drop_unreadable(
@@ -401,28 +465,215 @@ def _existing_folder(root: str) -> str:
     if not os.path.exists(path):
         raise UsageError(f"data folder not found: {path}")
     if not os.path.isdir(path):
-        raise UsageError(f"data path is not a folder: {path} (expected DATA/<class>/<images>)")
+        raise UsageError(
+            f"data path is not a folder: {path} (expected DATA/<class>/<images>, or a .csv "
+            f"labels file with columns path,label)"
+        )
     return path
 
 
-def require_classes(root: str, names: Iterable[str], minimum: int) -> tuple[str, ...]:
+def require_classes(
+    root: str, names: Iterable[str], minimum: int, *, labels_file: str | None = None
+) -> tuple[str, ...]:
+    """The class names, sorted; at least ``minimum`` of them. ``labels_file``: the classes are
+    the labels of that CSV file (``root`` is then the file too), not folder names."""
     class_names = tuple(sorted(names))
+    what = "label" if labels_file else "class folder name"
     for name in class_names:
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:
             shown = name.encode("utf-8", "backslashreplace").decode("utf-8")
             raise UsageError(
-                f"class folder name '{shown}' in {root} is not valid UTF-8 (class names go into "
-                f"labels.json): rename the folder"
+                f"{what} '{shown}' in {root} is not valid UTF-8 (class names go into "
+                f"labels.json): rename the {'label' if labels_file else 'folder'}"
             ) from None
     if len(class_names) < max(1, minimum):
         found = ", ".join(class_names) or "none"
+        kind, fix = (
+            ("label(s)", "give the images at least that many different labels")
+            if labels_file
+            else ("class folder(s)", "put each class's images in its own subfolder")
+        )
         raise UsageError(
-            f"{root}: found {len(class_names)} class folder(s) with readable images ({found}); "
-            f"need at least {max(1, minimum)}: put each class's images in its own subfolder"
+            f"{root}: found {len(class_names)} {kind} with readable images ({found}); "
+            f"need at least {max(1, minimum)}: {fix}"
         )
     return class_names
+
+
+# ----------------------------------------------------------------------------- CSV labels
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """One image of a CSV labels file."""
+
+    line: int  # its line in the file (the header is line 1), for error messages
+    path: str  # absolute
+    label: str  # the label cell, stripped
+    split: str | None  # "train", "val" or "test"; None when the file has no split column
+
+
+def is_labels_file(data) -> bool:
+    """A dataset given as a CSV labels file (``path,label[,split]``) rather than a folder."""
+    return os.fspath(data).lower().endswith(".csv")
+
+
+def image_root(data, root=None) -> str:
+    """The folder a dataset's image paths are relative to (absolute): DATA itself for a
+    folder; for a CSV labels file ``root`` (``--root``) or, by default, the file's folder."""
+    if not is_labels_file(data):
+        return os.path.abspath(os.fspath(data))
+    if root is not None:
+        return os.path.abspath(os.fspath(root))
+    return os.path.dirname(os.path.abspath(os.fspath(data)))
+
+
+def read_labels_csv(path, root=None) -> list[LabelRow]:
+    """The rows of a CSV labels file: a header naming the columns ``path`` and ``label`` (and
+    optionally ``split``: train, val or test; other columns are ignored), then one row per
+    image. Relative paths start from `image_root` (``root``, default the file's folder).
+
+    Whether the images can be read is not checked here (`scan_csv` does, and skips those that
+    cannot); a file that cannot be parsed as such a table is a one-line `UsageError` naming
+    the line: no header, a column named twice, a row with too few or too many cells, an empty
+    path, a split that is not train/val/test, an image listed twice, no rows.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise UsageError(f"labels file not found: {path} (a .csv file with columns path,label)")
+    base = image_root(path, root)
+    if root is not None and not os.path.isdir(base):
+        raise UsageError(f"--root {root}: folder not found ({base})")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's BOM
+            reader = csv.reader(handle)
+            lines = [(reader.line_num, cells) for cells in reader]
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not UTF-8 text ({exc.reason}): save it as UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise UsageError(f"{path} is not a readable CSV file: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read labels file {path}: {exc.strerror or exc}") from None
+    lines = [(line, cells) for line, cells in lines if any(c.strip() for c in cells)]
+    if not lines:
+        raise UsageError(
+            f"{path} is empty: expected a header line path,label (optionally ,split) and one "
+            f"row per image"
+        )
+    header_line, header = lines[0]
+    columns = _csv_columns(path, header_line, header)
+    rows = [_label_row(path, line, cells, columns, len(header), base) for line, cells in lines[1:]]
+    if not rows:
+        raise UsageError(f"{path} has a header but no rows: add one row per image")
+    seen: dict[str, int] = {}
+    for row in rows:
+        key = os.path.normcase(row.path)
+        if key in seen:
+            raise UsageError(
+                f"{path} line {row.line}: {row.path} is already listed on line {seen[key]}: "
+                f"list each image once"
+            )
+        seen[key] = row.line
+    return rows
+
+
+def _csv_columns(path: str, line: int, header: list[str]) -> dict[str, int]:
+    """Column name -> index, for the columns headstart reads."""
+    names = [cell.strip().lower() for cell in header]
+    for i, name in enumerate(names):
+        if name and name in names[:i]:
+            raise UsageError(
+                f"{path} line {line}: the header names column '{name}' twice: keep one"
+            )
+    missing = [name for name in CSV_COLUMNS[:2] if name not in names]
+    if missing:
+        found = ",".join(cell.strip() for cell in header)
+        raise UsageError(
+            f"{path} line {line}: the header must name the columns path and label (optionally "
+            f"split), found '{found}': add the header line path,label"
+        )
+    return {name: names.index(name) for name in CSV_COLUMNS if name in names}
+
+
+def _label_row(
+    path: str, line: int, cells: list[str], columns: dict[str, int], width: int, base: str
+) -> LabelRow:
+    if len(cells) != width:
+        raise UsageError(
+            f"{path} line {line}: {len(cells)} cells where the header has {width}: "
+            f"{'fill in every column' if len(cells) < width else 'quote cells holding commas'}"
+        )
+    file = cells[columns["path"]].strip()
+    if not file:
+        raise UsageError(f"{path} line {line}: empty path: give every row an image path")
+    split = None
+    if "split" in columns:
+        cell = cells[columns["split"]].strip()
+        split = _SPLIT_NAMES.get(cell.lower())
+        if split is None:
+            raise UsageError(
+                f"{path} line {line}: split '{cell}' is not train, val or test: fix the row "
+                f"(or drop the split column to split by the seed)"
+            )
+    return LabelRow(
+        line=line,
+        path=os.path.normpath(os.path.join(base, os.path.expanduser(file))),
+        label=cells[columns["label"]].strip(),
+        split=split,
+    )
+
+
+def scan_csv(
+    path: str,
+    *,
+    root: str | None = None,
+    check_size: int = 64,
+    workers: int | None = None,
+    multi_label: bool | None = None,
+    reader: Reader | None = None,
+    progress: bool = False,
+) -> Scan:
+    """A CSV labels file (`read_labels_csv`) as the `Scan` of a folder: its images by class,
+    under "all" without a split column, under train/val/test with one; every image decoded
+    once, and those missing or unreadable recorded with their reason (never fatal).
+
+    Multi-label (``multi_label`` True, or None and some label cell holds a `LABEL_SEPARATOR`):
+    each cell is a set of labels separated by ';' (an empty cell: none), in ``label_sets``.
+    ``reader`` and ``progress``: see `unreadable_images`.
+    """
+    _check_scan_arguments(check_size, workers)
+    rows = read_labels_csv(path, root)
+    path = os.path.abspath(os.fspath(path))
+    if multi_label is None:
+        multi_label = any(LABEL_SEPARATOR in row.label for row in rows)
+    if rows[0].split is not None and not any(row.split == "train" for row in rows):
+        raise UsageError(f"{path}: no row has split 'train': mark the training images train")
+    found: dict[str, dict[str, list[str]]] = {}
+    for row in rows:
+        if not row.label and not multi_label:
+            raise UsageError(f"{path} line {row.line}: empty label: give every row its class")
+        found.setdefault(row.split or "all", {}).setdefault(row.label, []).append(row.path)
+    bad = _check_images([row.path for row in rows], check_size, workers, reader, progress)
+    if multi_label:
+        label_sets: dict[str, dict[str, tuple[str, ...]]] = {}
+        for row in rows:
+            if row.path not in bad:
+                names = label_set(row.label)
+                label_sets.setdefault(row.split or "all", {})[row.path] = names
+        return Scan(image_root(path, root), CSV_LAYOUT, {}, bad, path, label_sets)
+    found = {
+        split: _drop_unreadable(classes, bad, "" if split == "all" else f" in {split} rows")
+        for split, classes in found.items()
+    }
+    return Scan(image_root(path, root), CSV_LAYOUT, found, bad, labels_file=path)
+
+
+def label_set(cell: str) -> tuple[str, ...]:
+    """A multi-label cell's labels, sorted, without blanks or repeats: "outdoor; cat;" ->
+    ("cat", "outdoor")."""
+    return tuple(sorted({name.strip() for name in cell.split(LABEL_SEPARATOR)} - {""}))
 
 
 # ----------------------------------------------------------------------------- tf.data
@@ -437,7 +688,8 @@ def make_dataset(
     seed: int = 0,
     cache: bool | None = None,
 ) -> tf.data.Dataset:
-    """(images float32 0-255, labels int32) batches; cache=None decides by estimated memory.
+    """(images float32 0-255, labels) batches, labels as `Split.targets` gives them (int32
+    class indices, or float32 0/1 rows for multi-label); cache=None decides by estimated memory.
 
     Decoded uint8 images are cached *before* the shuffle, so epochs still see new orders;
     without a cache the cheap paths are shuffled instead, so no decoded-image buffer is needed.
@@ -448,7 +700,7 @@ def make_dataset(
     if cache is None:
         cache = _fits_cache(len(split), image_size)
     paths = tf.constant([os.fsencode(p) for p in split.paths], dtype=tf.string)
-    labels = tf.constant(split.labels, dtype=tf.int32)
+    labels = tf.constant(split.targets())
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
     buffer = max(1, len(split))
     if shuffle and not cache:

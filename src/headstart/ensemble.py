@@ -35,7 +35,7 @@ from headstart.evaluation import (
 )
 from headstart.layers import ProbabilityAverage
 from headstart.metrics import EPSILON
-from headstart.splits import run_split
+from headstart.splits import run_images, run_split
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,21 @@ def ensemble(
     if len(members) < 2:
         raise UsageError("ensemble needs at least two runs")
     run_dirs = [runs.open_run_dir(run) for run in members]
+    for run_dir in run_dirs:
+        runs.refuse_multi_label(run_dir, "ensemble")
     class_names = _shared(run_dirs, runs.LABELS_FILE, "trained on the same classes")
     manifest = _shared(
         run_dirs, runs.SPLIT_FILE, f"split alike: train them with --split-from {run_dirs[0]}"
     )
     config = Config.load(run_dirs[0] / runs.CONFIG_FILE)
     given = _parse_weights(weights, len(run_dirs))
+    refit = [str(run) for run in run_dirs if runs.was_refit(run)]
+    if given == "fit" and refit:
+        raise UsageError(
+            f"--weights fit: {', '.join(refit)} refit on the training and validation images, "
+            f"so weights cannot be fitted on validation: train the members with --no-refit, "
+            f"or give weights"
+        )
     folder = _load_split(run_dirs[0], config)
     models = [runs.load_model(run, len(class_names)) for run in run_dirs]
     fitted = {}
@@ -193,7 +202,7 @@ def _shared(run_dirs: list[Path], name: str, what: str):
 def _load_split(run: Path, config: Config):
     """The members' exact split, from the first member's split.json: the same file paths as in
     their predictions.csv (so `compare` pairs them), unless the folder has moved since."""
-    folder = run_split(run, config.data)
+    folder = run_split(run, run_images(config))
     if len(folder.val) == 0:
         raise UsageError(f"{run}: its split has no validation images")
     return folder

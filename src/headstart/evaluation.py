@@ -16,10 +16,13 @@ from headstart.data import ImageFolder, Split, make_dataset
 from headstart.errors import UsageError
 from headstart.metrics import (
     TOP_K,
+    choose_thresholds,
     compute_metrics,
     macro_f1_rows,
+    multi_label_metrics,
     paired_difference,
     probabilities_from_logits,
+    sigmoid,
 )
 from headstart.splits import load_image_folder
 from headstart.tta import check_views, describe, keras_probabilities, tta_probabilities
@@ -41,6 +44,8 @@ def format_uncertainty(metrics: dict) -> str:
 
 def format_metrics(metrics: dict) -> str:
     """A headline line plus an aligned per-class table, for the terminal and run logs."""
+    if metrics.get("multi_label"):
+        return _format_multi_label(metrics)
     ranking = "".join(
         f"  top-{k} {metrics[f'top_{k}_accuracy']:.4f}"
         for k in TOP_K
@@ -64,41 +69,111 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _format_multi_label(metrics: dict) -> str:
+    lines = [
+        f"mAP {metrics['map']:.4f} (constant baseline {metrics['map_baseline']:.4f}, "
+        f"n={metrics['n_test']})  micro-F1 {metrics['micro_f1']:.4f}  macro-F1 "
+        f"{metrics['macro_f1']:.4f}  subset accuracy {metrics['subset_accuracy']:.4f}  "
+        f"loss {metrics['loss']:.4f}"
+    ]
+    names = metrics["class_names"]
+    width = max(len("label"), *(len(name) for name in names))
+    lines.append(
+        f"{'label':<{width}}  {'threshold':>9}  {'precision':>9}  {'recall':>9}  {'F1':>9}  "
+        f"{'AP':>9}  {'support':>7}"
+    )
+    for name in names:
+        row = metrics["per_class"][name]
+        ap = "-" if row["average_precision"] is None else f"{row['average_precision']:.4f}"
+        lines.append(
+            f"{name:<{width}}  {row['threshold']:>9.4f}  {row['precision']:>9.4f}  "
+            f"{row['recall']:>9.4f}  {row['f1']:>9.4f}  {ap:>9}  {row['support']:>7d}"
+        )
+    return "\n".join(lines)
+
+
 PREDICTIONS_FILE = "predictions.csv"
 
 
+def probabilities_of(logits: np.ndarray, multi_label: bool = False) -> np.ndarray:
+    """Logits to probabilities: class probabilities (`probabilities_from_logits`), or for a
+    multi-label model each label's own sigmoid."""
+    return sigmoid(logits) if multi_label else probabilities_from_logits(logits)
+
+
+def thresholds_record(class_names: Sequence[str], targets=None, probabilities=None) -> dict:
+    """thresholds.json: each label's decision threshold, chosen to give its best F1 on the
+    validation images (``targets`` and ``probabilities``); 0.5 each without them (before the
+    run has a model to choose with)."""
+    if targets is None or not len(targets):
+        return {
+            "multi_label": True,
+            "thresholds": dict.fromkeys(class_names, 0.5),
+            "chosen_on": "none yet: 0.5 each",
+        }
+    chosen = choose_thresholds(targets, probabilities)
+    return {
+        "multi_label": True,
+        "thresholds": {name: c["threshold"] for name, c in zip(class_names, chosen, strict=True)},
+        "chosen_on": f"validation ({len(targets)} images): each label's best F1",
+        "val_f1": {name: c["f1"] for name, c in zip(class_names, chosen, strict=True)},
+    }
+
+
 def predict_split(model, split: Split, batch_size: int = 32, tta: int = 1) -> np.ndarray:
-    """Class probabilities (N, C) of ``model`` for every image of ``split``, in order; with
-    ``tta`` > 1, averaged over that many test-time views (`headstart.tta`)."""
+    """Class probabilities (N, C) of ``model`` for every image of ``split``, in order (for a
+    multi-label split, each label's probability); with ``tta`` > 1, averaged over that many
+    test-time views (`headstart.tta`)."""
     size = tuple(model.input_shape[1:3])
     dataset = make_dataset(split, size, batch_size=batch_size)
     if tta == 1:
-        return probabilities_from_logits(model.predict(dataset, verbose=0))
-    probabilities_of = keras_probabilities(model)
+        return probabilities_of(model.predict(dataset, verbose=0), split.multi_label)
+    probabilities = keras_probabilities(model)
     return np.concatenate(
-        [tta_probabilities(probabilities_of, np.asarray(images), tta) for images, _ in dataset]
+        [tta_probabilities(probabilities, np.asarray(images), tta) for images, _ in dataset]
     )
 
 
 def metrics_for_split(
-    model, split: Split, class_names: Sequence[str], batch_size: int = 32, probabilities=None
+    model,
+    split: Split,
+    class_names: Sequence[str],
+    batch_size: int = 32,
+    probabilities=None,
+    thresholds: Sequence[float] | None = None,
 ) -> dict:
     """Score ``model`` on one split (or its precomputed ``probabilities``); an empty split
-    gives ``n_test: 0``."""
+    gives ``n_test: 0``. A multi-label split is scored by `multi_label_metrics` at the run's
+    ``thresholds``."""
     if len(split) == 0:
         return {"n_test": 0, "note": "no test images"}
     if probabilities is None:
         probabilities = predict_split(model, split, batch_size)
+    if split.multi_label:
+        return multi_label_metrics(split.targets(), probabilities, class_names, thresholds)
     return compute_metrics(np.asarray(split.labels), probabilities, class_names)
 
 
 def write_predictions(
-    path: str | Path, split: Split, class_names: Sequence[str], probabilities: np.ndarray
+    path: str | Path,
+    split: Split,
+    class_names: Sequence[str],
+    probabilities: np.ndarray,
+    thresholds: Sequence[float] | None = None,
 ) -> None:
     """Per-image test predictions (path, true, predicted, confidence, one column per class),
-    so figures and error analysis never need to run the model again."""
+    so figures and error analysis never need to run the model again. Multi-label: the true and
+    predicted label sets joined by ';' (at ``thresholds``), and each label's probability."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
+    if split.multi_label:
+        writer.writerow(["path", "true", "predicted", *class_names])
+        for file, label, row in zip(split.paths, split.labels, probabilities, strict=True):
+            called = [n for n, p, t in zip(class_names, row, thresholds, strict=True) if p >= t]
+            true = ";".join(class_names[i] for i in label)
+            writer.writerow([file, true, ";".join(called), *(f"{p:.6f}" for p in row)])
+        files.write_text_atomic(path, buffer.getvalue(), errors="backslashreplace")
+        return
     writer.writerow(["path", "true", "predicted", "confidence", *class_names])
     for file, label, row in zip(split.paths, split.labels, probabilities, strict=True):
         best = int(np.argmax(row))
@@ -114,32 +189,58 @@ def write_predictions(
     files.write_text_atomic(path, buffer.getvalue(), errors="backslashreplace")
 
 
-def evaluate(run: str | Path, data: str | Path, *, batch_size: int = 32, tta: int = 1) -> dict:
+def evaluate(
+    run: str | Path,
+    data: str | Path,
+    *,
+    root: str | Path | None = None,
+    batch_size: int = 32,
+    tta: int = 1,
+) -> dict:
     """Score a saved run on DATA and write ``RUN/evaluation.json``.
 
-    DATA that is the run's own training folder is scored on the run's test split (same seed and
-    fractions, so no training image is counted); any other folder is scored on its ``test``
-    subfolder if it has one, else on all of its images. With ``tta`` > 1 the metrics are those
-    of test-time augmentation, and ``"tta"`` holds the accuracy without it and the paired
-    bootstrap interval of the change.
+    DATA that is the run's own training data (folder or CSV labels file) is scored on the run's
+    test split (same seed and fractions, so no training image is counted); any other folder is
+    scored on its ``test`` subfolder if it has one, else on all of its images, and any other
+    CSV file on its test rows if it has a split column, else on all of its rows. ``root``: the
+    folder a CSV file's relative paths start from (default: the file's folder). With ``tta`` > 1
+    the metrics are those of test-time augmentation, and ``"tta"`` holds the accuracy without
+    it and the paired bootstrap interval of the change.
     """
     if tta != 1:
         check_views(tta)
     run_dir = runs.open_run_dir(run)
     config = Config.load(run_dir / runs.CONFIG_FILE)
     class_names = runs.read_labels(run_dir)
+    thresholds = runs.read_thresholds(run_dir, class_names)
+    multi = thresholds is not None  # then DATA is read as multi-label too, else never
+    if multi and tta != 1:
+        raise UsageError(f"--tta {tta}: test-time augmentation is for single-label runs only")
+    root = None if root is None else str(root)
     if Path(data).resolve() == Path(config.data).resolve():
         folder = load_image_folder(
-            str(data), val_split=config.val_split, test_split=config.test_split, seed=config.seed
+            str(data),
+            root=config.root if root is None else root,
+            val_split=config.val_split,
+            test_split=config.test_split,
+            seed=config.seed,
+            multi_label=multi,
         )
         split = folder.test
     else:
-        folder = load_image_folder(str(data), val_split=0.0, test_split=0.0, min_classes=1)
+        folder = load_image_folder(
+            str(data),
+            root=root,
+            val_split=0.0,
+            test_split=0.0,
+            min_classes=1,
+            multi_label=multi,
+        )
         split = folder.test if len(folder.test) else _all_images(folder)
     split = _relabel(split, folder.class_names, class_names, data)
     model = runs.load_model(run_dir, len(class_names))
     if tta == 1 or not len(split):
-        metrics = metrics_for_split(model, split, class_names, batch_size)
+        metrics = metrics_for_split(model, split, class_names, batch_size, thresholds=thresholds)
     else:
         plain = predict_split(model, split, batch_size)
         augmented = predict_split(model, split, batch_size, tta=tta)
@@ -186,7 +287,11 @@ def format_tta(metrics: dict) -> str:
 
 def _all_images(folder: ImageFolder) -> Split:
     parts = (folder.train, folder.val, folder.test)
-    return Split(sum((p.paths for p in parts), ()), sum((p.labels for p in parts), ()))
+    return Split(
+        sum((p.paths for p in parts), ()),
+        sum((p.labels for p in parts), ()),
+        folder.train.n_labels,
+    )
 
 
 def _relabel(split: Split, data_classes, run_classes, data) -> Split:
@@ -195,4 +300,9 @@ def _relabel(split: Split, data_classes, run_classes, data) -> Split:
     if unknown:
         raise UsageError(f"{data}: classes {unknown} are not among the run's labels {run_classes}")
     index = {name: run_classes.index(name) for name in data_classes}
+    if split.multi_label:
+        labels = tuple(
+            tuple(sorted(index[data_classes[i]] for i in label)) for label in split.labels
+        )
+        return Split(split.paths, labels, len(run_classes))
     return Split(split.paths, tuple(index[data_classes[label]] for label in split.labels))

@@ -2,10 +2,12 @@
 
 The heatmap is computed on the backbone's output, the activation of its last convolutional
 block (the layer Keras' own Grad-CAM example uses, found here as the input of the pooling
-layer, so it works for every backbone). Grad-CAM needs the gradient of the class score with
-respect to that feature map. Between the two there is only the pooling layer and headstart's
-head (Dense/Dropout layers), whose gradient is exact in closed form, so it is computed with
-NumPy from the head's weights: no ``tf.GradientTape``, the same code on every Keras backend.
+layer, so it works for every backbone with a spatial feature map; a vision transformer's
+tokens, e.g. a ``hub:`` ViT's, have none, and `gradcam` says so in one line). Grad-CAM needs
+the gradient of the class score with respect to that feature map. Between the two there is
+only the pooling layer and headstart's head (Dense/Dropout layers), whose gradient is exact in
+closed form, so it is computed with NumPy from the head's weights: no ``tf.GradientTape``, the
+same code on every Keras backend.
 (A test checks it against ``tf.GradientTape``.)
 """
 
@@ -46,6 +48,11 @@ def gradcam(model: keras.Model, images: np.ndarray, classes=None) -> Explanation
     pool = model.get_layer(FEATURES_NAME)
     if isinstance(pool, keras.layers.Concatenate):
         raise UsageError("Grad-CAM: a two-backbone fusion model has no single feature map")
+    if len(pool.input.shape) != 4:  # a transformer's (batch, tokens, d), e.g. a hub: ViT
+        raise UsageError(
+            f"Grad-CAM needs a spatial feature map: {backbone_layer_name(model)} outputs "
+            f"tokens {tuple(pool.input.shape[1:])} (a vision transformer), so there is no heatmap"
+        )
     if not isinstance(pool, keras.layers.GlobalAveragePooling2D | keras.layers.Flatten):
         raise UsageError(f"Grad-CAM: unsupported pooling layer {type(pool).__name__}")
     head = model.get_layer(CLASSIFIER_NAME)
@@ -141,6 +148,7 @@ def explain(
     """Write one Grad-CAM PNG per image (image beside its overlay) to ``out``
     (default ``RUN/explain/``); ``target`` explains that class instead of the predicted one."""
     run_dir = runs.open_run_dir(run)
+    runs.refuse_multi_label(run_dir, "explain")
     model = runs.load_model(run_dir, len(runs.read_labels(run_dir)))
     class_names = runs.read_labels(run_dir)
     if target is not None and target not in class_names:

@@ -21,7 +21,8 @@ from headstart import files
 
 DPI = 100
 _NAME_LIMIT = 18  # characters of a class name shown in image titles and on axes
-_STAGE_COLOURS = {"head": "#e8f0fb", "fine_tune": "#fdf1e3"}
+_STAGE_COLOURS = {"head": "#e8f0fb", "fine_tune": "#fdf1e3", "refit": "#e9f5ea"}
+REFIT_STAGES = ("refit_head", "refit_fine_tune")  # history.csv's stages of the refit
 
 
 def short(name: str, limit: int = _NAME_LIMIT) -> str:
@@ -88,20 +89,32 @@ def curves(history: Sequence[dict], path: str | Path, *, saved_epoch: int | None
 
     ``history`` holds history.csv rows (``stage``, ``accuracy``, ``val_accuracy``, ``loss``,
     ``val_loss``), in order; ``saved_epoch`` (1-based, over both stages) marks the model kept.
+    A run refit on train + validation (stages `REFIT_STAGES`, training curves only) has its
+    refit shaded: its validation curves are the choosing phase's, and ``saved_epoch`` marks the
+    epoch chosen on validation.
     """
     epochs = np.arange(1, len(history) + 1)
     stages = [row.get("stage", "head") for row in history]
+    refit = [stage in REFIT_STAGES for stage in stages]
+    end = refit.index(True) if any(refit) else len(history)  # the choosing phase's epochs
+    lines = [("", "train", "C0", 0, end), ("val_", "validation", "C1", 0, end)]
+    if end < len(history):  # the refit: a new model, trained on train + validation
+        lines[1] = ("val_", "validation (choosing phase)", "C1", 0, end)
+        lines.append(("", "train (refit on train + validation)", "C2", end, len(history)))
     fig = Figure(figsize=(11, 4), layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
-        for key, label, style in ((metric, "train", "-"), (f"val_{metric}", "validation", "-")):
-            values = [_number(row.get(key)) for row in history]
-            ax.plot(epochs, values, style, marker="o", markersize=3, label=label)
+        for prefix, label, colour, first, stop in lines:
+            values = [_number(row.get(prefix + metric)) for row in history[first:stop]]
+            ax.plot(
+                epochs[first:stop], values, "-", marker="o", markersize=3, label=label, color=colour
+            )
         _shade_stages(ax, stages)
         if saved_epoch:
             value = _number(history[saved_epoch - 1].get(f"val_{metric}"))
             ax.plot([saved_epoch], [value], "*", color="crimson", markersize=13, zorder=5)
-            ax.plot([], [], "*", color="crimson", markersize=10, label="saved model")
+            label = "chosen on validation" if end < len(history) else "saved model"
+            ax.plot([], [], "*", color="crimson", markersize=10, label=label)
         ax.set_xlabel("epoch")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
@@ -112,21 +125,28 @@ def curves(history: Sequence[dict], path: str | Path, *, saved_epoch: int | None
 
 
 def _shade_stages(ax, stages: Sequence[str]) -> None:
-    """Tint each stage's epochs and draw a dashed line where fine-tuning starts."""
-    if "fine_tune" not in stages:
-        return
-    start = stages.index("fine_tune") + 1
-    ax.axvspan(start - 0.5, len(stages) + 0.5, color=_STAGE_COLOURS["fine_tune"], zorder=0)
-    ax.axvline(start - 0.5, color="darkorange", linestyle="--", linewidth=1.2)
-    ax.text(
-        start - 0.3,
-        0.98,
-        "fine-tuning",
-        transform=ax.get_xaxis_transform(),
-        va="top",
-        fontsize=8,
-        color="darkorange",
-    )
+    """Tint fine-tuning's and the refit's epochs, with a dashed line where each starts."""
+    refit = [i for i, stage in enumerate(stages) if stage in REFIT_STAGES]
+    end = refit[0] if refit else len(stages)  # the choosing phase: the epochs before
+    spans = []
+    if "fine_tune" in stages[:end]:
+        spans.append(("fine-tuning", "fine_tune", "darkorange", stages.index("fine_tune"), end))
+    if refit:
+        spans.append(("refit on train + validation", "refit", "green", end, len(stages)))
+    if "refit_fine_tune" in stages:  # the refit's fine-tuning: a dotted line where it starts
+        ax.axvline(stages.index("refit_fine_tune") + 0.5, color="darkorange", linestyle=":")
+    for text, stage, colour, first, stop in spans:  # epochs first+1 .. stop (1-based)
+        ax.axvspan(first + 0.5, stop + 0.5, color=_STAGE_COLOURS[stage], zorder=0)
+        ax.axvline(first + 0.5, color=colour, linestyle="--", linewidth=1.2)
+        ax.text(
+            first + 0.7,
+            0.98,
+            text,
+            transform=ax.get_xaxis_transform(),
+            va="top",
+            fontsize=8,
+            color=colour,
+        )
 
 
 def _number(value) -> float:
@@ -313,13 +333,14 @@ def gradcam_grid(
 def compare_curves(runs: Sequence[dict], path: str | Path) -> Path:
     """Validation accuracy and loss of several runs overlaid; a dot marks fine-tuning's start.
 
-    ``runs`` items: ``{"name", "history"}`` with history.csv rows.
+    ``runs`` items: ``{"name", "history"}`` with history.csv rows (a refit's rows, which have
+    no validation, are left out: the curves are the choosing phase's).
     """
     fig = Figure(figsize=(11, 4.4), layout="constrained")
     axes = fig.subplots(1, 2)
     colours = [f"C{i}" for i in range(10)]
     for index, run in enumerate(runs):
-        history = run["history"]
+        history = [row for row in run["history"] if row.get("stage") not in REFIT_STAGES]
         epochs = np.arange(1, len(history) + 1)
         stages = [row.get("stage", "head") for row in history]
         colour = colours[index % len(colours)]

@@ -288,3 +288,129 @@ def calibration(labels: np.ndarray, probabilities: np.ndarray, bins: int = ECE_B
         "confidence": mean_confidence.tolist(),
         "accuracy": accuracy.tolist(),
     }
+
+
+# ----------------------------------------------------------------------------- multi-label
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Independent per-label probabilities of (N, C) multi-label logits, without overflow."""
+    return np.exp(-np.logaddexp(0.0, -np.asarray(logits, dtype=np.float64)))
+
+
+def average_precision(positive: np.ndarray, scores: np.ndarray) -> float | None:
+    """Average precision of ``scores`` for the boolean ``positive``: the mean of the precision
+    at each positive, ranked by score, tied scores taken together (the step-wise area under the
+    precision-recall curve, as scikit-learn's ``average_precision_score``). None when there is
+    no positive (undefined)."""
+    positive = np.asarray(positive, dtype=bool)
+    n_positive = int(positive.sum())
+    if not n_positive:
+        return None
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    ranked, hits = np.asarray(scores, dtype=np.float64)[order], positive[order]
+    ends = np.r_[np.flatnonzero(np.diff(ranked)), ranked.size - 1]  # last index of each tie
+    true_positives = np.cumsum(hits)[ends]
+    precision = true_positives / (ends + 1)
+    recall_gain = np.diff(np.r_[0, true_positives]) / n_positive
+    return float(np.sum(recall_gain * precision))
+
+
+def best_threshold(positive: np.ndarray, scores: np.ndarray) -> tuple[float, float | None]:
+    """The decision threshold on ``scores`` with the best F1 for the boolean ``positive``, and
+    that F1. Every cut between two distinct scores is tried; the threshold is halfway between
+    them (half the lowest score when every image is called positive); the highest of equally
+    good ones wins. With no positive at all: 0.5, and None for the F1."""
+    positive = np.asarray(positive, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_positive = int(positive.sum())
+    if not n_positive:
+        return 0.5, None
+    order = np.argsort(-scores, kind="stable")
+    ranked, hits = scores[order], positive[order]
+    ends = np.r_[np.flatnonzero(np.diff(ranked)), ranked.size - 1]
+    true_positives = np.cumsum(hits)[ends]
+    called = ends + 1
+    f1 = 2 * true_positives / (called + n_positive)
+    best = int(np.argmax(f1))
+    below = ranked[ends[best] + 1] if ends[best] + 1 < ranked.size else 0.0
+    return float((ranked[ends[best]] + below) / 2), float(f1[best])
+
+
+def choose_thresholds(targets: np.ndarray, probabilities: np.ndarray) -> list[dict]:
+    """`best_threshold` for each label (column): ``{"threshold", "f1"}`` per label, the F1 that
+    threshold gives on these (validation) images."""
+    targets = np.asarray(targets).astype(bool)
+    chosen = []
+    for c in range(targets.shape[1]):
+        threshold, f1 = best_threshold(targets[:, c], probabilities[:, c])
+        chosen.append({"threshold": threshold, "f1": f1})
+    return chosen
+
+
+def multi_label_metrics(
+    targets: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: Sequence[str],
+    thresholds: Sequence[float],
+) -> dict:
+    """Scores of a multi-label model: ``targets`` (N, C) 0/1, ``probabilities`` (N, C)
+    independent per-label probabilities, a label predicted where its probability reaches its
+    threshold.
+
+    Per label: precision, recall, F1, support, average precision (`average_precision`) and
+    threshold. Micro-F1 counts every (image, label) decision; macro-F1 averages the labels'
+    F1 over labels present in the targets or the predictions; mAP averages average precision
+    over labels with at least one positive (as scikit-learn's ``average_precision_score``
+    with ``average="macro"`` when every label has one). ``map_baseline`` is the mAP of a
+    model that gives every image the same scores: each label's average precision is then its
+    share of positives. Subset accuracy: images whose whole label set is right. Loss: the mean
+    binary cross-entropy over images and labels, as Keras reports it."""
+    targets = np.asarray(targets).astype(bool)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    n_classes = len(class_names)
+    if targets.ndim != 2 or targets.shape != probabilities.shape or targets.shape[1] != n_classes:
+        raise ValueError(
+            f"targets and probabilities must both be (N, {n_classes}), got {targets.shape} and "
+            f"{probabilities.shape}"
+        )
+    if not targets.shape[0]:
+        raise ValueError("cannot compute metrics on an empty test set")
+    predicted = probabilities >= np.asarray(thresholds, dtype=np.float64)[None, :]
+    true_positives = (predicted & targets).sum(axis=0)
+    support, called = targets.sum(axis=0), predicted.sum(axis=0)
+    precision = _safe_divide(true_positives, called)
+    recall = _safe_divide(true_positives, support)
+    f1 = _safe_divide(2 * precision * recall, precision + recall)
+    seen = (support > 0) | (called > 0)
+    ap = [average_precision(targets[:, c], probabilities[:, c]) for c in range(n_classes)]
+    defined = [value for value in ap if value is not None]
+    micro_tp = float(true_positives.sum())
+    micro_f1 = 2 * micro_tp / (called.sum() + support.sum()) if called.sum() + support.sum() else 0
+    clipped = np.clip(probabilities, EPSILON, 1 - EPSILON)
+    loss = -np.where(targets, np.log(clipped), np.log(1 - clipped)).mean()
+    share = targets.mean(axis=0)
+    return {
+        "multi_label": True,
+        "map": float(np.mean(defined)) if defined else 0.0,
+        "micro_f1": float(micro_f1),
+        "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0,
+        "micro_precision": float(_safe_divide(np.array(micro_tp), np.array(called.sum()))),
+        "micro_recall": float(_safe_divide(np.array(micro_tp), np.array(support.sum()))),
+        "subset_accuracy": float(np.mean((predicted == targets).all(axis=1))),
+        "map_baseline": float(np.mean(share[support > 0])) if (support > 0).any() else 0.0,
+        "loss": float(loss),
+        "n_test": int(targets.shape[0]),
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+                "average_precision": ap[i],
+                "threshold": float(thresholds[i]),
+            }
+            for i, name in enumerate(class_names)
+        },
+        "class_names": list(class_names),
+    }

@@ -7,6 +7,7 @@ Every piece is a standard Keras layer, so the saved ``.keras`` file loads anywhe
 from __future__ import annotations
 
 import io
+import re
 
 import keras
 import numpy as np
@@ -28,9 +29,10 @@ FEATURES_NAME = "features"
 TEMPERATURE_NAME = "temperature"  # --calibrate: the Rescaling layer that divides logits by T
 
 
-def output_units(n_classes: int) -> int:
-    """One logit for two classes (sigmoid), one per class otherwise (softmax)."""
-    return 1 if n_classes == 2 else n_classes
+def output_units(n_classes: int, multi_label: bool = False) -> int:
+    """One logit for two classes (sigmoid), one per class otherwise (softmax); multi-label: one
+    per label, each its own sigmoid."""
+    return 1 if n_classes == 2 and not multi_label else n_classes
 
 
 def build_head(
@@ -40,6 +42,7 @@ def build_head(
     dropout: float,
     feature_norm: str = "none",
     head_builder=None,
+    multi_label: bool = False,
 ) -> keras.Model:
     """The new classifier trained on pooled features:
     [L2 normalisation] -> [Dense(hidden)] -> [Dropout] -> logits (zero-initialised).
@@ -49,10 +52,12 @@ def build_head(
     default learning rate suits a linear layer; no custom layer, so the file loads anywhere.
     ``head_builder(features, n_classes) -> logits`` replaces it with the user's own layers
     (``output_units(n_classes)`` logits), still on pooled features so it trains on the cache.
+    ``multi_label``: one logit per label (`output_units`).
     """
     inputs = keras.Input((feature_dim,), name="pooled_features")
+    units = output_units(n_classes, multi_label)
     if head_builder is not None:
-        return _custom_head(inputs, n_classes, head_builder)
+        return _custom_head(inputs, n_classes, head_builder, units)
     x = inputs
     if feature_norm == "l2":
         x = layers.UnitNormalization(name="l2_normalize")(x)
@@ -64,19 +69,19 @@ def build_head(
     # Zero-initialised: training starts from uniform predictions instead of a random linear map
     # of the features, which a few hundred images cannot fully undo (+0.2 to +0.9 points of
     # test accuracy on Fashion-MNIST features, bench/head_options.py; MAE's linear-probe practice).
-    outputs = layers.Dense(output_units(n_classes), kernel_initializer="zeros", name="logits")(x)
+    outputs = layers.Dense(units, kernel_initializer="zeros", name="logits")(x)
     return keras.Model(inputs, outputs, name=CLASSIFIER_NAME)
 
 
-def _custom_head(inputs, n_classes: int, head_builder) -> keras.Model:
+def _custom_head(inputs, n_classes: int, head_builder, units: int) -> keras.Model:
     name = getattr(head_builder, "__name__", "head_builder")
     outputs = head_builder(inputs, n_classes)
-    units = output_units(n_classes)
     if not isinstance(outputs, keras.KerasTensor) or tuple(outputs.shape) != (None, units):
         shape = getattr(outputs, "shape", type(outputs).__name__)
         raise UsageError(
             f"head_builder {name} returned {shape}: it must return a (None, {units}) logits "
-            f"tensor built from its features argument (output_units({n_classes}) = {units})"
+            f"tensor built from its features argument (one logit per class, one for two "
+            f"classes, one per label for multi-label: {units})"
         )
     return keras.Model(inputs, outputs, name=CLASSIFIER_NAME)
 
@@ -91,6 +96,7 @@ def build_model(
     dropout: float = 0.2,
     feature_norm: str = "none",
     head_builder=None,
+    multi_label: bool = False,
 ) -> keras.Model:
     """Assemble the full model around an already built ``base``.
 
@@ -98,18 +104,33 @@ def build_model(
     ``fit`` overrides it, which is why training goes through ``trainer_for`` instead.
     A fusion (``backbone.parts``) takes its two bases as a tuple: see `_fused_features`.
     """
-    pool = layers.GlobalAveragePooling2D if head == "gap" else layers.Flatten
     if backbone.parts:
         inputs = keras.Input(base[0].input_shape[1:], name="image")
-        features = _fused_features(backbone, base, inputs, pool)
+        features = _fused_features(backbone, base, inputs, head)
     else:
         inputs = keras.Input(base.input_shape[1:], name="image")
-        features = pool(name=FEATURES_NAME)(_backbone_output(backbone, base, inputs))
+        output = _backbone_output(backbone, base, inputs)
+        features = pooling(head, output)(name=FEATURES_NAME)(output)
     classifier = build_head(
-        features.shape[-1], n_classes, hidden, dropout, feature_norm, head_builder
+        features.shape[-1], n_classes, hidden, dropout, feature_norm, head_builder, multi_label
     )
-    name = backbone.name.replace("+", "_and_")
+    name = keras_name(backbone.name.replace("+", "_and_"))
     return keras.Model(inputs, classifier(features), name=f"headstart_{name}")
+
+
+def pooling(head: str, output) -> type[keras.layers.Layer]:
+    """The pooling layer class for ``--head`` over a backbone's output: a feature map
+    (batch, h, w, c), or a transformer's tokens (batch, tokens, d), whose "gap" is their mean
+    (keras-hub's ViT classifier's ``pooling="avg"``)."""
+    if head != "gap":
+        return layers.Flatten
+    tokens = len(output.shape) == 3
+    return layers.GlobalAveragePooling1D if tokens else layers.GlobalAveragePooling2D
+
+
+def keras_name(name: str) -> str:
+    """``name`` as a Keras layer name: no "/" or ":" (a hub backbone's preset path)."""
+    return re.sub(r"[^\w.+-]", "_", name)
 
 
 def _backbone_output(backbone: Backbone, base: keras.Model, images, suffix: str = ""):
@@ -122,17 +143,17 @@ def _backbone_output(backbone: Backbone, base: keras.Model, images, suffix: str 
 
 def pooled_name(backbone: Backbone) -> str:
     """The pooling layer of one backbone of a fusion (its features, before concatenation)."""
-    return f"pooled_{backbone.name}"
+    return f"pooled_{keras_name(backbone.name)}"
 
 
-def _fused_features(backbone: Backbone, bases, images, pool):
+def _fused_features(backbone: Backbone, bases, images, head: str):
     """The advanced-tools chapter's models used as layers: the same image through both
     backbones, each with its own preprocessing and pooling, concatenated into the one
     ``features`` layer that the head, the feature cache and Grad-CAM's checks know."""
-    pooled = [
-        pool(name=pooled_name(part))(_backbone_output(part, base, images, f"_{part.name}"))
-        for part, base in zip(backbone.parts, bases, strict=True)
-    ]
+    pooled = []
+    for part, base in zip(backbone.parts, bases, strict=True):
+        output = _backbone_output(part, base, images, f"_{keras_name(part.name)}")
+        pooled.append(pooling(head, output)(name=pooled_name(part))(output))
     return layers.Concatenate(name=FEATURES_NAME)(pooled)
 
 
@@ -233,6 +254,7 @@ def build_from_config(config: Config, backbone: Backbone, n_classes: int, head_b
         dropout=config.dropout,
         feature_norm="none" if config.feature_norm == AUTO else config.feature_norm,
         head_builder=head_builder,
+        multi_label=bool(config.multi_label),
     )
     return model, base
 
@@ -280,16 +302,19 @@ def compile_for(
     learning_rate: float,
     *,
     weighted: bool = False,
+    multi_label: bool = False,
     steps_per_execution: int = 1,
 ) -> None:
     """Logit outputs: binary cross-entropy for 2 classes, sparse categorical otherwise.
 
     ``weighted``: accuracy counts sample weights (``--distributed``, where validation's padding
     rows have weight 0, see `distributed.cluster.even_batches`; training accuracy then also
-    counts --class-weight's weights). ``steps_per_execution``: batches per call of the
-    compiled step (Keras's option: the same weights, fewer calls from Python; per-batch
-    callbacks see only every so many batches)."""
-    if n_classes == 2:
+    counts --class-weight's weights). ``multi_label``: binary cross-entropy on each label's
+    logit (0/1 targets, one column per label), and "accuracy" is the share of right yes/no
+    decisions at probability 0.5 over images and labels. ``steps_per_execution``: batches per
+    call of the compiled step (Keras's option: the same weights, fewer calls from Python;
+    per-batch callbacks see only every so many batches)."""
+    if n_classes == 2 or multi_label:
         loss = keras.losses.BinaryCrossentropy(from_logits=True)
         accuracy = keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)
     else:

@@ -30,7 +30,7 @@ from headstart.data import make_dataset, read_image
 from headstart.evaluation import PREDICTIONS_FILE
 from headstart.explain import gradcam
 from headstart.metrics import TOP_K, confusion_matrix, probabilities_from_logits
-from headstart.splits import run_split
+from headstart.splits import run_images, run_split
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +133,21 @@ def write_figures(run_dir: Path, folder=None, model=None) -> _Notes:
             return None
 
     if history:
-        saved = _saved_epoch(history, metrics.get("saved_from", {}))
+        # model.keras's epoch; a refit run's: the one chosen on validation before the refit
+        chosen = metrics.get("saved_from") or metrics.get("validation_choosing_phase", {})
+        saved = _saved_epoch(history, chosen)
         attempt(
             "curves.png", lambda: figures.curves(history, run_dir / "curves.png", saved_epoch=saved)
         )
     else:
         notes.missing["curves.png"] = "history.csv is missing or empty"
-    if metrics.get("n_test"):
+    multi = bool(metrics.get("multi_label"))
+    if multi:  # per-label scores, no single predicted class per image
+        for name in ("confusion.png", "reliability.png", "errors.png", "gradcam.png"):
+            notes.missing[name] = "not drawn for a multi-label run: see the per-label table"
+    if metrics.get("n_test") and multi:
+        attempt("per_class.png", lambda: figures.per_class(metrics, run_dir / "per_class.png"))
+    elif metrics.get("n_test"):
         matrix, names = metrics["confusion_matrix"], metrics["class_names"]
         attempt(
             "confusion.png", lambda: figures.confusion(matrix, names, run_dir / "confusion.png")
@@ -160,7 +168,7 @@ def write_figures(run_dir: Path, folder=None, model=None) -> _Notes:
     if folder is not None:
         attempt("samples.png", lambda: _samples(folder, config, run_dir))
         attempt("augmentations.png", lambda: _augmentations(folder, config, run_dir))
-        if metrics.get("n_test"):
+        if metrics.get("n_test") and not multi:
             test = attempt(
                 "errors.png",
                 lambda: (
@@ -179,7 +187,8 @@ def write_figures(run_dir: Path, folder=None, model=None) -> _Notes:
 
 
 def _saved_epoch(history: list[dict], saved_from: dict) -> int | None:
-    """The 1-based epoch over both stages that model.keras comes from."""
+    """The 1-based epoch over both stages that model.keras comes from (``saved_from``: a
+    stage and its 1-based epoch)."""
     stage, epoch = saved_from.get("stage"), saved_from.get("epoch")
     if not stage or not epoch:
         return None
@@ -195,14 +204,14 @@ def _load_folder(run_dir: Path, config: Config, notes: _Notes, folder=None):
     files its split.json lists (`headstart.splits.run_split`), as trained: by the seed or by
     ``--split-from``."""
     reason = None
-    if folder is None and not Path(config.data).is_dir():
-        reason = f"the data folder {config.data} is not there any more"
+    if folder is None and not Path(run_images(config)).is_dir():
+        reason = f"the data folder {run_images(config)} is not there any more"
     elif folder is None:
         data_log = logging.getLogger("headstart.data")
         level = data_log.level
         data_log.setLevel(max(level, logging.ERROR))  # its summary and skip lines: train gave them
         try:
-            folder = run_split(run_dir, config.data)
+            folder = run_split(run_dir, run_images(config))
         except Exception as error:
             reason = f"the data folder {config.data} could not be read: {error}"
         finally:
@@ -240,7 +249,13 @@ def _samples(folder, config: Config, run_dir: Path) -> None:
             if len(chosen) < count and rank < len(by_class[label]):
                 chosen.append((by_class[label][rank], label))
     images = [read_image(path, _size(config)) for path, _ in chosen]
-    labels = [folder.class_names[label] for _, label in chosen]
+    names = folder.class_names
+    labels = [
+        ";".join(names[i] for i in label) or "(no label)"
+        if isinstance(label, tuple)
+        else names[label]
+        for _, label in chosen
+    ]
     figures.samples(images, labels, run_dir / "samples.png", columns=columns)
 
 
@@ -450,7 +465,7 @@ def _html(run_dir: Path, notes: _Notes) -> str:
     name = run_dir.resolve().name
     sections = [
         ("result", "Result", _result_section(metrics, notes)),
-        ("curves", "Training", _figure_section(run_dir, notes, ["curves.png"])),
+        ("curves", "Training", _figure(run_dir, "curves.png", notes, _curves_caption(metrics))),
         ("test", "Test set", _test_section(run_dir, metrics, notes)),
         ("gradcam", "Grad-CAM", _gradcam_section(run_dir, notes)),
         ("data", "Data", _data_section(run_dir, config, notes)),
@@ -458,12 +473,14 @@ def _html(run_dir: Path, notes: _Notes) -> str:
         ("config", "Configuration", _config_section(run_dir, config)),
     ]
     accuracy = metrics.get("accuracy")
+    mean_ap = metrics.get("map")
     subtitle = " · ".join(
         part
         for part in (
             f"{config.get('backbone', '?')} at {config.get('image_size', '?')} px",
             f"mode {config.get('mode', '?')}",
             f"test accuracy {accuracy:.4f}" if isinstance(accuracy, float | int) else "",
+            f"multi-label, test mAP {mean_ap:.4f}" if isinstance(mean_ap, float | int) else "",
             f"report written {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         )
         if part
@@ -514,6 +531,16 @@ def _figure_section(run_dir: Path, notes: _Notes, files: list[str]) -> str:
     return "".join(_figure(run_dir, file, notes, f"{file}") for file in files)
 
 
+def _curves_caption(metrics: dict) -> str:
+    if not metrics.get("refit"):
+        return "curves.png"
+    return (
+        "curves.png: the choosing phase (trained on the training images; the star marks the "
+        "epoch chosen on validation), then the refit on training + validation images for the "
+        "chosen epochs: training curves only, as validation is part of its training data"
+    )
+
+
 def _calibration_text(record: dict) -> str:
     return (
         f"T = {record['temperature']:.3f}, validation ECE {record['val_ece_before']:.4f} → "
@@ -524,6 +551,8 @@ def _calibration_text(record: dict) -> str:
 def _result_section(metrics: dict, notes: _Notes) -> str:
     if not metrics.get("n_test"):
         return '<p class="note">No test images: the run has no test metrics.</p>'
+    if metrics.get("multi_label"):
+        return _multi_label_result(metrics)
     saved = metrics.get("saved_from", {})
     rows = [
         ("test accuracy", f"{metrics['accuracy']:.4f}{_interval(metrics, 'accuracy_ci95')}"),
@@ -553,6 +582,24 @@ def _result_section(metrics: dict, notes: _Notes) -> str:
         rows.append(
             ("model.keras", f"{stage}, epoch {saved['epoch']}, val loss {saved['val_loss']:.4f}")
         )
+    chosen = metrics.get("validation_choosing_phase", {})
+    if chosen.get("stage"):  # refit: the validation figures are those of the choosing phase
+        epochs = metrics["refit_epochs"]
+        rows.append(
+            (
+                "model.keras",
+                f"refit on {metrics['refit_images']} training + validation images, stage 1 "
+                f"{epochs['head']} epochs, stage 2 {epochs['fine_tune']} epochs",
+            )
+        )
+        stage = _STAGE_NAMES.get(chosen["stage"], chosen["stage"])
+        rows.append(
+            (
+                "validation (choosing phase)",
+                f"accuracy {chosen['val_accuracy']:.4f}, loss {chosen['val_loss']:.4f} "
+                f"({stage}, epoch {chosen['epoch']}, trained on the training images only)",
+            )
+        )
     text = (
         f'<p><span class="big">{metrics["accuracy"]:.1%}</span> of {metrics["n_test"]} '
         "held-out test images classified correctly.</p>"
@@ -562,6 +609,32 @@ def _result_section(metrics: dict, notes: _Notes) -> str:
     return text + mismatch + _table(("", "value"), rows, numeric=(1,)) + method
 
 
+def _multi_label_result(metrics: dict) -> str:
+    rows = [
+        ("test mAP (mean average precision over labels)", f"{metrics['map']:.4f}"),
+        ("constant baseline mAP (same scores for every image)", f"{metrics['map_baseline']:.4f}"),
+        ("micro-F1 (every image-label decision)", f"{metrics['micro_f1']:.4f}"),
+        ("macro-F1 (mean over labels)", f"{metrics['macro_f1']:.4f}"),
+        ("subset accuracy (whole label set right)", f"{metrics['subset_accuracy']:.4f}"),
+        ("test loss (binary cross-entropy)", f"{metrics['loss']:.4f}"),
+        ("test images", metrics["n_test"]),
+    ]
+    if "train_seconds" in metrics:
+        rows.append(("training time", f"{metrics['train_seconds']:.1f} s"))
+    saved = metrics.get("saved_from", {})
+    if saved.get("stage"):
+        stage = _STAGE_NAMES.get(saved["stage"], saved["stage"])
+        rows.append(
+            ("model.keras", f"{stage}, epoch {saved['epoch']}, val loss {saved['val_loss']:.4f}")
+        )
+    text = (
+        f'<p><span class="big">{metrics["map"]:.3f}</span> mean average precision over '
+        f"{len(metrics['class_names'])} labels on {metrics['n_test']} held-out test images "
+        "(multi-label: each label is its own yes/no, decided at its threshold).</p>"
+    )
+    return text + _table(("", "value"), rows, numeric=(1,))
+
+
 def _interval(metrics: dict, key: str) -> str:
     """' (95% CI 0.81-0.88)' when metrics.json has the interval, else ''."""
     low_high = metrics.get(key)
@@ -569,6 +642,8 @@ def _interval(metrics: dict, key: str) -> str:
 
 
 def _test_section(run_dir: Path, metrics: dict, notes: _Notes) -> str:
+    if metrics.get("multi_label"):
+        return _multi_label_test(run_dir, metrics, notes)
     parts = [_figure(run_dir, "confusion.png", notes, "confusion.png: rows are true classes")]
     if metrics.get("n_test"):
         rows = [
@@ -594,6 +669,32 @@ def _test_section(run_dir: Path, metrics: dict, notes: _Notes) -> str:
     )
     parts.append(_figure(run_dir, "errors.png", notes, "errors.png"))
     return "".join(parts)
+
+
+def _multi_label_test(run_dir: Path, metrics: dict, notes: _Notes) -> str:
+    """The per-label table (a multi-label run has no confusion matrix)."""
+    if not metrics.get("n_test"):
+        return '<p class="note">No test images.</p>'
+    rows = [
+        (
+            name,
+            f"{m['threshold']:.4f}",
+            f"{m['precision']:.4f}",
+            f"{m['recall']:.4f}",
+            f"{m['f1']:.4f}",
+            "-" if m["average_precision"] is None else f"{m['average_precision']:.4f}",
+            m["support"],
+        )
+        for name, m in metrics["per_class"].items()
+    ]
+    header = ("label", "threshold", "precision", "recall", "F1", "AP", "support")
+    intro = (
+        "<p>Per label: the decision threshold chosen on validation (its best F1 there), then "
+        "precision, recall and F1 at that threshold, average precision, and the test images "
+        "carrying the label.</p>"
+    )
+    table = _table(header, rows, (1, 2, 3, 4, 5, 6))
+    return intro + table + _figure(run_dir, "per_class.png", notes, "per_class.png")
 
 
 def _gradcam_section(run_dir: Path, notes: _Notes) -> str:

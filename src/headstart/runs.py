@@ -26,6 +26,8 @@ HISTORY_FILE = "history.csv"
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.txt"
 SKIPPED_FILE = "skipped.txt"
+# a multi-label run's one decision threshold per label (its presence makes a run multi-label)
+THRESHOLDS_FILE = "thresholds.json"
 
 
 _KERAS_ARCHIVE = {"config.json", "metadata.json"}  # members every .keras zip holds
@@ -126,7 +128,8 @@ def load_model(run: Path, n_classes: int):
             f"{path} cannot be loaded by Keras {keras.__version__} ({type(exc).__name__}: "
             f"{_shorten(exc)}): it is not a headstart model, or it is damaged"
         ) from exc
-    units = 1 if n_classes == 2 else n_classes
+    multi = is_multi_label(run)
+    units = 1 if n_classes == 2 and not multi else n_classes
     try:
         inputs, outputs = tuple(model.input_shape), tuple(model.output_shape)
     except (AttributeError, TypeError, ValueError):
@@ -140,6 +143,40 @@ def load_model(run: Path, n_classes: int):
     return model
 
 
+def is_multi_label(run: Path) -> bool:
+    """A run (or an export folder) of a multi-label model: it holds thresholds.json."""
+    return (Path(run) / THRESHOLDS_FILE).is_file()
+
+
+def refuse_multi_label(run: Path, verb: str) -> None:
+    """One line for a verb that works on class probabilities only."""
+    if is_multi_label(run):
+        raise UsageError(
+            f"{run} is a multi-label run: {verb} works on single-label runs (one class per "
+            f"image) only"
+        )
+
+
+def read_thresholds(run: Path, class_names: list[str]) -> list[float] | None:
+    """A multi-label run's decision thresholds, in ``class_names`` order; None for a run that is
+    not multi-label."""
+    path = Path(run) / THRESHOLDS_FILE
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    chosen = record.get("thresholds") if isinstance(record, dict) else None
+    if not (
+        isinstance(chosen, dict)
+        and set(chosen) == set(class_names)
+        and all(isinstance(v, int | float) for v in chosen.values())
+    ):
+        raise UsageError(
+            f"{path} must hold a threshold for each label of {LABELS_FILE}: the run folder is "
+            f"damaged"
+        )
+    return [float(chosen[name]) for name in class_names]
+
+
 def read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -147,6 +184,13 @@ def read_json(path: Path):
         raise UsageError(
             f"{path} is not readable JSON ({_shorten(exc)}): the run folder is damaged; train again"
         ) from exc
+
+
+def was_refit(run: Path) -> bool:
+    """Whether model.keras was refit on the training and validation images (metrics.json's
+    ``refit``, `headstart.training.refit`): its validation images are then training images."""
+    path = Path(run) / METRICS_FILE
+    return path.is_file() and read_json(path).get("refit") is True
 
 
 def read_labels(run: Path) -> list[str]:

@@ -42,7 +42,7 @@ def summary(
         raise UsageError("--head must be gap, flatten or none")
     base = build_backbone(spec, image_size or spec.default_size, resolve_weights(spec, weights))
     if spec.pretrained:  # a from-scratch base always trains end to end, BatchNorm included
-        unfreeze_top(base, resolve_unfreeze(unfreeze or "none", spec, base), bn)
+        unfreeze_top(base, resolve_unfreeze(unfreeze or "none", spec, base), bn, spec)
     model = base
     if head != "none":
         model = build_model(spec, base, classes, head=head, hidden=hidden, dropout=dropout)

@@ -87,10 +87,13 @@ def tune(
     image_size = config.image_size or backbone.default_size
     check_image_size(backbone, image_size)
     folder = folder_for(config)
+    if folder.multi_label:
+        raise UsageError(f"{config.data} is multi-label: tune searches single-label heads only")
     out = runs.new_run_dir(config.out or f"runs/tune-{time.strftime('%Y%m%d-%H%M%S')}")
     config = dataclasses.replace(
         config,
         data=str(Path(config.data).resolve()),
+        root=None if config.root is None else str(Path(config.root).resolve()),
         image_size=image_size,
         weights=resolve_weights(backbone, config.weights),
     )

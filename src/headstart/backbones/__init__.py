@@ -2,6 +2,8 @@
 
 Adding a backbone is one ``register(Backbone(...))`` call; nothing else in headstart names one.
 Code outside headstart (a plugin, the test suite's tiny backbone) registers its own the same way.
+A family of backbones named by a prefix is one resolver (`register_resolver`): ``hub:PRESET``,
+any keras-hub image preset or preset folder (`headstart.backbones.hub`), is resolved so.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import keras
 from keras import layers
 
-from headstart.backbones import efficientnet_lite
+from headstart.backbones import efficientnet_lite, hub
 from headstart.errors import UsageError
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -54,9 +56,23 @@ class Backbone:
     offline_weights: Callable[[], bool] = lambda: False
     description: str = ""
     parts: tuple[Backbone, ...] = ()  # a two-backbone fusion ("A+B"): its two backbones
+    # Where a fixed kind or layer name does not say it (a resolver's entries, e.g. hub:):
+    # preprocess(name): the layers from raw 0..255 RGB (``preprocessing`` then only names them
+    # for the feature cache); weights_files(): the files holding the pretrained weights, whose
+    # content keys the feature cache; unfreeze_rule(base): the default fine-tuning depth;
+    # units(base): the layers --unfreeze counts, bottom to top, where they may not be
+    # base.layers (a keras-hub ViT's transformer blocks, all inside one encoder layer; no trunk
+    # is cut then).
+    preprocess: Callable[[str], list[keras.layers.Layer]] | None = None
+    weights_files: Callable[[], list[str]] | None = None
+    unfreeze_rule: Callable[[keras.Model], int] | None = None
+    units: Callable[[keras.Model], list[keras.layers.Layer]] | None = None
 
 
 REGISTRY: dict[str, Backbone] = {}
+# prefix -> resolve(rest): "PREFIX:rest" names the backbone resolve returns (`get_backbone`)
+RESOLVERS: dict[str, Callable[[str], Backbone]] = {}
+PREFIX_SEPARATOR = ":"
 
 
 def register(backbone: Backbone) -> Backbone:
@@ -66,17 +82,28 @@ def register(backbone: Backbone) -> Backbone:
     return backbone
 
 
+def register_resolver(prefix: str, resolve: Callable[[str], Backbone]) -> None:
+    """From then on ``--backbone PREFIX:REST`` is ``resolve(REST)``, an entry built on demand
+    (its name ``PREFIX:REST``, REST possibly made canonical, e.g. an absolute path)."""
+    RESOLVERS[prefix] = resolve
+
+
 FUSION_SEPARATOR = "+"
 
 
 def get_backbone(name: str) -> Backbone:
-    """The registry entry for ``name``; "A+B" is the fusion of two entries (`fused`)."""
+    """The registry entry for ``name``; "A+B" is the fusion of two entries (`fused`);
+    "PREFIX:REST" is what the prefix's resolver makes of REST (`register_resolver`)."""
     if FUSION_SEPARATOR in name:
         return fused(name)
+    prefix, separator, rest = name.partition(PREFIX_SEPARATOR)
+    if separator and prefix in RESOLVERS:
+        return RESOLVERS[prefix](rest)
     if name not in REGISTRY:
+        resolvers = "".join(f", {prefix}:..." for prefix in sorted(RESOLVERS))
         raise UsageError(
-            f"unknown --backbone {name!r}: choose one of {', '.join(sorted(REGISTRY))} "
-            "(`headstart backbones` lists them)"
+            f"unknown --backbone {name!r}: choose one of {', '.join(sorted(REGISTRY))}"
+            f"{resolvers} (`headstart backbones` lists them)"
         )
     return REGISTRY[name]
 
@@ -331,6 +358,26 @@ register(
 )
 
 
+def _hub_backbone(preset_name: str) -> Backbone:
+    """``hub:PRESET``: a keras-hub image preset (a name, handle or folder), read once here."""
+    preset = hub.find_preset(preset_name)
+    return Backbone(
+        f"{hub.PREFIX}{PREFIX_SEPARATOR}{preset.handle}",
+        lambda input_shape, weights: hub.build(preset, input_shape, weights),
+        preset.image_size,
+        preset.preprocessing,
+        offline_weights=lambda: preset.local,
+        description=hub.describe(preset),
+        preprocess=lambda name: hub.preprocessing_layers(preset, name),
+        weights_files=lambda: hub.weights_files(preset),
+        unfreeze_rule=hub.default_unfreeze,
+        units=hub.units,
+    )
+
+
+register_resolver(hub.PREFIX, _hub_backbone)
+
+
 def resolve_weights(backbone: Backbone, weights: str) -> str:
     """The concrete weights choice: "imagenet", "none" or an existing file path.
 
@@ -370,6 +417,8 @@ def build_backbone(backbone: Backbone, image_size: int, weights: str) -> keras.M
     keras_weights = None if weights == "none" else weights
     try:
         model = backbone.build((image_size, image_size, 3), keras_weights)
+    except UsageError:
+        raise
     except Exception as error:  # Keras reports a failed download as a bare Exception
         if weights == "imagenet" and _looks_like_download_failure(error):
             raise UsageError(
@@ -404,6 +453,8 @@ def preprocessing_layers(backbone: Backbone, suffix: str = "") -> list[keras.lay
     ``suffix`` ends their names: a fusion model holds two sets of them.
     """
     kind, name = backbone.preprocessing, f"preprocess{suffix}"
+    if backbone.preprocess is not None:
+        return backbone.preprocess(name)
     if kind == "tf":
         return [layers.Rescaling(1 / 127.5, offset=-1, name=name)]
     if kind == "caffe":
@@ -423,8 +474,16 @@ def preprocessing_layers(backbone: Backbone, suffix: str = "") -> list[keras.lay
     return []  # "included"
 
 
+def unfreeze_units(backbone: Backbone, base: keras.Model) -> list[keras.layers.Layer]:
+    """The layers ``--unfreeze N`` counts, bottom to top: ``base.layers`` unless the entry
+    says otherwise (`Backbone.units`)."""
+    return backbone.units(base) if backbone.units is not None else list(base.layers)
+
+
 def default_unfreeze(backbone: Backbone, model: keras.Model) -> int:
     """How many of the base's top layers form its top block (the default fine-tuning depth)."""
+    if backbone.unfreeze_rule is not None:
+        return backbone.unfreeze_rule(model)
     names = [layer.name for layer in model.layers]
     if backbone.unfreeze_from in names:
         return len(names) - names.index(backbone.unfreeze_from)

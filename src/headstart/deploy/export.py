@@ -121,6 +121,10 @@ def export(
             reference.model, format, quantize, building / _ARTIFACT[format], calibration
         )
         files.write_json(building / runs.LABELS_FILE, reference.class_names)
+        if reference.multi_label:  # the thresholds travel with the model
+            thresholds = dict(zip(reference.class_names, reference.thresholds, strict=True))
+            record = {**runs.read_json(run_dir / runs.THRESHOLDS_FILE), "thresholds": thresholds}
+            files.write_json(building / runs.THRESHOLDS_FILE, record)
         record = _record(run_dir, reference, format, quantize, artifact, calibration)
         files.write_json(building / EXPORT_FILE, record)  # the artifact's loader reads it
         figures = _compare(expected, _probabilities(load_artifact(building), check.images), check)
@@ -161,21 +165,23 @@ def _extra_quantizer(format: str, quantize: str) -> tuple[str, ...]:
 
 def _check_images(run_dir: Path, reference: Predictor, limit: int) -> _CheckSet:
     """Up to ``limit`` of the run's test images (from predictions.csv, spread over the file) with
-    their true classes; generated images when none is readable."""
+    their true classes (none for a multi-label run); generated images when none is readable."""
     rows = _prediction_rows(run_dir / PREDICTIONS_FILE)
     picked = [rows[i] for i in _spread(len(rows), limit)]
     images, labels = [], []
     for path, true in picked:
-        if true not in reference.class_names:
+        # a multi-label run's true label sets give no accuracy: its images are checked alone
+        if true not in reference.class_names and not reference.multi_label:
             continue
         try:
             images.append(read_image(path, reference.image_size))
         except UnreadableImage:
             continue
-        labels.append(reference.class_names.index(true))
+        labels.append(None if reference.multi_label else reference.class_names.index(true))
     if images:
         source = f"{len(images)} test images of the run"
-        return _CheckSet(np.stack(images).astype("float32"), np.array(labels), source)
+        known = None if reference.multi_label else np.array(labels)
+        return _CheckSet(np.stack(images).astype("float32"), known, source)
     count = min(limit, 32)
     source = f"{count} generated images (the run's test images are not readable)"
     return _CheckSet(_generated_images(count, reference.image_size), None, source)
@@ -213,6 +219,7 @@ def _calibration(run_dir: Path, reference: Predictor, check: _CheckSet) -> np.nd
     try:
         folder = load_image_folder(
             config["data"],
+            root=config.get("root"),
             val_split=config["val_split"],
             test_split=config["test_split"],
             seed=config["seed"],

@@ -23,6 +23,9 @@ class Prediction:
     path: str
     top: tuple[tuple[str, float], ...]  # (class name, probability), most likely first
     error: str | None = None  # set when the file could not be read
+    # a multi-label model's answer: the labels at or above their thresholds, most likely first
+    # (``top`` then holds every label's probability); None for a single-label model
+    labels: tuple[str, ...] | None = None
 
 
 def predict(
@@ -30,7 +33,9 @@ def predict(
 ) -> list[Prediction]:
     """Top-k classes for every image under ``paths`` (files, folders, globs), as one list.
 
-    ``run`` is a run directory or an exported artifact (`headstart.deploy.export`).
+    ``run`` is a run directory or an exported artifact (`headstart.deploy.export`). For a
+    multi-label model each Prediction's ``labels`` is the set of labels at or above their
+    thresholds, and ``top`` every label's probability (``top_k`` does not apply).
 
     Unreadable files get a Prediction with ``error`` set instead of stopping the batch. For
     thousands of files, `iter_predictions` gives the same results as they are computed. With
@@ -92,7 +97,12 @@ def _predict_batch(predictor: Predictor, chunk, batch, top_k, tta=1) -> Iterator
     for path, image in zip(chunk, batch, strict=True):
         if isinstance(image, UnreadableImage):
             log.debug("cannot read %s: %s", path, image)
-            yield Prediction(path, (), error=str(image))
+            labels = () if predictor.multi_label else None
+            yield Prediction(path, (), error=str(image), labels=labels)
+        elif predictor.multi_label:
+            row = next(rows)
+            top = _top(row, class_names, len(class_names))
+            yield Prediction(path, top, labels=tuple(predictor.labels_of(row)))
         else:
             yield Prediction(path, _top(next(rows), class_names, top_k))
 

@@ -3,7 +3,9 @@
 A run directory (``model.keras``, run by Keras) and an exported artifact (a folder holding
 ``export.json`` and ``labels.json`` beside a SavedModel, ONNX, LiteRT or OpenVINO model, run by
 that format's own runtime) look the same to `predict`, `serve` and the export check: a
-`Predictor` takes raw RGB 0..255 images of its ``image_size`` and returns probabilities.
+`Predictor` takes raw RGB 0..255 images of its ``image_size`` and returns probabilities. A
+multi-label model (its folder holds ``thresholds.json``) gives each label's own probability,
+and `Predictor.labels_of` the labels at or above their thresholds.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from headstart import runs
 from headstart.errors import UsageError
-from headstart.metrics import probabilities_from_logits
+from headstart.metrics import probabilities_from_logits, sigmoid
 from headstart.runtime import LATENCY, compile_openvino
 
 EXPORT_FILE = "export.json"
@@ -56,7 +58,8 @@ class Predictor:
     """``predictor(images)``: (N, h, w, 3) float32 RGB 0..255 -> (N, C) probabilities.
 
     ``model`` is the Keras model when the predictor is a run (Grad-CAM needs its layers), None
-    for an exported artifact.
+    for an exported artifact. ``thresholds``: a multi-label model's decision threshold per
+    label (None: single-label, the probabilities of one class each).
     """
 
     class_names: list[str]
@@ -64,9 +67,21 @@ class Predictor:
     logits: Callable[[np.ndarray], np.ndarray]
     runtime: str  # e.g. "onnxruntime 1.32.0"
     model: object | None = None
+    thresholds: tuple[float, ...] | None = None
+
+    @property
+    def multi_label(self) -> bool:
+        return self.thresholds is not None
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        return probabilities_from_logits(self.logits(np.asarray(images, dtype=np.float32)))
+        logits = self.logits(np.asarray(images, dtype=np.float32))
+        return sigmoid(logits) if self.multi_label else probabilities_from_logits(logits)
+
+    def labels_of(self, row: np.ndarray) -> list[str]:
+        """A multi-label model's answer for one probability row: the labels at or above their
+        thresholds, most probable first."""
+        order = np.argsort(-row, kind="stable")
+        return [self.class_names[i] for i in order if row[i] >= self.thresholds[i]]
 
 
 def load_predictor(path: str | Path) -> Predictor:
@@ -82,12 +97,14 @@ def keras_predictor(run_dir: Path) -> Predictor:
     """The run's model.keras, as a Predictor."""
     class_names = runs.read_labels(run_dir)
     model = runs.load_model(run_dir, len(class_names))
+    thresholds = runs.read_thresholds(run_dir, class_names)
     return Predictor(
         class_names=class_names,
         image_size=tuple(model.input_shape[1:3]),
         logits=lambda images: np.asarray(model.predict_on_batch(images)),
         runtime=f"keras {RUNTIMES['keras'].version()}",
         model=model,
+        thresholds=None if thresholds is None else tuple(thresholds),
     )
 
 
@@ -100,11 +117,13 @@ def load_artifact(folder: Path) -> Predictor:
     artifact = folder / record["artifact"]
     if not artifact.exists():
         raise UsageError(f"{artifact} is missing: the export folder is damaged; export again")
+    thresholds = runs.read_thresholds(folder, class_names)
     return Predictor(
         class_names=class_names,
         image_size=tuple(record["image_size"]),
         logits=_LOADERS[format_name](artifact),
         runtime=f"{RUNTIMES[format_name].distribution} {RUNTIMES[format_name].version()}",
+        thresholds=None if thresholds is None else tuple(thresholds),
     )
 
 

@@ -2,7 +2,9 @@
 
 ``headstart serve RUN`` runs FastAPI on uvicorn (``pip install 'headstart[serve]'``):
 
-- ``POST /predict``: one or more images (multipart field ``files``) -> top-k labels;
+- ``POST /predict``: one or more images (multipart field ``files``) -> top-k labels (a
+  multi-label model: ``labels``, those at or above their thresholds, and every label's
+  probability);
 - ``POST /gradcam``: one image (field ``file``) -> PNG of the Grad-CAM overlay (runs only);
 - ``GET /labels``, ``GET /health``, ``GET /docs`` (FastAPI's OpenAPI page), ``GET /`` the page.
 
@@ -315,7 +317,7 @@ def create_app(
         rows = np.stack(await answer)
         return {
             "predictions": [
-                {"file": upload.filename, "top": _top(row, predictor.class_names, top_k)}
+                _answer(predictor, upload.filename, row, top_k)
                 for upload, row in zip(files, rows, strict=True)
             ]
         }
@@ -350,6 +352,15 @@ def _decode(data: bytes, filename: str | None, size: tuple[int, int] | None) -> 
             raise HTTPException(400, message) from None
 
 
+def _answer(predictor, filename, row: np.ndarray, top_k: int) -> dict:
+    """One image's answer; a multi-label model's also has ``labels`` (those at or above their
+    thresholds), and ``top`` then has every label."""
+    if not predictor.multi_label:
+        return {"file": filename, "top": _top(row, predictor.class_names, top_k)}
+    top = _top(row, predictor.class_names, len(predictor.class_names))
+    return {"file": filename, "labels": predictor.labels_of(row), "top": top}
+
+
 def _top(row: np.ndarray, class_names: list[str], k: int) -> list[dict]:
     order = np.argsort(-row, kind="stable")[:k]
     return [{"label": class_names[i], "probability": float(row[i])} for i in order]
@@ -371,8 +382,9 @@ def _validation_message(errors) -> str:
 
 def _explainer(predictor: Predictor):
     """A function (bytes, filename) -> Grad-CAM overlay PNG, or None where the model cannot
-    give one (an exported artifact, or a model whose head Grad-CAM does not handle)."""
-    if predictor.model is None:
+    give one (an exported artifact, a multi-label model, or a model whose head Grad-CAM does
+    not handle)."""
+    if predictor.model is None or predictor.multi_label:
         return None
 
     probe = np.zeros((1, *predictor.image_size, 3), "float32")

@@ -70,7 +70,9 @@ class EntrySpec:
     """Everything that decides the cached output for an image; its hash names the entry."""
 
     backbone: str
-    weights: str  # "imagenet", "none:<seed>" or "file:<content hash>"
+    # "imagenet", "imagenet:<content hash>" (weights in files: a keras-hub preset's),
+    # "none:<seed>" or "file:<content hash>"
+    weights: str
     image_size: int
     preprocessing: str
     output: str  # "pooled:gap", "pooled:flatten" or "trunk:<first layer after the cut>"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -24,7 +25,8 @@ class RunCallback(keras.callbacks.Callback):
     Each stage fits a different Keras model: in extract mode stage 1 fits the head alone on
     cached features, and stage 2 the backbone's top on cached trunk activations. Before every
     stage headstart sets ``classifier`` (the whole model, raw images in, logits out, sharing
-    the weights being trained), ``run_dir`` and ``stage`` ("head" or "fine_tune").
+    the weights being trained), ``run_dir`` and ``stage`` ("head" or "fine_tune"; the refit's
+    "refit_head" and "refit_fine_tune", which have no validation logs).
     """
 
     classifier: keras.Model | None = None
@@ -82,6 +84,8 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         self.best_values: dict[int, np.ndarray] = {}
         self.keep_optimizer = False  # also keep the optimizer's variables of the best epoch
         self.best_optimizer: list[np.ndarray] = []
+        # each stage's epoch (0-based) saved last: how long the refit trains that stage
+        self.stage_epochs: dict[str, int] = {}
 
     @property
     def best_accuracy(self) -> float | None:
@@ -109,6 +113,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             "val_loss": self.best,
             "val_accuracy": None if accuracy is None else float(accuracy),
         }
+        self.stage_epochs[self.stage] = epoch
         variables = self.full_model.variables
         self.best_values = {i: np.array(variables[i].numpy()) for i in self.tracked}
         if self.keep_optimizer:
@@ -123,11 +128,17 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             variables[index].assign(value)
 
     def state(self) -> dict:
-        return {"best": self.best, "floor": self.accuracy_floor, "saved": self.saved}
+        return {
+            "best": self.best,
+            "floor": self.accuracy_floor,
+            "saved": self.saved,
+            "stage_epochs": self.stage_epochs,
+        }
 
     def set_state(self, state: dict) -> None:
         self.best, self.accuracy_floor = float(state["best"]), state["floor"]
         self.saved = dict(state["saved"])
+        self.stage_epochs = dict(state.get("stage_epochs", {}))  # older states: none
 
 
 class StageCSVLogger(keras.callbacks.Callback):
@@ -136,14 +147,21 @@ class StageCSVLogger(keras.callbacks.Callback):
     The columns are those of ``keras.callbacks.CSVLogger`` (``epoch``, then the log keys
     sorted), but the whole file is rewritten atomically at every epoch end instead of appended
     to: a run killed at any moment leaves a complete CSV, never half a row. ``rows`` holds what
-    is written (a few hundred rows at most).
+    is written (a few hundred rows at most); ``on_row(row)``, if given, is told each new row
+    once it is written (the run's `headstart.tracking.Tracker`).
     """
 
-    def __init__(self, filename: str, rows: list[dict] | None = None):
+    def __init__(
+        self,
+        filename: str,
+        rows: list[dict] | None = None,
+        on_row: Callable[[dict], None] | None = None,
+    ):
         super().__init__()
         self.filename = filename
         self.stage = "head"
         self.rows: list[dict] = list(rows or [])
+        self.on_row = on_row
 
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": len(self.rows), "stage": self.stage}
@@ -151,6 +169,8 @@ class StageCSVLogger(keras.callbacks.Callback):
             row[key] = value if isinstance(value, str) else _csv_number(value)
         self.rows.append(row)
         self.write()
+        if self.on_row is not None:
+            self.on_row(dict(row))
 
     def write(self) -> None:
         columns = ["epoch", *sorted({key for row in self.rows for key in row} - {"epoch"})]

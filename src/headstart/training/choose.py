@@ -3,7 +3,10 @@ procedure from the same start: the head's input (``--feature-norm auto``), the a
 (``--augment auto``) and the fine-tuning rate (``--fine-tune-lr auto``).
 
 A candidate's *score* is ``{"val_accuracy", "val_loss", "epochs"}`` (`Session.trial`); the
-choice with the best accuracy, then loss, wins, and config.json records every score.
+choice with the best accuracy, then loss, wins, and config.json records every score. A
+multi-label run chooses by validation loss (binary cross-entropy over every label) alone: its
+accuracy, the share of right yes/no decisions at 0.5, mostly counts the labels an image does
+not carry.
 """
 
 from __future__ import annotations
@@ -53,10 +56,12 @@ def choose_feature_norm(session) -> None:
             model=model,
             key=("head input", norm),
         )
+        session.tracker.trial("feature_norm", norm, scores[norm])
     reset()
-    chosen = best_of(scores)
+    by_loss = session.folder.multi_label
+    chosen = best_of(scores, by_loss=by_loss)
     session.record_choice(feature_norm=chosen, feature_norm_scores=scores)
-    log.info("head input chosen on validation: %s (%s)", chosen, scores_text(scores))
+    log.info("head input chosen on validation: %s (%s)", chosen, scores_text(scores, by_loss))
     if chosen != "none":
         model, base, as_built = built[chosen]
         as_built()
@@ -84,17 +89,26 @@ def choose_augmentation(session) -> None:
             record = session.trials.get(("head input", config.feature_norm))
             if record is not None:
                 session.trials[("head", policy)] = record
-            return config.feature_norm_scores[config.feature_norm]
-        reset()
-        n_views = config.views if policy != "none" else 0
-        train_data = session.sampler(session.views("pooled", "train", policy, n_views), "train")
-        return session.trial(
-            classifier, train_data, val_data, config.epochs, config.lr, key=("head", policy)
-        )
+            result = config.feature_norm_scores[config.feature_norm]
+        else:
+            reset()
+            n_views = config.views if policy != "none" else 0
+            views = session.views("pooled", "train", policy, n_views)
+            result = session.trial(
+                classifier,
+                session.sampler(views, "train"),
+                val_data,
+                config.epochs,
+                config.lr,
+                key=("head", policy),
+            )
+        session.tracker.trial("augment", policy, result)
+        return result
 
-    scores = climb(AUTO_CANDIDATES, score)
+    by_loss = session.folder.multi_label
+    scores = climb(AUTO_CANDIDATES, score, by_loss=by_loss)
     reset()
-    chosen = best_of(scores)
+    chosen = best_of(scores, by_loss=by_loss)
     session.feature_views.keep_policy(chosen)
     session.record_choice(
         augment=chosen, augment_scores=scores, views=config.views if chosen != "none" else 0
@@ -103,7 +117,7 @@ def choose_augmentation(session) -> None:
     log.info(
         "augmentation chosen on validation: %s (%s)%s",
         chosen,
-        scores_text(scores),
+        scores_text(scores, by_loss),
         f"; stronger ones not tried: {', '.join(untried)}" if untried else "",
     )
 
@@ -130,12 +144,14 @@ def choose_fine_tune_lr(session, trainer, train_data, val_data) -> None:
             floor=session.checkpoint.accuracy_floor,
             key=("fine_tune", str(rate)),
         )
+        session.tracker.trial("fine_tune_lr", str(rate), scores[str(rate)])
     reset()
-    chosen = best_of(scores)
+    by_loss = session.folder.multi_label
+    chosen = best_of(scores, by_loss=by_loss)
     session.record_choice(
         fine_tune_lr=None if chosen is None else float(chosen), fine_tune_lr_scores=scores
     )
-    log.info("fine-tuning rate chosen on validation: %s (%s)", chosen, scores_text(scores))
+    log.info("fine-tuning rate chosen on validation: %s (%s)", chosen, scores_text(scores, by_loss))
 
 
 def snapshot(variables) -> Callable[[], None]:
@@ -157,29 +173,35 @@ def epochs_of(scores: dict[str, dict], chosen: str, epochs: int) -> int:
     return (scores.get(chosen) or {}).get("epochs") or epochs
 
 
-def climb(candidates, score: Callable[[str], dict]) -> dict[str, dict]:
+def climb(candidates, score: Callable[[str], dict], *, by_loss: bool = False) -> dict[str, dict]:
     """The scores of ``candidates`` in order, up to and including the first one that does
     worse than the best before it (the candidates grow stronger: the rest would do worse)."""
     scores = {}
     for candidate in candidates:
         scores[candidate] = score(candidate)
-        if best_of(scores) != candidate:
+        if best_of(scores, by_loss=by_loss) != candidate:
             break
     return scores
 
 
-def scores_text(scores: dict[str, dict]) -> str:
-    """Each candidate's validation accuracy (None: no epoch beat stage 1, see `Session.trial`)."""
+def scores_text(scores: dict[str, dict], by_loss: bool = False) -> str:
+    """Each candidate's validation accuracy, or loss (None: no epoch beat stage 1, see
+    `Session.trial`)."""
 
-    def text(accuracy: float | None) -> str:
-        return "not better than stage 1" if accuracy is None else f"{accuracy:.4f}"
+    def text(score: dict) -> str:
+        if score["val_accuracy"] is None:
+            return "not better than stage 1"
+        return f"loss {score['val_loss']:.4f}" if by_loss else f"{score['val_accuracy']:.4f}"
 
-    return ", ".join(f"{name}: {text(score['val_accuracy'])}" for name, score in scores.items())
+    return ", ".join(f"{name}: {text(score)}" for name, score in scores.items())
 
 
-def best_of(scores: dict[str, dict]) -> str | None:
-    """The candidate with the best validation accuracy, then loss; None if none has a score."""
+def best_of(scores: dict[str, dict], *, by_loss: bool = False) -> str | None:
+    """The candidate with the best validation accuracy, then loss (``by_loss``: the lowest
+    loss); None if none has a score."""
     scored = [name for name, score in scores.items() if score["val_accuracy"] is not None]
+    if by_loss:
+        return min(scored, key=lambda name: scores[name]["val_loss"], default=None)
     return max(
         scored,
         key=lambda name: (scores[name]["val_accuracy"], -scores[name]["val_loss"]),

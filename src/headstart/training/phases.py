@@ -1,6 +1,7 @@
 """Where the time of a run goes: `PhaseClock` times named phases (start-up, decode check, data
-check, each extraction, each choice's trials, stage 1, stage 2, test, report), and the rest
-is "other", so that the phases and "other" add up to the run's total.
+check, each extraction, each choice's trials, stage 1, stage 2, the refit on training and
+validation images, test, report), and the rest is "other", so that the phases and "other" add
+up to the run's total.
 
 Phases nest, and each second counts once, for the innermost phase open: a choice's trials
 that first extract features count the extraction under "extraction ...", the rest under the

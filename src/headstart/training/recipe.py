@@ -1,5 +1,7 @@
 """The recipe (the Keras guide's): stage 1 trains a new head on the frozen backbone, stage 2
-fine-tunes its top; then the test metrics, the files of the run folder and its report.
+fine-tunes its top; by default both are then trained again on the training and validation
+images (`headstart.training.refit`); then the test metrics, the files of the run folder and
+its report.
 
 `train` starts a run, `resume` continues one; both hand the stages to
 `headstart.training.session.Session`. Stage 1 runs as workflow 2 (``extract``: the backbone
@@ -46,11 +48,12 @@ from headstart.evaluation import (
     PREDICTIONS_FILE,
     metrics_for_split,
     predict_split,
+    probabilities_of,
+    thresholds_record,
     write_predictions,
 )
 from headstart.extract import run_in_batches, split_at_cut
 from headstart.imbalance import resolve_class_weight
-from headstart.metrics import probabilities_from_logits
 from headstart.model import (
     base_of,
     build_from_config,
@@ -58,9 +61,20 @@ from headstart.model import (
     temperature_of,
     unfreeze_counts,
 )
-from headstart.report import redraw
+from headstart.report import REPORT_FILE, redraw
 from headstart.splits import folder_for, split_manifest
+from headstart.tracking import Tracker, resolve_mlflow_uri, trackers_for
 from headstart.training.phases import PhaseClock, breakdown_line
+from headstart.training.refit import (
+    REFIT_STAGES,
+    calibrate_refit,
+    chosen_model,
+    end_refit,
+    refit,
+    refit_kept,
+    refit_record,
+    start_refit,
+)
 from headstart.training.session import Session
 from headstart.training.state import (
     TrainingState,
@@ -87,6 +101,7 @@ def train(
     *,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     head_builder: HeadBuilder | None = None,
+    tracker: Tracker | None = None,
     started: float | None = None,
 ) -> TrainResult:
     """Train, evaluate and save a classifier; everything lands in the run directory.
@@ -94,6 +109,9 @@ def train(
     ``callbacks``: extra Keras callbacks, given to every stage's ``fit`` (not to the candidate
     trials that choose the augmentation and the fine-tuning rate); subclass
     `headstart.training.callbacks.RunCallback` to also see the whole classifier and the run folder.
+    ``tracker``: a `headstart.tracking.Tracker`, told the run's config, every epoch of both
+    stages, every candidate's score in the choices made on validation, and at the end the
+    metrics and the run's files (``config.mlflow`` adds `headstart.tracking.MlflowTracker`).
     ``head_builder(features, n_classes) -> logits``: a custom head in place of the built-in
     one, on the pooled features (so it trains on the feature cache); config.json records its
     name in ``custom_head``. Neither is a Config field: callables are not JSON.
@@ -105,6 +123,12 @@ def train(
     config.validate()
     if head_builder is not None:
         config = dataclasses.replace(config, custom_head=_name_of(head_builder))
+    elif config.custom_head:  # a custom-head run's config.json given back: its head is code
+        raise UsageError(
+            f"custom_head {config.custom_head}: that run's head is Python code: train it from "
+            f"Python, headstart.train(config, head_builder={config.custom_head}), or set "
+            f"custom_head to null for the built-in head"
+        )
     cluster = join(config)
     with clock.phase("build model"):
         backbone = get_backbone(config.backbone)
@@ -124,10 +148,14 @@ def train(
     reader = FactsReader() if config.check else None
     with clock.phase("decode check"):  # finding the images and decoding each once
         folder = folder_for(config, reader)
+    if folder.multi_label:
+        _check_multi_label(config)
     run_dir = runs.new_run_dir(config.out) if cluster.writes else Path(tempfile.mkdtemp())
     config = dataclasses.replace(
         config,
+        backbone=backbone.name,  # canonical: a hub: preset folder as an absolute path
         data=str(Path(config.data).resolve()),
+        root=None if config.root is None else str(Path(config.root).resolve()),
         out=str(run_dir),
         image_size=image_size,
         weights=weights,
@@ -136,10 +164,15 @@ def train(
         augment_scores={},
         feature_norm=feature_norm or config.feature_norm,
         feature_norm_scores={},
+        fine_tune_lr_scores={},  # a rate given (not auto) has none; auto records them anew
         views=config.views if augments and mode == "extract" else 0,
-        class_weight=resolve_class_weight(
+        class_weight="none"
+        if folder.multi_label
+        else resolve_class_weight(
             config.class_weight, folder.train.counts(len(folder.class_names))
         ),
+        multi_label=folder.multi_label,
+        mlflow=resolve_mlflow_uri(config.mlflow) if config.mlflow else None,
     )
     config = place(config, cluster)
     with clock.phase("build model"):
@@ -148,6 +181,8 @@ def train(
     config = dataclasses.replace(config, unfreeze=unfreeze)
     config.save(run_dir / runs.CONFIG_FILE)
     files.write_json(run_dir / runs.LABELS_FILE, list(folder.class_names))
+    if folder.multi_label:  # 0.5 each until validation chooses them (a run stopped early)
+        files.write_json(run_dir / runs.THRESHOLDS_FILE, thresholds_record(folder.class_names))
     files.write_json(run_dir / runs.SPLIT_FILE, split_manifest(folder))
     write_skipped(folder.skipped, str(run_dir / runs.SKIPPED_FILE))
     if reader is not None:
@@ -156,7 +191,20 @@ def train(
         reader = None  # every image's facts: not kept for the rest of the run
         log.info(summary_line(report))
         files.write_json(run_dir / CHECK_FILE, report)
-    return _run(config, backbone, folder, model, base, run_dir, None, callbacks, clock)
+    tracker = trackers_for(config, tracker) if cluster.writes else Tracker()
+    return _run(
+        config,
+        backbone,
+        folder,
+        model,
+        base,
+        run_dir,
+        None,
+        callbacks,
+        clock,
+        tracker,
+        head_builder,
+    )
 
 
 def resume(
@@ -164,6 +212,7 @@ def resume(
     *,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     head_builder: HeadBuilder | None = None,
+    tracker: Tracker | None = None,
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
@@ -177,7 +226,8 @@ def resume(
     detects it). The number of processes may differ from the first launch's, as long as it
     divides the global batch; each process reads the state process 0 saved in the run folder
     (which must be shared, or copied to the same path on every machine). ``started``: as
-    for `train`; metrics.json's ``phase_seconds`` are this launch's."""
+    for `train`; metrics.json's ``phase_seconds`` are this launch's. ``tracker``: as for `train`
+    (an MLflow run, named in the run folder's mlflow.json, goes on)."""
     clock = PhaseClock(started)
     run_dir = Path(run)
     if not (run_dir / runs.CONFIG_FILE).is_file():
@@ -227,7 +277,35 @@ def resume(
         config = dataclasses.replace(config, out=str(run_dir))
     if config.distributed:  # process 0 writes the run folder only once every copy is made
         barrier("headstart resume")
-    return _run(config, backbone, folder, model, base, run_dir, state, callbacks, clock)
+    tracker = trackers_for(config, tracker) if cluster.writes else Tracker()
+    return _run(
+        config,
+        backbone,
+        folder,
+        model,
+        base,
+        run_dir,
+        state,
+        callbacks,
+        clock,
+        tracker,
+        head_builder,
+    )
+
+
+def _check_multi_label(config: Config) -> None:
+    """What a multi-label run cannot do: one line naming the option to drop."""
+    refused = [
+        (config.calibrate, "--calibrate (temperature scaling is for class probabilities)"),
+        (config.distributed, "--distributed"),
+        (config.class_weight == "balanced", "--class-weight balanced"),
+    ]
+    for given, option in refused:
+        if given:
+            raise UsageError(
+                f"{config.data} is multi-label (labels separated by ';'): {option} is for "
+                f"single-label data: drop it"
+            )
 
 
 def _scratch_copy(run_dir: Path) -> Path:
@@ -243,13 +321,76 @@ def _name_of(head_builder: HeadBuilder) -> str:
     return f"{module}.{getattr(head_builder, '__qualname__', repr(head_builder))}"
 
 
+# the run folder's files a tracker gets at the end (those there: an ensemble has no history)
+TRACKED_FILES = (
+    REPORT_FILE,
+    runs.MODEL_FILE,
+    runs.METRICS_FILE,
+    runs.CONFIG_FILE,
+    runs.LABELS_FILE,
+    runs.THRESHOLDS_FILE,  # a multi-label run's
+    runs.HISTORY_FILE,
+)
+
+
 def _run(
-    config, backbone, folder, model, base, run_dir: Path, state, callbacks, clock: PhaseClock
+    config,
+    backbone,
+    folder,
+    model,
+    base,
+    run_dir: Path,
+    state,
+    callbacks,
+    clock,
+    tracker,
+    head_builder=None,
 ) -> TrainResult:
-    """Both stages from ``state`` (None: from the start), then the test metrics and report;
-    metrics.json ends with where the time went (``clock``'s phases)."""
-    session = Session(config, backbone, folder, model, base, run_dir, state, clock=clock)
+    """`_stages_and_test`, told to ``tracker``: its start, then its end or its failure."""
+    tracker.start(config)
+    try:
+        result = _stages_and_test(
+            config,
+            backbone,
+            folder,
+            model,
+            base,
+            run_dir,
+            state,
+            callbacks,
+            clock,
+            tracker,
+            head_builder,
+        )
+    except BaseException as error:
+        tracker.fail(error)
+        raise
+    if result.metrics:  # a distributed run's other processes have none (and a silent tracker)
+        paths = [run_dir / name for name in TRACKED_FILES if (run_dir / name).is_file()]
+        tracker.end(result.config, result.metrics, paths)
+    return result
+
+
+def _stages_and_test(
+    config,
+    backbone,
+    folder,
+    model,
+    base,
+    run_dir: Path,
+    state,
+    callbacks,
+    clock,
+    tracker,
+    head_builder=None,
+) -> TrainResult:
+    """Both stages from ``state`` (None: from the start), the refit, then the test metrics and
+    report; metrics.json ends with where the time went (``clock``'s phases)."""
+    session = Session(
+        config, backbone, folder, model, base, run_dir, state, clock=clock, tracker=tracker
+    )
     session.user_callbacks = list(callbacks)
+    session.head_builder = head_builder
     if state is None:  # resumable from here on: a kill during extraction restarts stage 1
         write_state(
             run_dir,
@@ -258,7 +399,9 @@ def _run(
     unfreeze = [int(count) for count in str(config.unfreeze).split(FUSION_SEPARATOR)]
     fine_tune = bool(backbone.pretrained and config.fine_tune and config.fine_tune_epochs)
     fine_tune = fine_tune and any(unfreeze)
-    _stages(session, state, fine_tune, unfreeze)
+    refits = _refits(config, folder)
+    _stages(session, state, fine_tune, unfreeze, refits)
+    refitted = refits and refit_kept(session.plan)  # model.keras is the refit model
     train_seconds = session.elapsed()
     if config.distributed:  # evaluation and the report are process 0's, on one device
         cluster = current(True)
@@ -268,23 +411,25 @@ def _run(
             shutil.rmtree(run_dir, ignore_errors=True)
             log.info(breakdown_line(*clock.breakdown()))
             return TrainResult(run_dir, {}, session.config)
-    with clock.phase("test"):
-        metrics, saved = _test_metrics(config, folder, run_dir, session, fine_tune)
-    metrics["train_seconds"] = round(train_seconds, 1)  # both stages, test evaluation excluded
+    with clock.phase("test"):  # the first time the test split is read since the checks
+        metrics, saved = _test_metrics(config, folder, run_dir, session, fine_tune, refitted)
+    metrics["train_seconds"] = round(train_seconds, 1)  # training and refit, test excluded
     metrics["skipped"] = len(folder.skipped)
-    metrics.update(_what_was_chosen(session, fine_tune))
+    metrics.update(_what_was_chosen(session, fine_tune, refits))
     files.write_json(run_dir / runs.METRICS_FILE, metrics)
     if fine_tune and not metrics["fine_tune_kept"]:
         log.info(
             "fine-tuning did not beat stage 1's validation accuracy (%.4f): model.keras is the "
-            "stage-1 model",
+            "stage-1 model%s",
             session.checkpoint.accuracy_floor,
+            " (refit: stage 1 only)" if refitted else "",
         )
     with clock.phase("report"):
         if session.summaries:  # a resumed run keeps the summaries written when it started
             files.write_text_atomic(run_dir / runs.SUMMARY_FILE, "\n".join(session.summaries))
         redraw(run_dir, folder=folder, model=saved)  # figures + report.html
     remove_state(run_dir)
+    end_refit(run_dir)
     metrics["total_seconds"], metrics["phase_seconds"] = clock.breakdown()
     if session.feature_views.passes:  # each backbone pass: how long, how many images computed
         metrics["extraction_passes"] = session.feature_views.passes
@@ -293,42 +438,85 @@ def _run(
     return TrainResult(run_dir, metrics, session.config)
 
 
-def _stages(session: Session, state, fine_tune: bool, unfreeze: list[int]) -> None:
-    """Stage 1 then (``fine_tune``) stage 2, each skipped when ``state`` says it is done."""
+def _refits(config: Config, folder) -> bool:
+    """Whether the run ends with the refit (`headstart.training.refit`): ``--refit`` (the
+    default), and validation images to add."""
+    if config.refit and not len(folder.val):
+        log.info("no refit: there are no validation images to add to the training images")
+    return config.refit and bool(len(folder.val))
+
+
+def _stages(session: Session, state, fine_tune: bool, unfreeze: list[int], refits: bool) -> None:
+    """Stage 1 then (``fine_tune``) stage 2, then (``refits``) the refit, each skipped when
+    ``state`` says it is done."""
     if fine_tune:
         session.plan_fine_tuning(unfreeze)
     stage, clock = state.stage if state else "head", session.clock
     if stage == "head":
         with clock.phase("stage 1"):
             session.train_head()
-            session.end_stage("fine_tune" if fine_tune else "done")
+            if fine_tune:
+                session.end_stage("fine_tune")
+            else:
+                _end_choosing(session, fine_tune, refits)
     elif stage == "fine_tune":
         session.freeze_for_head()
         state.apply(session.model)  # the head as stage 1 left it
-    if fine_tune and stage != "done":
+    if fine_tune and stage in ("head", "fine_tune"):
         with clock.phase("stage 2"):
             session.fine_tune(unfreeze)
-            session.end_stage("done")
+            _end_choosing(session, fine_tune, refits)
+    if refits and stage != "done":
+        with clock.phase("refit"):
+            refit(session, stage if stage in REFIT_STAGES else "refit_head", unfreeze)
+
+
+def _end_choosing(session: Session, fine_tune: bool, refits: bool) -> None:
+    """The choosing phase is over: the refit starts (its plan saved with the state), or the
+    run is done."""
+    if refits:
+        start_refit(session, fine_tune)
+    else:
+        session.end_stage("done")
 
 
 def _test_metrics(
-    config: Config, folder, run_dir: Path, session=None, fine_tune=True
+    config: Config, folder, run_dir: Path, session=None, fine_tune=True, refits=False
 ) -> tuple[dict, keras.Model]:
-    """The saved model (the best on validation; calibrated with --calibrate) scored on the test
-    split, its predictions written to predictions.csv (see `_test_probabilities`); and that
-    model, as model.keras holds it (the report draws from it)."""
+    """The saved model (the refit's, or the best on validation; calibrated with --calibrate)
+    scored on the test split, its predictions written to predictions.csv (see
+    `_test_probabilities`); and that model, as model.keras holds it (the report draws from
+    it)."""
     model = keras.saving.load_model(run_dir / runs.MODEL_FILE)
     calibration = None
     if config.calibrate:  # T fitted on validation, saved inside model.keras (headstart.calibrate)
-        model, calibration = calibrate_model(model, folder.val, config.batch_size)
+        if refits:  # on the choosing phase's model (`headstart.training.refit`)
+            model, calibration = calibrate_refit(model, run_dir, folder.val, config.batch_size)
+        else:
+            model, calibration = calibrate_model(model, folder.val, config.batch_size)
         files.save_model_atomic(model, run_dir / runs.MODEL_FILE)
+    thresholds = None
+    if folder.multi_label:  # each label's threshold: its best F1 on validation
+        val = folder.val
+        on = chosen_model(run_dir) if refits else model  # held out from the chosen model only
+        record = thresholds_record(
+            folder.class_names,
+            val.targets(),
+            _test_probabilities(on, val, config, session, fine_tune, "val"),
+        )
+        files.write_json(run_dir / runs.THRESHOLDS_FILE, record)
+        thresholds = [record["thresholds"][name] for name in folder.class_names]
     if len(folder.test):
         probabilities = _test_probabilities(model, folder.test, config, session, fine_tune)
         metrics = metrics_for_split(
-            model, folder.test, folder.class_names, probabilities=probabilities
+            model,
+            folder.test,
+            folder.class_names,
+            probabilities=probabilities,
+            thresholds=thresholds,
         )
         write_predictions(
-            run_dir / PREDICTIONS_FILE, folder.test, folder.class_names, probabilities
+            run_dir / PREDICTIONS_FILE, folder.test, folder.class_names, probabilities, thresholds
         )
     else:
         metrics = metrics_for_split(model, folder.test, folder.class_names)  # {"n_test": 0, ...}
@@ -337,8 +525,8 @@ def _test_metrics(
     return metrics, model
 
 
-def _test_probabilities(model, split, config: Config, session, fine_tune: bool):
-    """The saved model's probabilities for the test images.
+def _test_probabilities(model, split, config: Config, session, fine_tune: bool, name="test"):
+    """The saved model's probabilities for the test images (``name``: or another split's).
 
     Its frozen part is the one extraction ran: the trunk (when fine-tuning ran on the cached
     trunk), or the whole backbone (when nothing was fine-tuned); its weights never changed. So
@@ -360,15 +548,25 @@ def _test_probabilities(model, split, config: Config, session, fine_tune: bool):
         rest, kind = None, ""
     if rest is None:
         return predict_split(model, split, config.batch_size)
-    logits = run_in_batches(rest, views.rows(kind, "test"))  # 256 rows a call: 30% faster
-    return probabilities_from_logits(logits / temperature_of(model))
+    logits = run_in_batches(rest, views.rows(kind, name))  # 256 rows a call: 30% faster
+    return probabilities_of(logits / temperature_of(model), split.multi_label)
 
 
-def _what_was_chosen(session: Session, fine_tune: bool) -> dict:
-    """metrics.json's record of the run's choices: the saved epoch, head input, class weights,
+def _what_was_chosen(session: Session, fine_tune: bool, refits: bool = False) -> dict:
+    """metrics.json's record of the run's choices: the saved epoch (with the refit: the
+    choosing phase's chosen one, and the refit's epochs), head input, class weights,
     augmentation and fine-tuning rate, with every candidate's validation scores."""
     config, checkpoint = session.config, session.checkpoint
-    record = {"saved_from": {**checkpoint.saved, "epoch": checkpoint.saved["epoch"] + 1}}
+    chosen = {**checkpoint.saved, "epoch": checkpoint.saved["epoch"] + 1}
+    refitted = refits and refit_kept(session.plan)
+    record: dict = {"refit": refitted}
+    if refitted:  # the validation figures are the choosing phase's: the refit has none
+        record["validation_choosing_phase"] = chosen
+        record.update(refit_record(session.plan, session.folder.class_names))
+    else:
+        record["saved_from"] = chosen
+        if refits:  # refit, and found wanting (`headstart.training.refit.refit`)
+            record["refit_rejected"] = refit_record(session.plan, session.folder.class_names)
     if fine_tune:
         record["fine_tune_kept"] = checkpoint.saved["stage"] == "fine_tune"
     runtimes = session.feature_views.runtimes()

@@ -5,7 +5,8 @@ Stage 1 trains a new head with the backbone frozen: on cached features (workflow
 ``--mode extract``: the backbone runs once) or behind augmentation with the frozen backbone in
 the loop (workflow 1, ``--mode frozen``). Stage 2 unfreezes the top of the backbone and
 fine-tunes it at a low rate, on the cached trunk when there is one. `headstart.training.recipe`
-drives them; `headstart.training.choose` makes the choices on validation.
+drives them; `headstart.training.choose` makes the choices on validation, and
+`headstart.training.refit` trains both stages again on training and validation images.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 
 from headstart import runs
 from headstart.augment import AUTO, build_augmenter
-from headstart.backbones import Backbone
+from headstart.backbones import Backbone, unfreeze_units
 from headstart.data import make_dataset
 from headstart.distributed.cluster import even_batches, sampler_batches
 from headstart.extract import InferenceModeTop, ViewSampler, split_at_cut
@@ -35,6 +36,7 @@ from headstart.model import (
     summary_text,
     trainer_for,
 )
+from headstart.tracking import Tracker
 from headstart.training.cache import FeatureCache
 from headstart.training.callbacks import (
     BestModelCheckpoint,
@@ -57,11 +59,16 @@ from headstart.training.state import (
     trained_indices,
     write_state,
 )
-from headstart.training.views import FeatureViews
+from headstart.training.views import FeatureViews, split_of
 
 log = logging.getLogger(__name__)
 
-STAGE_NAMES = {"head": "stage 1", "fine_tune": "stage 2"}
+STAGE_NAMES = {
+    "head": "stage 1",
+    "fine_tune": "stage 2",
+    "refit_head": "refit stage 1",
+    "refit_fine_tune": "refit stage 2",
+}
 # A trial's batches per call of its compiled step: Python's per-batch overhead gone, and a
 # Ctrl-C still answered within that many batches
 STEPS_PER_CALL = 64
@@ -86,7 +93,8 @@ class Session:
 
     ``state`` is where a resumed run stopped (`headstart.training.state`); None for a new run.
     ``clock`` times the run's phases (`headstart.training.phases`): the choices and the
-    extractions each count under their own name.
+    extractions each count under their own name. ``tracker`` (`headstart.tracking`) is told
+    every epoch of the stages and every candidate's score of the choices.
     """
 
     def __init__(
@@ -100,16 +108,21 @@ class Session:
         state,
         *,
         clock: PhaseClock | None = None,
+        tracker: Tracker | None = None,
     ):
         self.config, self.backbone, self.folder = config, backbone, folder
         self.model, self.base, self.run_dir = model, base, run_dir
         self.state = state
+        self.head_builder = None  # train(head_builder=...): `rebuild` builds it again
+        # the refit's plan (`headstart.training.refit`), saved with every state from its start
+        self.plan: dict = dict(state.plan) if state is not None else {}
         self.n_classes = len(folder.class_names)
         # --class-weight: applied in every fit of training (both stages and every candidate)
         self.class_weight = class_weights(config.class_weight, folder.train.counts(self.n_classes))
         self.size = (config.image_size, config.image_size)
         self.checkpoint = BestModelCheckpoint(model, run_dir / runs.MODEL_FILE)
-        self.history = StageCSVLogger(str(run_dir / runs.HISTORY_FILE))
+        self.tracker = tracker or Tracker()
+        self.history = StageCSVLogger(str(run_dir / runs.HISTORY_FILE), on_row=self.tracker.epoch)
         if state is not None:
             self.checkpoint.set_state(state.callbacks["checkpoint"])
             self.history.rows = list(state.callbacks["history"])
@@ -142,6 +155,8 @@ class Session:
         self.unfreeze = unfreeze
         if self.backbone.parts:
             log.info("fusion: fine-tuning runs the full model on images (no cached trunk)")
+        elif unfreeze_units(self.backbone, self.base) != self.base.layers:  # a ViT's blocks
+            log.info("%s: fine-tuning runs the full model on images", self.backbone.name)
         elif self.config.mode == "extract" and self.config.cache_trunk:
             self.feature_views.trunk = split_at_cut(self.model, self.base, unfreeze[0])
 
@@ -149,7 +164,9 @@ class Session:
         """The model built anew from the (changed) config, as a resumed run would build it
         (``built``: a (model, base) already built so): same backbone weights, so the cached
         rows stay valid."""
-        built = built or build_from_config(self.config, self.backbone, self.n_classes)
+        built = built or build_from_config(
+            self.config, self.backbone, self.n_classes, self.head_builder
+        )
         self.model, self.base = built
         self.checkpoint.full_model = self.model
         self.feature_views.use_model(self.model)
@@ -165,7 +182,9 @@ class Session:
     def sampler(self, views, split: str) -> ViewSampler:
         return self.feature_views.sampler(views, split)
 
-    def fit(self, trainer, stage: str, train_data, val_data, epochs: int, replay=None) -> None:
+    def fit(
+        self, trainer, stage: str, train_data, val_data, epochs: int, replay=None, rates=None
+    ) -> None:
         """``trainer.fit`` for one stage, from where a resumed run stopped; the training state
         is saved after every epoch.
 
@@ -173,24 +192,37 @@ class Session:
         procedure, ``epochs`` up to its best epoch: the same weights epoch by epoch). When
         nothing needs to see the epochs run (`_replayable`), the trial's best weights are put
         in the model and its epochs fed to the stage's callbacks instead of training again.
+
+        ``val_data`` None (the refit's stages): nothing to checkpoint, stop early or reduce the
+        rate on; the stage runs all its ``epochs``, epoch e at the learning rate ``rates[e]``.
         """
         try:
-            self._fit(trainer, stage, train_data, val_data, epochs, replay)
+            self._fit(trainer, stage, train_data, val_data, epochs, replay, rates)
         finally:
             self.trials.clear()  # the next choice's trials start from this stage's result
 
-    def _fit(self, trainer, stage: str, train_data, val_data, epochs: int, replay) -> None:
-        self.history.stage = self.checkpoint.stage = stage
+    def _fit(self, trainer, stage: str, train_data, val_data, epochs: int, replay, rates) -> None:
+        validated = val_data is not None
+        self.history.stage = stage
         self._stage_variables = trained_indices(self.model, trainer)
-        self.checkpoint.tracked = trained_indices(self.model, trainer, seeds=False)
+        if validated:
+            self.checkpoint.stage = stage
+            self.checkpoint.tracked = trained_indices(self.model, trainer, seeds=False)
         state = self.state if self.state is not None and self.state.stage == stage else None
         start = state.next_epoch if state is not None else 0
         if state is not None:
             state.apply(self.model)
-            self.checkpoint.best_values = state.best_values
+            if validated:
+                self.checkpoint.best_values = state.best_values
         if start >= epochs:
             return  # the run was stopped after its last epoch of this stage
-        *schedule, early_stopping, plateau = self._training_callbacks(train_data)
+        if validated:
+            *schedule, early_stopping, plateau = self._training_callbacks(train_data)
+            watchers = [self.checkpoint, early_stopping, plateau]
+        else:
+            schedule = [*_epoch_draws(train_data), _rate_schedule(rates or [])]
+            early_stopping = plateau = None
+            watchers = []
         resume = ResumeCheckpoint(
             self.run_dir,
             self.model,
@@ -200,8 +232,9 @@ class Session:
             (self.checkpoint, self.history, early_stopping, plateau),
             self.elapsed,
             resume_from=state if start > 0 else None,
+            plan=self.plan,
         )
-        record = self._replayable(replay, start, epochs)
+        record = self._replayable(replay, start, epochs) if validated else None
         if record is not None:
             callbacks = [*schedule, self.checkpoint, early_stopping, plateau, self.history]
             self._replay(trainer, record, callbacks, resume)
@@ -211,8 +244,7 @@ class Session:
                 epochs,
             )
             return
-        callbacks = [*schedule, EpochTimer(), self.checkpoint, early_stopping, plateau]
-        callbacks.append(self.history)
+        callbacks = [*schedule, EpochTimer(), *watchers, self.history]
         for callback in self.user_callbacks:
             if isinstance(callback, RunCallback):
                 callback.set_run(self.model, self.run_dir, stage)
@@ -223,7 +255,7 @@ class Session:
         callbacks.append(resume)
         trainer.fit(
             self._feed(train_data, training=True),
-            validation_data=self._feed(val_data, training=False),
+            validation_data=self._feed(val_data, training=False) if validated else None,
             epochs=epochs,
             initial_epoch=start,
             callbacks=callbacks,
@@ -280,8 +312,8 @@ class Session:
         callback_list.on_train_end()
 
     def compile(self, trainer: keras.Model, learning_rate: float, steps: int = 1) -> None:
-        """`compile_for` this run: its classes, and weighted accuracy when distributed;
-        ``steps`` batches per call of the compiled step.
+        """`compile_for` this run: its classes (or labels), and weighted accuracy when
+        distributed; ``steps`` batches per call of the compiled step.
 
         A trainer this session compiled so before, training the same variables, keeps its
         compiled step (tracing it again costs up to 2 s): only its optimizer starts afresh,
@@ -298,9 +330,15 @@ class Session:
             self.n_classes,
             learning_rate,
             weighted=self.config.distributed,
+            multi_label=self.folder.multi_label,
             steps_per_execution=steps,
         )
         self._compiled[trainer] = key
+
+    def evaluate(self, trainer, data) -> dict:
+        """``trainer``'s loss and accuracy on ``data`` in inference mode, scored as validation
+        is (every image once, also when distributed)."""
+        return trainer.evaluate(self._feed(data, training=False), verbose=0, return_dict=True)
 
     def _feed(self, data, *, training: bool):
         """What ``fit`` gets for ``data``: cached views go in as tf.data when distributed
@@ -316,13 +354,7 @@ class Session:
     def _training_callbacks(self, train_data) -> list[keras.callbacks.Callback]:
         """What decides the course of training (and nothing that writes files): each epoch's
         draw of cached views, early stopping and the learning-rate schedule."""
-        callbacks = []
-        if isinstance(train_data, ViewSampler):  # each epoch's draw depends on its number only
-            callbacks.append(
-                keras.callbacks.LambdaCallback(
-                    on_epoch_begin=lambda epoch, _: train_data.set_epoch(epoch)
-                )
-            )
+        callbacks = _epoch_draws(train_data)
         early_stopping = keras.callbacks.EarlyStopping(patience=self.config.patience)
         plateau = keras.callbacks.ReduceLROnPlateau(
             factor=0.2, patience=max(1, self.config.patience - 1)
@@ -330,25 +362,26 @@ class Session:
         return [*callbacks, early_stopping, plateau]
 
     def end_stage(self, next_stage: str) -> None:
-        """Save the state between stages; stage 2 starts from stage 1's best weights."""
-        if next_stage == "done":
-            state = TrainingState("done", train_seconds=self.elapsed())
-        else:
+        """Save the state between stages; stage 2 starts from stage 1's best weights, the
+        refit's stage 2 from its stage 1's last ones (without validation there is no best),
+        and the refit itself from a model built anew (nothing to keep but its `plan`)."""
+        kept = {}
+        if next_stage == "fine_tune":
             self.checkpoint.restore_best()
             self.checkpoint.start_fine_tuning()
+        if next_stage in ("fine_tune", "refit_fine_tune"):
             variables = self.model.variables
-            state = TrainingState(
-                next_stage,
-                variables={i: np.array(variables[i].numpy()) for i in self._stage_variables},
-                train_seconds=self.elapsed(),
-            )
+            kept = {i: np.array(variables[i].numpy()) for i in self._stage_variables}
+        state = TrainingState(
+            next_stage, variables=kept, train_seconds=self.elapsed(), plan=self.plan
+        )
         state.callbacks = callback_state(self.checkpoint, self.history)
         write_state(self.run_dir, state)
 
     def images(self, split: str, *, training: bool):
         """A split as a tf.data pipeline; training order is shuffled (by tf.data, so ``fit``
         gets ``shuffle=False``) and augmented."""
-        data = getattr(self.folder, split)
+        data = split_of(self.folder, split)
         dataset = make_dataset(
             data,
             self.size,
@@ -367,12 +400,27 @@ class Session:
             return even_batches(dataset, len(data), self.config.batch_size, training=training)
         return dataset
 
-    def freeze_for_head(self) -> None:
-        """Stage 1's model: the backbone frozen (its summary is recorded for summary.txt)."""
+    def freeze_for_head(self, *, record: bool = True) -> None:
+        """Stage 1's model: the backbone frozen (``record``: its summary is kept for
+        summary.txt)."""
         if self.backbone.pretrained:
             for _, base in base_parts(self.backbone, self.base):
                 freeze(base)
-        self.summaries.append("# stage 1: head training\n" + summary_text(self.model))
+        if record:
+            self.summaries.append("# stage 1: head training\n" + summary_text(self.model))
+
+    def head_trainer(self) -> keras.Model:
+        """What stage 1 fits: the head alone on cached features, else the whole model."""
+        if self.config.mode == "extract":
+            return classifier_of(self.model)
+        return trainer_for(self.model, self.backbone)
+
+    def head_data(self, split: str):
+        """Stage 1's data for ``split``: cached pooled views (extract mode), else images;
+        training splits (`headstart.training.views.TRAINING_SPLITS`) shuffled and augmented."""
+        if self.config.mode == "extract":
+            return self.sampler(self.views("pooled", split), split)
+        return self.images(split, training=split != "val")
 
     def train_head(self) -> None:
         if self.config.feature_norm == AUTO:  # only in extract mode (see `train`)
@@ -382,15 +430,10 @@ class Session:
         if self.config.mode == "extract":
             self._train_head_on_features()
             return
-        trainer = trainer_for(self.model, self.backbone)
+        trainer = self.head_trainer()
         self.compile(trainer, self.config.lr)
-        self.fit(
-            trainer,
-            "head",
-            self.images("train", training=True),
-            self.images("val", training=False),
-            self.config.epochs,
-        )
+        train_data, val_data = self.head_data("train"), self.head_data("val")
+        self.fit(trainer, "head", train_data, val_data, self.config.epochs)
 
     def _train_head_on_features(self) -> None:
         """Workflow 2, plus augmentation: the head trains on cached backbone outputs of the
@@ -402,36 +445,44 @@ class Session:
         if self.config.augment == AUTO:
             with self.clock.phase("augmentation"):
                 choose_augmentation(self)
-        classifier = classifier_of(self.model)
+        classifier = self.head_trainer()
         self.compile(classifier, self.config.lr)
         self.fit(
             classifier,
             "head",
-            self.sampler(self.views("pooled", "train"), "train"),
-            self.sampler(self.views("pooled", "val"), "val"),
+            self.head_data("train"),
+            self.head_data("val"),
             epochs_of(self.config.augment_scores, self.config.augment, self.config.epochs),
             replay=("head", self.config.augment),
         )
 
+    def unfreeze_for_fine_tuning(self, unfreeze: list[int], *, record: bool = True) -> keras.Model:
+        """Stage 2's model: the top of the base unfrozen (of each base of a fusion,
+        ``unfreeze`` layers each; ``record``: its summary kept for summary.txt). Returns
+        what stage 2 fits: the top block and head on the cached trunk, else the whole model."""
+        for (part, base), count in zip(base_parts(self.backbone, self.base), unfreeze, strict=True):
+            unfreeze_top(base, count, self.config.bn, part)
+        if record:
+            self.summaries.append("# stage 2: fine-tuning\n" + summary_text(self.model))
+        trunk = self.feature_views.trunk
+        if trunk is not None:
+            return InferenceModeTop(trunk, self.model)
+        return trainer_for(self.model, self.backbone)
+
+    def fine_tune_data(self, split: str):
+        """Stage 2's data for ``split``: cached trunk views, else images (as `head_data`)."""
+        if self.feature_views.trunk is not None:
+            return self.sampler(self.views("trunk", split), split)
+        return self.images(split, training=split != "val")
+
     def fine_tune(self, unfreeze: list[int]) -> None:
-        """Stage 2: unfreeze the top of the base (of each base of a fusion, ``unfreeze`` layers
-        each), recompile at a low rate, train a few epochs.
+        """Stage 2: unfreeze the top of the base, recompile at a low rate, train a few epochs.
 
         With a cached trunk only the top block and head run, on cached activations of the
         clean and augmented views; otherwise the full model runs on augmented images.
         """
-        for (_, base), count in zip(base_parts(self.backbone, self.base), unfreeze, strict=True):
-            unfreeze_top(base, count, self.config.bn)
-        self.summaries.append("# stage 2: fine-tuning\n" + summary_text(self.model))
-        trunk = self.feature_views.trunk
-        if trunk is not None:
-            trainer = InferenceModeTop(trunk, self.model)
-            train_data = self.sampler(self.views("trunk", "train"), "train")
-            val_data = self.sampler(self.views("trunk", "val"), "val")
-        else:
-            trainer = trainer_for(self.model, self.backbone)
-            train_data = self.images("train", training=True)
-            val_data = self.images("val", training=False)
+        trainer = self.unfreeze_for_fine_tuning(unfreeze)
+        train_data, val_data = self.fine_tune_data("train"), self.fine_tune_data("val")
         if self.config.fine_tune_lr == AUTO:
             with self.clock.phase("fine-tuning rate"):
                 choose_fine_tune_lr(self, trainer, train_data, val_data)
@@ -500,6 +551,25 @@ class Session:
         """A choice made during the run goes to config.json (a resumed run keeps it)."""
         self.config = dataclasses.replace(self.config, **choices)
         self.config.save(self.run_dir / runs.CONFIG_FILE)
+
+
+def _epoch_draws(train_data) -> list[keras.callbacks.Callback]:
+    """Cached views: each epoch's order and views drawn from its number alone (so a resumed
+    run draws as an uninterrupted one)."""
+    if not isinstance(train_data, ViewSampler):
+        return []
+    return [
+        keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, _: train_data.set_epoch(epoch))
+    ]
+
+
+def _rate_schedule(rates: list[float]) -> keras.callbacks.Callback:
+    """Epoch e at ``rates[e]`` (the optimizer's rate as compiled after the last one)."""
+
+    def rate(epoch: int, current: float) -> float:
+        return float(rates[epoch]) if epoch < len(rates) else float(current)
+
+    return keras.callbacks.LearningRateScheduler(rate)
 
 
 def _changed_indices(model: keras.Model, trainer: keras.Model) -> list[int]:

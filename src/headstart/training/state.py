@@ -1,7 +1,8 @@
 """Continue an interrupted run where it stopped (``headstart train --resume RUN``).
 
 After every epoch, and at each stage boundary, the run folder gets ``resume.npz`` (written
-atomically, like every run file): the stage and next epoch; the values of every variable
+atomically, like every run file): the stage and next epoch (the refit's stages too, with its
+plan: `headstart.training.refit`); the values of every variable
 trained so far and every random-seed state of the model; the optimizer's variables (moments,
 step count, and the learning rate as ReduceLROnPlateau left it); and the callbacks' counters,
 best values and history rows. Everything else is rebuilt from config.json and is
@@ -27,7 +28,7 @@ from headstart import files
 from headstart.errors import UsageError
 
 RESUME_FILE = "resume.npz"
-STAGES = ("head", "fine_tune", "done")
+STAGES = ("head", "fine_tune", "refit_head", "refit_fine_tune", "done")
 
 
 @dataclass
@@ -41,6 +42,7 @@ class TrainingState:
     best_values: dict[int, np.ndarray] = field(default_factory=dict)  # the stage's best so far
     callbacks: dict = field(default_factory=dict)  # counters and history rows (JSON)
     train_seconds: float = 0.0  # training time already spent before this state was saved
+    plan: dict = field(default_factory=dict)  # the refit's plan (JSON), from its start on
 
     def apply(self, model: keras.Model) -> None:
         """Put the saved variable values into ``model`` (built exactly as the run built it)."""
@@ -71,6 +73,7 @@ def write_state(run_dir: Path, state: TrainingState) -> None:
         "callbacks": state.callbacks,
         "train_seconds": state.train_seconds,
         "n_optimizer": len(state.optimizer),
+        "plan": state.plan,
     }
     arrays["meta"] = np.array(json.dumps(meta))
     buffer = io.BytesIO()
@@ -106,6 +109,7 @@ def read_state(run_dir: Path) -> TrainingState | None:
         best_values=numbered("best_"),
         callbacks=meta["callbacks"],
         train_seconds=float(meta["train_seconds"]),
+        plan=meta.get("plan", {}),
     )
 
 
@@ -123,14 +127,25 @@ class ResumeCheckpoint(keras.callbacks.Callback):
     """
 
     def __init__(
-        self, run_dir, model, indices, stage, stage_epochs, callbacks, elapsed, resume_from=None
+        self,
+        run_dir,
+        model,
+        indices,
+        stage,
+        stage_epochs,
+        callbacks,
+        elapsed,
+        resume_from=None,
+        plan=None,
     ):
         super().__init__()
         self.run_dir, self.full_model, self.stage = Path(run_dir), model, stage
         self.indices = indices  # `trained_indices` of the model for the stage's trainer
         self.stage_epochs, self.elapsed = stage_epochs, elapsed
+        # (checkpoint, history, early stopping, plateau); the refit has neither of the last two
         self.checkpoint, self.history, self.early_stopping, self.plateau = callbacks
         self.resume_from = resume_from
+        self.plan = plan or {}
 
     def on_train_begin(self, logs=None):
         state = self.resume_from
@@ -142,6 +157,8 @@ class ResumeCheckpoint(keras.callbacks.Callback):
         state.apply_optimizer(optimizer)
         counters = state.callbacks
         for callback, name in ((self.early_stopping, "early_stopping"), (self.plateau, "plateau")):
+            if callback is None:
+                continue
             for key, value in counters[name].items():
                 setattr(callback, key, value)
 
@@ -156,6 +173,7 @@ class ResumeCheckpoint(keras.callbacks.Callback):
             best_values=self.checkpoint.best_values,
             callbacks=callback_state(*self._callbacks()),
             train_seconds=self.elapsed(),
+            plan=self.plan,
         )
         write_state(self.run_dir, state)
 

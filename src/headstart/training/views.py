@@ -9,6 +9,11 @@ activations where fine-tuning starts (`headstart.extract.split_at_cut`), from wh
 features are then derived by the still-frozen top block, so the backbone runs once for both
 stages.
 
+The refit (`headstart.training.refit`) trains on ``TRAIN_VAL``, the training and validation
+splits one after the other: each view's rows are those of both splits joined (`JoinedRows`),
+so nothing already extracted is extracted again; only the validation images' augmented views
+are new.
+
 `FeatureViews` is the one place this wiring lives: the recipe, `headstart tune` and the
 benchmarks all extract through it.
 """
@@ -16,6 +21,7 @@ benchmarks all extract through it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 
 import keras
@@ -24,7 +30,7 @@ import numpy as np
 from headstart.augment import build_augmenter
 from headstart.backbones import Backbone
 from headstart.config import Config
-from headstart.data import ImageFolder
+from headstart.data import ImageFolder, Split
 from headstart.distributed.cluster import barrier, current
 from headstart.extract import TrunkSplit, ViewSampler, extract_batches, run_in_batches
 from headstart.model import FEATURES_NAME, feature_extractor, per_part, pooled_name
@@ -32,15 +38,57 @@ from headstart.runtime import KERAS, FrozenRunner, RuntimeFallback, resolve_runt
 from headstart.training.cache import EntrySpec, FeatureCache
 from headstart.training.phases import PhaseClock
 
+TRAIN_VAL = "train+val"  # the refit's training data: the training split, then validation
+TRAINING_SPLITS = ("train", TRAIN_VAL)  # shuffled, and seen through augmented views too
 
-def weights_id(config: Config, cache: FeatureCache | None, weights: str | None = None) -> str:
+
+def split_of(folder: ImageFolder, split: str) -> Split:
+    """A split of ``folder`` by name; `TRAIN_VAL`: the training images, then validation's."""
+    if split != TRAIN_VAL:
+        return getattr(folder, split)
+    train, val = folder.train, folder.val
+    return Split(train.paths + val.paths, train.labels + val.labels, train.n_labels)
+
+
+class JoinedRows:
+    """Several splits' rows one after the other, indexable by image like each part (an array
+    or the feature cache's rows): nothing is copied until a batch is read."""
+
+    def __init__(self, parts: list):
+        self.parts = list(parts)
+        self.starts = np.cumsum([0, *(len(part) for part in self.parts)])
+        self.shape = (int(self.starts[-1]), *self.parts[0].shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, indices) -> np.ndarray:
+        indices = np.atleast_1d(np.asarray(indices, dtype=np.int64))
+        out = np.empty((len(indices), *self.shape[1:]), dtype=np.float32)
+        part_of = np.searchsorted(self.starts, indices, side="right") - 1
+        for part in np.unique(part_of):
+            mask = part_of == part
+            out[mask] = self.parts[part][indices[mask] - self.starts[part]]
+        return out
+
+
+def weights_id(
+    config: Config, backbone: Backbone, cache: FeatureCache | None, weights: str | None = None
+) -> str:
     """What a cache key needs to know about the weights (``config.weights`` unless given: one
-    backbone's of a fusion): random ones depend on the seed, a file on its content."""
+    backbone's of a fusion): random ones depend on the seed, a file on its content, and so do
+    pretrained ones kept in files that can change (a keras-hub preset's,
+    ``Backbone.weights_files``): "imagenet:<content hash>"."""
     weights = config.weights if weights is None else weights
     if weights == "none":
         return f"none:{config.seed}"
-    if weights == "imagenet" or cache is None:
+    if cache is None:
         return weights
+    if weights == "imagenet":
+        if backbone.weights_files is None:
+            return weights
+        hashes = cache.content_hashes(backbone.weights_files())
+        return "imagenet:" + hashlib.sha1("+".join(hashes).encode()).hexdigest()
     return "file:" + cache.content_hashes([weights])[0]
 
 
@@ -72,7 +120,7 @@ class FeatureViews:
         self.passes: list[dict] = []
         self.trunk: TrunkSplit | None = None
         # a fusion's cache keys are its backbones' own (see `_extract`)
-        self.weights_id = None if backbone.parts else weights_id(config, cache)
+        self.weights_id = None if backbone.parts else weights_id(config, backbone, cache)
         self._memo: dict[tuple, object] = {}  # (kind, split, policy, view) -> rows
         self._frozen_parts: dict[str, keras.Model] = {}
         # --distributed: every process must key (and wait on) the same entries, so Keras
@@ -81,20 +129,21 @@ class FeatureViews:
         self._used: dict[str, str] = {}  # `runtimes`
 
     def use_model(self, model: keras.Model) -> None:
-        """Extract through ``model`` from now on (same backbone weights: cached rows stay, and
-        so do the runners of the frozen parts, the same functions, whose conversion and check
-        against Keras cost seconds)."""
+        """Extract through ``model`` from now on (same backbone weights: cached rows stay).
+        The trunk's part and runner stay: it lies below the fine-tuning cut, so its weights
+        never change (the refit's new model need not convert and check it again)."""
         self.model = model
-        self._frozen_parts.clear()
+        self._frozen_parts = {k: v for k, v in self._frozen_parts.items() if k == "trunk"}
+        self._runners = {k: v for k, v in self._runners.items() if k == "trunk"}
 
     def runtimes(self) -> dict[str, str]:
         """Whose rows each frozen part gave so far (kind -> "keras" or "openvino:f32")."""
         return dict(self._used)
 
     def views(self, kind: str, split: str, policy: str, n_views: int) -> list:
-        """View 0 of a split's clean images, then (training split only) ``n_views`` views
-        augmented by ``policy``."""
-        if split != "train":
+        """View 0 of a split's clean images, then (training splits only: `TRAINING_SPLITS`)
+        ``n_views`` views augmented by ``policy``."""
+        if split not in TRAINING_SPLITS:
             policy, n_views = "", 0
         return [self.rows(kind, split, policy, view) for view in range(1 + n_views)]
 
@@ -102,6 +151,10 @@ class FeatureViews:
         """One view's rows (indexable by image: an array, or the cache's rows)."""
         key = (kind, split, policy if view else "", view)
         if key in self._memo:
+            return self._memo[key]
+        if split == TRAIN_VAL:  # each split's rows, extracted (or cached) on their own
+            parts = [self.rows(kind, part, policy, view) for part in ("train", "val")]
+            self._memo[key] = JoinedRows(parts)
             return self._memo[key]
         with self.clock.phase("extraction augmented" if view else "extraction clean"):
             if kind == "pooled" and self.trunk is not None:
@@ -113,8 +166,8 @@ class FeatureViews:
 
     def sampler(self, views: list, split: str) -> ViewSampler:
         """What ``fit`` trains on: one view per image per epoch, shuffled for training."""
-        labels = np.asarray(getattr(self.folder, split).labels, dtype="int32")
-        training = split == "train"
+        labels = split_of(self.folder, split).targets()
+        training = split in TRAINING_SPLITS
         return ViewSampler(
             views, labels, self.config.batch_size, shuffle=training, seed=self.config.seed
         )
@@ -161,7 +214,7 @@ class FeatureViews:
             self._rows(
                 pooled_name(part),
                 part,
-                weights_id(self.config, self.cache, part_weights),
+                weights_id(self.config, part, self.cache, part_weights),
                 output,
                 split,
                 policy,
