@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from headstart import check as check_module
 from headstart.check import (
     NEAR_CORRELATION,
     NEAR_DISTANCE,
@@ -322,3 +323,110 @@ def test_bit_counts_match_numpy_2_and_the_numpy_1_26_fallback(monkeypatch):
     monkeypatch.delattr(np, "bitwise_count", raising=False)
     assert count_bits(words).tolist() == expected.tolist()
     assert count_bits(words).dtype == np.uint8
+
+
+def _brute_force_near(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int, int]]:
+    bits = np.unpackbits(hashes, axis=1).astype(np.int16)
+    distance = (bits[:, None, :] != bits[None, :, :]).sum(axis=-1)
+    i, j = np.nonzero(np.triu(distance <= max_distance, k=1))
+    return list(zip(i.tolist(), j.tolist(), distance[i, j].tolist(), strict=True))
+
+
+def test_near_pairs_by_pieces_match_every_pair(monkeypatch):
+    """Multi-index hashing finds exactly the pairs a comparison of every pair finds, for
+    distances from 0 to where every pair is compared: random hashes, copies 0 to 29 bits away,
+    and 40 that share their first 64 bits (a large group, compared whole with tiny batches)."""
+    rng = np.random.default_rng(5)
+    random = rng.integers(0, 256, (200, 32), dtype=np.uint8)
+    bits = np.unpackbits(random[:30], axis=1)
+    for k in range(30):
+        bits[k, rng.choice(256, k, replace=False)] ^= 1
+    alike = rng.integers(0, 256, (40, 32), dtype=np.uint8)
+    alike[:, :8] = alike[0, :8]
+    hashes = np.concatenate([random, np.packbits(bits, axis=1), alike])
+    monkeypatch.setattr(check_module, "_CANDIDATES", 64)
+    batches = []
+    pairs_of = check_module._all_pairs_of
+    monkeypatch.setattr(check_module, "_all_pairs_of", lambda *a: batches.append(1) or pairs_of(*a))
+    for distance in (0, 3, 8, 16, 30, 120):
+        assert near_pairs(hashes, distance) == _brute_force_near(hashes, distance), distance
+    assert batches  # the pieces' groups were compared, not every pair
+
+
+def test_correlated_pairs_by_bands_match_every_pair():
+    """The band of close projections misses no pair above the threshold: random unit vectors
+    with copies just inside and just outside it, and vectors that all project alike."""
+    rng = np.random.default_rng(6)
+    vectors = rng.normal(size=(300, 256))
+    copies = vectors[:60] + rng.normal(size=(60, 256)) * np.linspace(0.001, 0.05, 60)[:, None]
+    same = np.tile(rng.normal(size=(1, 256)), (20, 1)) + rng.normal(size=(20, 256)) * 0.01
+    for rows in (np.concatenate([vectors, copies]), same):
+        unit = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+        for threshold in (NEAR_CORRELATION, 0.999, 0.9, -1.0):
+            i, j = np.nonzero(np.triu(unit @ unit.T >= threshold, k=1))
+            expected = list(zip(i.tolist(), j.tolist(), strict=True))
+            assert correlated_pairs(unit, threshold) == expected, threshold
+
+
+@pytest.fixture(scope="module")
+def near_copies(tmp_path_factory) -> Path:
+    """DATA/{a,b}/: 16 distinct images (4 smooth), most with one to three copies resized and
+    recompressed more or less (some near the thresholds), one exact copy across classes."""
+    root = tmp_path_factory.mktemp("near") / "data"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+    for k in range(16):
+        folder = root / ("a" if k % 2 else "b")
+        original = folder / f"{k:02d}.png"
+        distinct_image(500 + k, size=40, smooth=k < 4).save(original)
+        for c, (scale, quality) in enumerate([(1.5, 90), (0.6, 40), (0.4, 20)][: k % 4]):
+            (folder / f"{k:02d}_copy{c}.jpg").write_bytes(recompressed(original, scale, quality))
+    shutil.copyfile(root / "a" / "01.png", root / "b" / "01_exact.png")
+    return root
+
+
+def test_duplicate_groups_are_those_every_pair_gives(near_copies, tmp_path):
+    """The report's duplicate groups on a folder of near copies: those of comparing every pair
+    of files (same bytes, hashes within NEAR_DISTANCE bits, or thumbnails correlated at
+    NEAR_CORRELATION), linked in chains."""
+    report = check(near_copies, out=tmp_path / "c.json", val_split=0.2, test_split=0.2)
+    paths = sorted(str(p) for p in near_copies.rglob("*.*"))
+    facts = [inspect_image(p) for p in paths]
+    hashed = [i for i, f in enumerate(facts) if f.phash is not None]
+    hashes = np.stack([facts[i].phash for i in hashed])
+    thumbs = np.stack([facts[i].thumbnail for i in hashed])
+    links = [(hashed[i], hashed[j]) for i, j, _ in _brute_force_near(hashes, NEAR_DISTANCE)]
+    links += [
+        (hashed[i], hashed[j])
+        for i, j in zip(
+            *np.nonzero(np.triu(thumbs @ thumbs.T >= NEAR_CORRELATION, k=1)), strict=True
+        )
+    ]
+    links += [(i, j) for i in range(len(facts)) for j in range(i) if facts[i].sha1 == facts[j].sha1]
+    group = {i: {i} for i in range(len(paths))}
+    for i, j in links:
+        merged = group[i] | group[j]
+        for member in merged:
+            group[member] = merged
+    expected = {
+        frozenset(os.path.relpath(paths[i], near_copies) for i in members)
+        for members in map(frozenset, group.values())
+        if len(members) > 1
+    }
+    found = {frozenset(f["path"] for f in g["files"]) for g in report["duplicates"]["groups"]}
+    assert found == expected
+    assert len(found) >= 10  # copies of most originals were found, smooth ones included
+
+
+def test_a_large_file_is_inspected_from_the_file_to_the_same_facts(planted, monkeypatch):
+    """A file too large to hold whole is hashed as it streams and decoded from the file: the
+    same facts as from its bytes in memory (JPEG and PNG)."""
+    paths = [str(p) for p in sorted(planted.rglob("*.*")) if p.suffix in (".jpg", ".png")][-6:]
+    in_memory = [inspect_image(path) for path in paths]
+    monkeypatch.setattr(check_module, "_IN_MEMORY_BYTES", 0)
+    for path, expected in zip(paths, in_memory, strict=True):
+        facts = inspect_image(path)
+        for name in ("sha1", "width", "height", "mode", "format", "odd"):
+            assert getattr(facts, name) == getattr(expected, name)
+        np.testing.assert_array_equal(facts.phash, expected.phash)
+        np.testing.assert_array_equal(facts.thumbnail, expected.thumbnail)

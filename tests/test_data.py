@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import logging
 import os
 from pathlib import Path
@@ -11,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from headstart import data as data_module
+from headstart.check import FactsReader, check_folder
 from headstart.data import (
     IMAGE_EXTENSIONS,
     ImageFolder,
@@ -22,6 +26,7 @@ from headstart.data import (
     write_skipped,
 )
 from headstart.errors import UsageError
+from headstart.progress import progress_bar
 from headstart.splits import load_image_folder
 
 SMALL = (8, 10)  # (height, width): enough to decode, cheap to write
@@ -227,6 +232,35 @@ def test_odd_files_are_used_or_skipped_with_reason(
     with caplog.at_level(logging.WARNING, logger="headstart.data"):
         load_image_folder(str(odd_folder))
     assert factory.EMPTY_CLASS in caplog.text
+
+
+def test_one_read_serves_the_decode_check_and_the_data_check(odd_folder, odd_loaded):
+    """With the data check's reader, the decode check skips the same files for the same
+    reasons and splits the same; the facts it keeps make the report the data check makes when
+    it reads every file itself."""
+    reader = FactsReader()
+    folder = load_image_folder(str(odd_folder), reader=reader)
+    assert folder == odd_loaded
+    assert set(reader.facts) == set(_all_paths(folder))
+    report, alone = check_folder(folder, facts=reader.facts), check_folder(folder)
+    assert {**report, "seconds": 0} == {**alone, "seconds": 0}
+    assert report["odd"] and report["images"]["formats"]["JPEG"] > 0
+
+
+def test_the_decode_check_shows_a_bar_on_a_terminal_only(odd_folder, monkeypatch, capsys):
+    """The bar reaches N/N for N files when forced (a terminal); to a pipe, nothing."""
+    stream = io.StringIO()
+    forced = functools.partial(progress_bar, stream=stream, force=True)
+    monkeypatch.setattr(data_module, "progress_bar", forced)
+    folder = load_image_folder(str(odd_folder), progress=True)
+    n = len(_all_paths(folder)) + len(folder.skipped)
+    assert "checking images" in stream.getvalue() and f"{n}/{n}" in stream.getvalue()
+    monkeypatch.undo()
+    load_image_folder(str(odd_folder), progress=True)  # stderr is pytest's, not a terminal
+    assert capsys.readouterr().err == ""
+    with progress_bar(5, "checking images") as advance:
+        advance(5)
+    assert capsys.readouterr().err == ""
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped(odd_folder):

@@ -98,3 +98,49 @@ def test_validation_reader_is_in_order_and_clean():
     sampler = ViewSampler(views, np.arange(10), batch_size=4, shuffle=False)
     x = np.concatenate([sampler[i][0] for i in range(len(sampler))])
     np.testing.assert_array_equal(x[:, 0], np.arange(10))
+
+
+def test_the_samplers_tf_data_gives_its_batches_and_the_same_training():
+    """`ViewSampler.as_dataset` (what fit gets on TensorFlow): each epoch's batches, chunk
+    after chunk, are the sampler's own, and a head trained on it (dropout, class weights, an
+    epoch per call of the compiled step) ends with the same weights and logs to the bit."""
+    rng = np.random.default_rng(0)
+    views = [rng.normal(size=(50, 6)).astype(np.float32) for _ in range(2)]
+    labels = rng.integers(0, 3, 50).astype(np.int32)
+    sampler = ViewSampler(views, labels, batch_size=8, seed=2)
+    dataset = sampler.as_dataset(chunk_bytes=3 * 8 * 6 * 4)  # three batches a chunk
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        got = [(x.numpy(), y.numpy()) for x, y in dataset]
+        assert len(got) == len(sampler) == 7
+        for (x, y), index in zip(got, range(len(sampler)), strict=True):
+            np.testing.assert_array_equal(x, sampler[index][0])
+            np.testing.assert_array_equal(y, sampler[index][1])
+
+    def train(feed, steps):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6,))
+        outputs = keras.layers.Dense(3)(keras.layers.Dropout(0.3)(inputs))
+        model = keras.Model(inputs, outputs)
+        compile_for(model, 3, 1e-2, steps_per_execution=steps)
+        train_data = ViewSampler(views, labels, batch_size=8, seed=2)
+        val_data = ViewSampler(views[:1], labels, batch_size=8, shuffle=False)
+        history = model.fit(
+            feed(train_data),
+            validation_data=feed(val_data),
+            epochs=2,
+            verbose=0,
+            shuffle=False,
+            class_weight={0: 1.0, 1: 2.0, 2: 0.5},
+            callbacks=[
+                keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, _: train_data.set_epoch(e))
+            ],
+        )
+        return history.history, [v.numpy() for v in model.weights]
+
+    logs, weights = train(lambda data: data, 1)
+    for steps in (5, 7):  # batches per call of the compiled step: a remainder, a whole epoch
+        again_logs, again = train(lambda data: data.as_dataset(), steps)
+        assert again_logs == logs
+        for value, expected in zip(again, weights, strict=True):
+            np.testing.assert_array_equal(value, expected)

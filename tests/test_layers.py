@@ -39,7 +39,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("runs", "tta", "model", "distributed", "distributed.cluster"),
     ("splits", "freeze", "figures", "imbalance", "tracking"),
     ("config", "data", "augment", "layers", "backbones"),
-    ("files", "metrics", "backbones.efficientnet_lite", "backbones.hub", "training.phases"),
+    (
+        "files",
+        "metrics",
+        "progress",
+        "backbones.efficientnet_lite",
+        "backbones.hub",
+        "training.phases",
+    ),
     ("_version", "errors"),  # the foundation
 ]
 

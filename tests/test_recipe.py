@@ -14,8 +14,13 @@ import pytest
 
 from headstart import Config, train
 from headstart.augment import AUTO_CANDIDATES
+from headstart.backbones import get_backbone
 from headstart.config import FEATURE_NORMS, FINE_TUNE_LR_CANDIDATES
-from headstart.model import classifier_of
+from headstart.model import build_from_config, classifier_of, compile_for
+from headstart.runtime import FrozenRunner
+from headstart.splits import folder_for
+from headstart.training import choose as choose_module
+from headstart.training.session import Session
 
 
 class _Lines(logging.Handler):
@@ -299,3 +304,83 @@ def test_a_stage_that_repeats_its_chosen_trial_replays_it_to_the_same_run_folder
     for key in ("saved_from", "accuracy", "loss"):
         assert replayed.metrics[key] == live.metrics[key]
     assert not (replayed.run_dir / "resume.npz").exists()
+
+
+def test_a_trainer_compiled_before_keeps_its_step_and_trains_as_if_new(tiny_folder, tmp_path):
+    """`Session.compile` again on a trainer it compiled so before keeps the compiled step (no
+    new trace) and puts the optimizer in a new one's state: a second trial from the same start
+    ends where a freshly compiled trainer ends, to the bit."""
+    config = Config(data=str(tiny_folder), backbone="tiny_test", weights="none", image_size=32)
+    backbone = get_backbone(config.backbone)
+    folder = folder_for(config)
+    model, base = build_from_config(config, backbone, 2)
+    session = Session(config, backbone, folder, model, base, tmp_path, None)
+    rng = np.random.default_rng(1)
+    width = classifier_of(model).input.shape[-1]
+    features, labels = rng.normal(size=(24, width)), rng.integers(0, 2, 24)
+
+    def trial(trainer, rate):
+        session.compile(trainer, rate, steps=3)
+        trainer.fit(features, labels, batch_size=8, epochs=2, verbose=0, shuffle=False)
+        return [np.array(v) for v in trainer.weights], trainer.train_function
+
+    classifier = classifier_of(model)
+    start = [np.array(v) for v in classifier.variables]
+    _, step = trial(classifier, 1e-2)
+    for variable, value in zip(classifier.variables, start, strict=True):
+        variable.assign(value)
+    weights, again = trial(classifier, 1e-3)
+    assert again is step  # not traced anew
+    fresh, _ = build_from_config(config, backbone, 2)
+    compile_for(classifier_of(fresh), 2, 1e-3, steps_per_execution=3)
+    classifier_of(fresh).fit(features, labels, batch_size=8, epochs=2, verbose=0, shuffle=False)
+    for value, expected in zip(weights, classifier_of(fresh).weights, strict=True):
+        np.testing.assert_array_equal(value, np.array(expected))
+
+
+@pytest.mark.slow  # a training run
+def test_the_chosen_head_input_is_its_candidate_as_built_and_no_runner_is_made_again(
+    tiny_folder, tmp_path, monkeypatch
+):
+    """When "l2" wins the head input, the session's model is the candidate its trial trained,
+    put back as built: every variable as `build_from_config` makes it from the seed (as a
+    resumed run builds it); and the trunk's runner (converted and checked once) serves the
+    test split after the swap."""
+    adopted, runners = [], []
+    monkeypatch.setattr(choose_module, "best_of", lambda scores, **_: "l2")
+    rebuild = Session.rebuild
+
+    def record(self, built=None):
+        rebuild(self, built)
+        adopted.append(([np.array(v) for v in self.model.variables], self.config))
+
+    make_runner = FrozenRunner.__init__
+
+    def count(self, *args, **kwargs):
+        runners.append(kwargs.get("what"))
+        make_runner(self, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "rebuild", record)
+    monkeypatch.setattr(FrozenRunner, "__init__", count)
+    config = Config(
+        data=str(tiny_folder),
+        out=str(tmp_path / "run"),
+        backbone="tiny_test",
+        weights="none",
+        image_size=32,
+        epochs=2,
+        augment="none",
+        fine_tune_epochs=1,
+        fine_tune_lr=1e-4,
+        refit=False,
+        runtime="keras",  # a runner all the same, without converting
+        quiet=True,
+    )
+    result = train(config)
+    assert result.config.feature_norm == "l2" and len(adopted) == 1
+    values, chosen = adopted[0]
+    built, _ = build_from_config(chosen, get_backbone("tiny_test"), 2)
+    assert len(values) == len(built.variables)
+    for value, variable in zip(values, built.variables, strict=True):
+        np.testing.assert_array_equal(value, np.array(variable))
+    assert len(runners) == 1 and result.metrics["n_test"] > 0

@@ -20,7 +20,7 @@ import glob
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -30,6 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from headstart.errors import UsageError
 from headstart.files import write_text_atomic
+from headstart.progress import progress_bar
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -118,27 +119,34 @@ class UnreadableImage(Exception):
 def read_image(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
     """uint8 RGB array (H, W, 3); resized (bilinear) to size=(height, width) when given.
 
-    Training, checking and prediction all read through here, so pixels always match.
-    Any failure becomes `UnreadableImage` with a short reason, never another exception type.
+    Training, checking and prediction all read through here (or `decode_image`), so pixels
+    always match. Any failure becomes `UnreadableImage` with a short reason, never another
+    exception type.
     """
     try:
         if os.path.getsize(path) == 0:
             raise UnreadableImage("empty file")
         with Image.open(path, formats=PIL_FORMATS) as img:
-            _refuse_bombs(img)
-            if size is not None:
-                # JPEG only: decode at 1/2, 1/4 or 1/8 scale, still >= size (square, so that an
-                # EXIF rotation cannot make one side too small).
-                img.draft("RGB", (max(size),) * 2)
-            img.load()
-            rgb = _to_rgb(_exif_transpose(img))
-            if size is not None and rgb.size != (size[1], size[0]):
-                rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR, reducing_gap=3.0)
-            return np.array(rgb, dtype=np.uint8)
+            return decode_image(img, size)
     except UnreadableImage:
         raise
     except Exception as exc:  # any decoder failure means: skip this file
-        raise UnreadableImage(_reason(exc)) from exc
+        raise UnreadableImage(unreadable_reason(exc)) from exc
+
+
+def decode_image(img: Image.Image, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The pixels of an opened image as `read_image` gives them (for a caller that opened the
+    file itself, from bytes it also hashes, say); PIL's own exceptions pass through."""
+    _refuse_bombs(img)
+    if size is not None:
+        # JPEG only: decode at 1/2, 1/4 or 1/8 scale, still >= size (square, so that an
+        # EXIF rotation cannot make one side too small).
+        img.draft("RGB", (max(size),) * 2)
+    img.load()
+    rgb = _to_rgb(_exif_transpose(img))
+    if size is not None and rgb.size != (size[1], size[0]):
+        rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.array(rgb, dtype=np.uint8)
 
 
 def _refuse_bombs(img: Image.Image) -> None:
@@ -180,7 +188,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _reason(exc: Exception) -> str:
+def unreadable_reason(exc: Exception) -> str:
     """Short, stable reasons so skipped.txt can be grepped and summarised."""
     text = str(exc)
     if isinstance(exc, Image.DecompressionBombError):
@@ -292,12 +300,17 @@ def _detect_layout(root: str) -> tuple[str, dict[str, dict[str, list[str]]]]:
 # ----------------------------------------------------------------------------- checking
 
 
-def _check_images(paths: list[str], check_size: int, workers: int | None) -> dict[str, str]:
+Reader = Callable[[str], object]  # decodes one file; raises UnreadableImage when it cannot
+
+
+def _check_images(
+    paths: list[str], check_size: int, workers: int | None, reader: Reader | None, progress: bool
+) -> dict[str, str]:
     """`unreadable_images`, logged: how many, and the first few by name."""
     if not paths:
         return {}
     start = time.perf_counter()
-    bad = unreadable_images(paths, check_size, workers)
+    bad = unreadable_images(paths, check_size, workers, reader=reader, progress=progress)
     logger.info(
         "checked %d images in %.1fs: %d unreadable",
         len(paths),
@@ -314,21 +327,47 @@ def _check_images(paths: list[str], check_size: int, workers: int | None) -> dic
     return bad
 
 
-def unreadable_images(paths: list[str], check_size: int, workers: int | None) -> dict[str, str]:
+def unreadable_images(
+    paths: list[str],
+    check_size: int,
+    workers: int | None,
+    *,
+    reader: Reader | None = None,
+    progress: bool = False,
+) -> dict[str, str]:
     """path -> reason for each of ``paths`` that `read_image` cannot decode (at ``check_size``
-    pixels); in parallel threads, since PIL drops the GIL while it decodes."""
-    workers = workers or min(32, (os.cpu_count() or 1) + 4)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="headstart-check") as pool:
-        reasons = list(pool.map(lambda p: _check_one(p, check_size), paths))
+    pixels); in parallel threads, since PIL drops the GIL while it decodes.
+
+    ``reader(path)`` decodes each file instead, raising `UnreadableImage` for one training
+    cannot read: `headstart.check.FactsReader` learns what the data check needs from that same
+    read, so the files are not decoded again for it. ``progress``: a bar on a terminal
+    (`headstart.progress`).
+    """
+    workers = workers or default_workers()
+    read = reader or (lambda path: read_image(path, (check_size, check_size)))
+
+    def reason(path: str) -> str | None:
+        try:
+            read(path)
+        except UnreadableImage as exc:
+            return str(exc)
+        return None
+
+    reasons = []
+    with (
+        progress_bar(len(paths), "checking images", enabled=progress) as advance,
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="headstart-check") as pool,
+    ):
+        for verdict in pool.map(reason, paths):
+            reasons.append(verdict)
+            advance(1)
     return {p: r for p, r in zip(paths, reasons, strict=True) if r is not None}
 
 
-def _check_one(path: str, check_size: int) -> str | None:
-    try:
-        read_image(path, (check_size, check_size))
-    except UnreadableImage as exc:
-        return str(exc)
-    return None
+def default_workers() -> int:
+    """Threads that decode files in the checks: PIL decodes without Python's lock, the rest of
+    the work (a small image's hashes, say) holds it."""
+    return min(32, (os.cpu_count() or 1) + 4)
 
 
 # ----------------------------------------------------------------------------- scanning
@@ -355,13 +394,15 @@ def scan_data(
     check_size: int = 64,
     workers: int | None = None,
     multi_label: bool | None = None,
+    reader: Reader | None = None,
+    progress: bool = False,
 ) -> Scan:
     """`scan_folder` for a folder, `scan_csv` for a CSV labels file (``root``: the folder its
-    relative paths start from; ``multi_label``: see `scan_csv`; both only for a CSV)."""
+    relative paths start from; ``multi_label``: see `scan_csv`; both only for a CSV).
+    ``reader`` and ``progress``: see `unreadable_images`."""
+    check = {"check_size": check_size, "workers": workers, "reader": reader, "progress": progress}
     if is_labels_file(data):
-        return scan_csv(
-            data, root=root, check_size=check_size, workers=workers, multi_label=multi_label
-        )
+        return scan_csv(data, root=root, multi_label=multi_label, **check)
     if root is not None:
         raise UsageError(
             f"--root {root} applies to a CSV labels file, and {data} is a folder: drop --root"
@@ -371,17 +412,25 @@ def scan_data(
             f"--multi-label needs a CSV labels file (labels separated by ';'), and {data} is a "
             f"folder"
         )
-    return scan_folder(data, check_size=check_size, workers=workers)
+    return scan_folder(data, **check)
 
 
-def scan_folder(root: str, *, check_size: int = 64, workers: int | None = None) -> Scan:
+def scan_folder(
+    root: str,
+    *,
+    check_size: int = 64,
+    workers: int | None = None,
+    reader: Reader | None = None,
+    progress: bool = False,
+) -> Scan:
     """Find the class folders under ``root`` and decode every image once (unreadable files
-    are recorded with their reason, never fatal); `headstart.splits` splits the result."""
+    are recorded with their reason, never fatal); `headstart.splits` splits the result.
+    ``reader`` and ``progress``: see `unreadable_images`."""
     _check_scan_arguments(check_size, workers)
     root = _existing_folder(root)
     layout, found = _detect_layout(root)
     paths = [p for classes in found.values() for files in classes.values() for p in files]
-    bad = _check_images(paths, check_size, workers)
+    bad = _check_images(paths, check_size, workers, reader, progress)
     found = {
         split: _drop_unreadable(classes, bad, "" if split == "all" else f" in {split}/")
         for split, classes in found.items()
@@ -583,6 +632,8 @@ def scan_csv(
     check_size: int = 64,
     workers: int | None = None,
     multi_label: bool | None = None,
+    reader: Reader | None = None,
+    progress: bool = False,
 ) -> Scan:
     """A CSV labels file (`read_labels_csv`) as the `Scan` of a folder: its images by class,
     under "all" without a split column, under train/val/test with one; every image decoded
@@ -590,6 +641,7 @@ def scan_csv(
 
     Multi-label (``multi_label`` True, or None and some label cell holds a `LABEL_SEPARATOR`):
     each cell is a set of labels separated by ';' (an empty cell: none), in ``label_sets``.
+    ``reader`` and ``progress``: see `unreadable_images`.
     """
     _check_scan_arguments(check_size, workers)
     rows = read_labels_csv(path, root)
@@ -603,7 +655,7 @@ def scan_csv(
         if not row.label and not multi_label:
             raise UsageError(f"{path} line {row.line}: empty label: give every row its class")
         found.setdefault(row.split or "all", {}).setdefault(row.label, []).append(row.path)
-    bad = _check_images([row.path for row in rows], check_size, workers)
+    bad = _check_images([row.path for row in rows], check_size, workers, reader, progress)
     if multi_label:
         label_sets: dict[str, dict[str, tuple[str, ...]]] = {}
         for row in rows:

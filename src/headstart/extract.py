@@ -23,6 +23,8 @@ from headstart.runtime import FrozenRunner, predict_on_batch
 
 log = logging.getLogger(__name__)
 
+CHUNK_BYTES = 2**26  # `ViewSampler.as_dataset`: rows gathered at once (64 MB)
+
 
 @dataclass
 class TrunkSplit:
@@ -188,11 +190,51 @@ class ViewSampler(keras.utils.PyDataset):
         self.set_epoch(self.epoch + 1)
 
     def __getitem__(self, index: int):
-        chosen = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        return self.batches(index, index + 1)
+
+    def batches(self, first: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's batches ``first`` to ``stop - 1``, one after the other in one array."""
+        chosen = self.order[first * self.batch_size : stop * self.batch_size]
         views = self.view_of[chosen]
-        first = self.views[0][chosen[:1]]
-        batch = np.empty((len(chosen), *first.shape[1:]), dtype=np.float32)
+        some = self.views[0][chosen[:1]]
+        batch = np.empty((len(chosen), *some.shape[1:]), dtype=np.float32)
         for view in np.unique(views):
             mask = views == view
             batch[mask] = self.views[view][chosen[mask]]
         return batch, self.labels[chosen]
+
+    def as_dataset(self, chunk_bytes: int = CHUNK_BYTES):
+        """The batches as tf.data, for ``fit`` on TensorFlow: the same batches, but gathered
+        by `batches` a chunk of them at a time (about ``chunk_bytes``), one Python call per
+        chunk instead of one per batch (Keras calls a PyDataset through a ``py_function`` per
+        batch: a head's epoch on cached features costs 3x more so).
+
+        A chunk is read when the epoch's iteration reaches it, after ``fit``'s
+        ``on_epoch_begin``, where `set_epoch` must be called (nothing calls `on_epoch_end`).
+        The number of batches is declared, so Keras never asks for one more."""
+        import tensorflow as tf  # input pipelines are tf.data
+
+        images, labels = self[0]
+        per_chunk = max(1, chunk_bytes // max(1, images[:1].nbytes * self.batch_size))
+        signature = (
+            tf.TensorSpec((None, *images.shape[1:]), tf.float32),
+            tf.TensorSpec((None, *labels.shape[1:]), tf.as_dtype(labels.dtype)),
+        )
+
+        def chunk(number):
+            first = int(number) * per_chunk
+            return self.batches(first, min(len(self), first + per_chunk))
+
+        def read(number):
+            rows, targets = tf.numpy_function(
+                chunk, [number], (signature[0].dtype, signature[1].dtype), stateful=True
+            )
+            return tf.ensure_shape(rows, signature[0].shape), tf.ensure_shape(
+                targets, signature[1].shape
+            )
+
+        def batched(rows, targets):
+            return tf.data.Dataset.from_tensor_slices((rows, targets)).batch(self.batch_size)
+
+        dataset = tf.data.Dataset.range(-(-len(self) // per_chunk)).map(read).flat_map(batched)
+        return dataset.apply(tf.data.experimental.assert_cardinality(len(self)))

@@ -303,6 +303,7 @@ def compile_for(
     *,
     weighted: bool = False,
     multi_label: bool = False,
+    steps_per_execution: int = 1,
 ) -> None:
     """Logit outputs: binary cross-entropy for 2 classes, sparse categorical otherwise.
 
@@ -310,7 +311,9 @@ def compile_for(
     rows have weight 0, see `distributed.cluster.even_batches`; training accuracy then also
     counts --class-weight's weights). ``multi_label``: binary cross-entropy on each label's
     logit (0/1 targets, one column per label), and "accuracy" is the share of right yes/no
-    decisions at probability 0.5 over images and labels."""
+    decisions at probability 0.5 over images and labels. ``steps_per_execution``: batches per
+    call of the compiled step (Keras's option: the same weights, fewer calls from Python;
+    per-batch callbacks see only every so many batches)."""
     if n_classes == 2 or multi_label:
         loss = keras.losses.BinaryCrossentropy(from_logits=True)
         accuracy = keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)
@@ -318,4 +321,9 @@ def compile_for(
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
     metrics = {"weighted_metrics" if weighted else "metrics": [accuracy]}
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, **metrics)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=loss,
+        steps_per_execution=steps_per_execution,
+        **metrics,
+    )

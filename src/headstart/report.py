@@ -109,14 +109,15 @@ class _Notes:
     gradcam_layer: str | None = None
 
 
-def write_figures(run_dir: Path, folder=None) -> _Notes:
-    """Draw every figure the run's files allow; a figure that fails is noted, never fatal."""
+def write_figures(run_dir: Path, folder=None, model=None) -> _Notes:
+    """Draw every figure the run's files allow; a figure that fails is noted, never fatal.
+    ``model``: the run's model.keras as loaded already (train has it), else loaded here."""
     notes = _Notes()
     config = Config.load(run_dir / runs.CONFIG_FILE)
     class_names = runs.read_labels(run_dir)
     metrics = _read_json(run_dir / runs.METRICS_FILE, {})
     history = read_history(run_dir)
-    load_model = functools.cache(lambda: _load_model(run_dir))
+    load_model = functools.cache(lambda: model if model is not None else _load_model(run_dir))
 
     def attempt(name: str, draw, also: tuple[str, ...] = ()):
         """``draw()``'s value; on failure None, and ``name`` (and ``also``) noted as missing."""
@@ -406,12 +407,12 @@ def _graph(load_model, run_dir: Path, notes: _Notes) -> str | None:
 # ----------------------------------------------------------------------------- HTML
 
 
-def redraw(run_dir: str | Path, *, folder=None) -> Path | None:
+def redraw(run_dir: str | Path, *, folder=None, model=None) -> Path | None:
     """`report`, for a verb that has just changed a run (train, calibrate, ensemble): a failure
     to draw is logged as a warning and never loses the run itself; a full disk is raised
     (`headstart.errors.DiskFullError`), so that a run stops where it can be resumed."""
     try:
-        return report(run_dir, folder=folder)
+        return report(run_dir, folder=folder, model=model)
     except Exception as error:
         if files.is_disk_full(error):
             raise
@@ -420,13 +421,13 @@ def redraw(run_dir: str | Path, *, folder=None) -> Path | None:
         return None
 
 
-def report(run: str | Path, *, folder=None) -> Path:
+def report(run: str | Path, *, folder=None, model=None) -> Path:
     """Draw the run's figures and write ``RUN/report.html``; returns the report's path.
 
     ``folder`` is the run's ImageFolder when the caller has it (train does): the data folder is
-    then not scanned and checked a second time."""
+    then not scanned and checked a second time; ``model`` likewise its model.keras, loaded."""
     run_dir = runs.open_run_dir(run)
-    notes = write_figures(run_dir, folder)
+    notes = write_figures(run_dir, folder, model)
     page = _html(run_dir, notes)
     path = run_dir / REPORT_FILE
     files.write_text_atomic(path, page)

@@ -17,6 +17,7 @@ import numpy as np
 from headstart.config import Config
 from headstart.data import (
     ImageFolder,
+    Reader,
     Scan,
     Split,
     image_root,
@@ -102,12 +103,16 @@ def load_image_folder(
     check_size: int = 64,
     workers: int | None = None,
     min_classes: int = 2,
+    reader: Reader | None = None,
+    progress: bool = False,
     multi_label: bool | None = None,
 ) -> ImageFolder:
     """Scan ``data`` (a folder, or a CSV labels file whose relative paths start from ``root``,
     by default its folder), check every image (skipped files recorded, never fatal), split.
 
     `min_classes` is 2 for training; scoring a run on new images of one class needs only 1.
+    ``reader`` decodes each file in the check (`headstart.data.unreadable_images`), ``progress``
+    shows a bar on a terminal.
 
     In the train/val/test layout (and a CSV file with a split column) the user's split wins:
     `test_split` is ignored, and `val_split` is only used to carve a missing val split out of
@@ -121,7 +126,13 @@ def load_image_folder(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UsageError(f"--seed must be a non-negative integer, got {seed!r}")
     scan = scan_data(
-        data, root=root, check_size=check_size, workers=workers, multi_label=multi_label
+        data,
+        root=root,
+        check_size=check_size,
+        workers=workers,
+        multi_label=multi_label,
+        reader=reader,
+        progress=progress,
     )
     root, layout, found, bad = scan.root, scan.layout, scan.found, scan.unreadable
     if scan.label_sets is not None:
@@ -317,7 +328,12 @@ def write_split_manifest(folder: ImageFolder, path: str | Path, *, note: str = "
 
 
 def load_split_manifest(
-    path: str | Path, data: str | Path | None = None, *, workers: int | None = None
+    path: str | Path,
+    data: str | Path | None = None,
+    *,
+    workers: int | None = None,
+    reader: Reader | None = None,
+    progress: bool = False,
 ) -> ImageFolder:
     """An `ImageFolder` from a split manifest (a run's split.json, or `--fix-split` output), as
     `load_image_folder` would have built it.
@@ -325,13 +341,16 @@ def load_split_manifest(
     ``data`` is the folder the relative paths start from (default: the manifest's ``root``, so a
     moved data folder needs it). Files missing or unreadable now are skipped with their reason,
     as `load_image_folder` does; a file listed twice, an unknown class, or a manifest with no
-    readable file is a `UsageError`.
+    readable file is a `UsageError`. ``reader`` and ``progress``: as for `load_image_folder`.
     """
     manifest = _read_manifest(Path(path))
-    return _from_manifest(manifest, path, data if data is not None else manifest["root"], workers)
+    where = data if data is not None else manifest["root"]
+    return _from_manifest(manifest, path, where, workers, reader, progress)
 
 
-def _from_manifest(manifest: dict, path, data, workers: int | None) -> ImageFolder:
+def _from_manifest(
+    manifest: dict, path, data, workers: int | None, reader=None, progress: bool = False
+) -> ImageFolder:
     """`load_split_manifest` of a manifest already read from ``path``."""
     root = os.path.abspath(os.fspath(data))
     if not os.path.isdir(root):
@@ -349,7 +368,8 @@ def _from_manifest(manifest: dict, path, data, workers: int | None) -> ImageFold
                 raise UsageError(f"{path}: {rel} is listed in {listed[rel][0]} and in {split}")
             listed[rel] = (split, tuple(index[x] for x in label) if multi else index[label])
     absolute = {rel: os.path.join(root, rel) for rel in listed}
-    bad = unreadable_images(list(absolute.values()), _CHECK_SIDE, workers)
+    files = list(absolute.values())
+    bad = unreadable_images(files, _CHECK_SIDE, workers, reader=reader, progress=progress)
     if len(bad) == len(absolute):
         raise UsageError(
             f"{path}: none of its {len(absolute)} files can be read under {root}: pass the data "
@@ -453,9 +473,13 @@ def _pooled(folder: ImageFolder) -> tuple[tuple[str, ...], tuple[int, ...]]:
     return sum((p.paths for p in parts), ()), sum((p.labels for p in parts), ())
 
 
-def folder_for(config: Config) -> ImageFolder:
+def folder_for(config: Config, reader: Reader | None = None) -> ImageFolder:
     """The split a new run trains on: the data split by the seed, or exactly as a manifest says
-    (``--split-from``: a run folder's split.json or a `check --fix-split` manifest)."""
+    (``--split-from``: a run folder's split.json or a `check --fix-split` manifest).
+
+    Every file is decoded once to check it (by ``reader`` when given, see
+    `headstart.data.unreadable_images`), with a progress bar on a terminal unless ``--quiet``."""
+    progress = not config.quiet
     if config.split_from:
         manifest = Path(config.split_from)
         if manifest.is_dir():
@@ -467,7 +491,8 @@ def folder_for(config: Config) -> ImageFolder:
             )
         if config.root is not None and not is_labels_file(config.data):
             raise UsageError(f"--root {config.root} applies to a CSV labels file: drop it")
-        folder = load_split_manifest(manifest, data=image_root(config.data, config.root))
+        where = image_root(config.data, config.root)
+        folder = load_split_manifest(manifest, data=where, reader=reader, progress=progress)
     else:
         folder = load_image_folder(
             config.data,
@@ -476,6 +501,8 @@ def folder_for(config: Config) -> ImageFolder:
             test_split=config.test_split,
             seed=config.seed,
             multi_label=config.multi_label,
+            reader=reader,
+            progress=progress,
         )
     if len(folder.val) == 0:
         raise UsageError("no validation images: give DATA/val or a positive --val-split")

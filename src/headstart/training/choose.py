@@ -32,17 +32,20 @@ def choose_feature_norm(session) -> None:
 
     The first candidate, "none", is the plain cached-features head (the floor of the run) and
     the session's own model, which `build_from_config` made with that input: it is put back as
-    it was built and kept when it wins; another winner is rebuilt from the seed.
+    it was built and kept when it wins; another winner is its candidate model (built from the
+    seed like a resumed run's) put back as it was built.
     """
     train_data = session.sampler(session.views("pooled", "train", "none", 0), "train")
     val_data = session.sampler(session.views("pooled", "val"), "val")
     config, scores = session.config, {}
     reset = snapshot(classifier_of(session.model).variables)
+    built = {}  # norm -> (model, base, what puts its head back as built)
     for norm in FEATURE_NORMS:
         model = session.model
         if norm != "none":
             candidate = dataclasses.replace(config, feature_norm=norm)
-            model, _ = build_from_config(candidate, session.backbone, session.n_classes)
+            model, base = build_from_config(candidate, session.backbone, session.n_classes)
+            built[norm] = (model, base, snapshot(classifier_of(model).variables))
         classifier = classifier_of(model)
         scores[norm] = session.trial(
             classifier,
@@ -60,7 +63,9 @@ def choose_feature_norm(session) -> None:
     session.record_choice(feature_norm=chosen, feature_norm_scores=scores)
     log.info("head input chosen on validation: %s (%s)", chosen, scores_text(scores, by_loss))
     if chosen != "none":
-        session.rebuild()
+        model, base, as_built = built[chosen]
+        as_built()
+        session.rebuild((model, base))
 
 
 def choose_augmentation(session) -> None:

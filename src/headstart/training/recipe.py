@@ -31,7 +31,7 @@ from headstart.backbones import (
 )
 from headstart.backbones import resolve_weights as resolve_backbone_weights
 from headstart.calibrate import calibrate_model
-from headstart.check import CHECK_FILE, check_folder, summary_line
+from headstart.check import CHECK_FILE, FactsReader, check_folder, summary_line
 from headstart.config import Config
 from headstart.data import write_skipped
 from headstart.distributed.cluster import (
@@ -144,8 +144,10 @@ def train(
     choose_norm = mode == "extract" and head_builder is None
     feature_norm = "none" if config.feature_norm == AUTO and not choose_norm else None
     augments = augment == AUTO or parse_augment(augment)  # a bad spec fails before slow work
+    # the data check's facts of each image, learnt as the decode check reads it (one read)
+    reader = FactsReader() if config.check else None
     with clock.phase("decode check"):  # finding the images and decoding each once
-        folder = folder_for(config)
+        folder = folder_for(config, reader)
     if folder.multi_label:
         _check_multi_label(config)
     run_dir = runs.new_run_dir(config.out) if cluster.writes else Path(tempfile.mkdtemp())
@@ -183,9 +185,10 @@ def train(
         files.write_json(run_dir / runs.THRESHOLDS_FILE, thresholds_record(folder.class_names))
     files.write_json(run_dir / runs.SPLIT_FILE, split_manifest(folder))
     write_skipped(folder.skipped, str(run_dir / runs.SKIPPED_FILE))
-    if config.check:
+    if reader is not None:
         with clock.phase("data check"):  # counts, imbalance, duplicates and leakage across splits
-            report = check_folder(folder)
+            report = check_folder(folder, facts=reader.facts)
+        reader = None  # every image's facts: not kept for the rest of the run
         log.info(summary_line(report))
         files.write_json(run_dir / CHECK_FILE, report)
     tracker = trackers_for(config, tracker) if cluster.writes else Tracker()
@@ -409,7 +412,7 @@ def _stages_and_test(
             log.info(breakdown_line(*clock.breakdown()))
             return TrainResult(run_dir, {}, session.config)
     with clock.phase("test"):  # the first time the test split is read since the checks
-        metrics = _test_metrics(config, folder, run_dir, session, fine_tune, refitted)
+        metrics, saved = _test_metrics(config, folder, run_dir, session, fine_tune, refitted)
     metrics["train_seconds"] = round(train_seconds, 1)  # training and refit, test excluded
     metrics["skipped"] = len(folder.skipped)
     metrics.update(_what_was_chosen(session, fine_tune, refits))
@@ -424,7 +427,7 @@ def _stages_and_test(
     with clock.phase("report"):
         if session.summaries:  # a resumed run keeps the summaries written when it started
             files.write_text_atomic(run_dir / runs.SUMMARY_FILE, "\n".join(session.summaries))
-        redraw(run_dir, folder=folder)  # figures + report.html
+        redraw(run_dir, folder=folder, model=saved)  # figures + report.html
     remove_state(run_dir)
     end_refit(run_dir)
     metrics["total_seconds"], metrics["phase_seconds"] = clock.breakdown()
@@ -479,10 +482,11 @@ def _end_choosing(session: Session, fine_tune: bool, refits: bool) -> None:
 
 def _test_metrics(
     config: Config, folder, run_dir: Path, session=None, fine_tune=True, refits=False
-) -> dict:
+) -> tuple[dict, keras.Model]:
     """The saved model (the refit's, or the best on validation; calibrated with --calibrate)
     scored on the test split, its predictions written to predictions.csv (see
-    `_test_probabilities`)."""
+    `_test_probabilities`); and that model, as model.keras holds it (the report draws from
+    it)."""
     model = keras.saving.load_model(run_dir / runs.MODEL_FILE)
     calibration = None
     if config.calibrate:  # T fitted on validation, saved inside model.keras (headstart.calibrate)
@@ -518,7 +522,7 @@ def _test_metrics(
         metrics = metrics_for_split(model, folder.test, folder.class_names)  # {"n_test": 0, ...}
     if calibration:
         metrics["calibration"] = calibration
-    return metrics
+    return metrics, model
 
 
 def _test_probabilities(model, split, config: Config, session, fine_tune: bool, name="test"):
@@ -544,7 +548,7 @@ def _test_probabilities(model, split, config: Config, session, fine_tune: bool, 
         rest, kind = None, ""
     if rest is None:
         return predict_split(model, split, config.batch_size)
-    logits = run_in_batches(rest, views.rows(kind, name), config.batch_size)
+    logits = run_in_batches(rest, views.rows(kind, name))  # 256 rows a call: 30% faster
     return probabilities_of(logits / temperature_of(model), split.multi_label)
 
 
