@@ -204,7 +204,7 @@ def test_a_cache_shard_on_a_full_disk_is_not_left_half_written(tmp_path, monkeyp
 def test_the_report_stops_on_a_full_disk_but_not_on_other_failures(tmp_path, monkeypatch):
     errors = iter([DiskFullError(tmp_path / "report.html", 300_000, 0), _enospc(), ValueError()])
 
-    def failing_report(run, folder=None):
+    def failing_report(run, folder=None, model=None):
         raise next(errors)
 
     monkeypatch.setattr(report, "report", failing_report)
