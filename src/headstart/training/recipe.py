@@ -192,18 +192,23 @@ def train(
         log.info(summary_line(report))
         files.write_json(run_dir / CHECK_FILE, report)
     tracker = trackers_for(config, tracker) if cluster.writes else Tracker()
-    return _run(
-        config,
-        backbone,
-        folder,
-        model,
-        base,
-        run_dir,
-        None,
-        callbacks,
-        clock,
+    return _tracked(
         tracker,
-        head_builder,
+        config,
+        run_dir,
+        lambda: _stages_and_test(
+            config,
+            backbone,
+            folder,
+            model,
+            base,
+            run_dir,
+            None,
+            callbacks,
+            clock,
+            tracker,
+            head_builder,
+        ),
     )
 
 
@@ -278,18 +283,23 @@ def resume(
     if config.distributed:  # process 0 writes the run folder only once every copy is made
         barrier("headstart resume")
     tracker = trackers_for(config, tracker) if cluster.writes else Tracker()
-    return _run(
-        config,
-        backbone,
-        folder,
-        model,
-        base,
-        run_dir,
-        state,
-        callbacks,
-        clock,
+    return _tracked(
         tracker,
-        head_builder,
+        config,
+        run_dir,
+        lambda: _stages_and_test(
+            config,
+            backbone,
+            folder,
+            model,
+            base,
+            run_dir,
+            state,
+            callbacks,
+            clock,
+            tracker,
+            head_builder,
+        ),
     )
 
 
@@ -333,35 +343,12 @@ TRACKED_FILES = (
 )
 
 
-def _run(
-    config,
-    backbone,
-    folder,
-    model,
-    base,
-    run_dir: Path,
-    state,
-    callbacks,
-    clock,
-    tracker,
-    head_builder=None,
-) -> TrainResult:
-    """`_stages_and_test`, told to ``tracker``: its start, then its end or its failure."""
+def _tracked(tracker, config, run_dir: Path, stages) -> TrainResult:
+    """``stages()`` (the run's `_stages_and_test`), told to ``tracker``: its start, then its
+    end or its failure."""
     tracker.start(config)
     try:
-        result = _stages_and_test(
-            config,
-            backbone,
-            folder,
-            model,
-            base,
-            run_dir,
-            state,
-            callbacks,
-            clock,
-            tracker,
-            head_builder,
-        )
+        result = stages()
     except BaseException as error:
         tracker.fail(error)
         raise
