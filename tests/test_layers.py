@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("__main__",),
     ("cli",),
     ("headstart", "distributed.launch"),  # the public API (loaded lazily); launch runs the CLI
-    ("cv", "tune"),  # verbs built on training
+    ("cv", "tune", "budget"),  # verbs built on training (budget: members and their ensemble)
     ("training", "training.demo"),
     ("training.recipe", "compare"),
     ("training.refit",),  # the final fit on train + validation, after the choices

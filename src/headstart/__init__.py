@@ -23,6 +23,7 @@ _PUBLIC = {
     "predict": "headstart.deploy.predict",
     "summary": "headstart.summaries",
     "train": "headstart.training",
+    "train_with_budget": "headstart.budget",
 }
 
 __all__ = ["DiskFullError", "UsageError", "__version__", *sorted(_PUBLIC)]

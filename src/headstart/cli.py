@@ -23,6 +23,7 @@ from headstart.config import (
     CLASS_WEIGHT_CHOICES,
     IMBALANCE_THRESHOLD,
     MLFLOW_DEFAULT,
+    QUALITY_CHOICES,
     RUNTIME_CHOICES,
     Config,
     read_config_file,
@@ -125,6 +126,20 @@ def _add_train(add_verb) -> None:
     parser = add_verb("train", help="train, evaluate and save a classifier")
     _train_arguments(parser)
     parser.add_argument(
+        "--quality",
+        choices=QUALITY_CHOICES,
+        default=argparse.SUPPRESS,
+        help="fast: the default model only (the default); balanced, best: a time budget of 10 "
+        "or 30 minutes for larger sizes, deeper fine-tuning, Lite1/Lite2 and their ensemble",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="MINUTES",
+        default=argparse.SUPPRESS,
+        help="the whole run's time budget in minutes (overrides --quality's; 0: one model)",
+    )
+    parser.add_argument(
         "--resume",
         metavar="RUN",
         help="continue an interrupted run from its last epoch (its config.json decides the rest)",
@@ -135,10 +150,10 @@ def _add_train(add_verb) -> None:
 def _train(args: argparse.Namespace) -> int:
     if args.resume:
         return _resume(args)
-    from headstart.training import train  # Keras/TensorFlow
+    from headstart.budget import train_with_budget  # Keras/TensorFlow
 
     config = _resolve_out(args, _config_of(args))
-    _print_result(train(config, started=args.started))
+    _print_result(train_with_budget(config, started=args.started))
     return 0
 
 
@@ -954,6 +969,13 @@ def _print_result(result) -> None:
     if "accuracy" in result.metrics:
         print(
             f"test accuracy {result.metrics['accuracy']:.4f} on {result.metrics['n_test']} images"
+        )
+    budget = result.metrics.get("budget")
+    if budget:  # headstart.budget: what the time bought
+        print(
+            f"time budget: {budget['seconds']:.0f} s of {budget['limit_seconds']:.0f} s, "
+            f"{len(budget['candidates'])} candidate(s) beside the default model; "
+            f"kept: {budget['outcome']}"
         )
 
 

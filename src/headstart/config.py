@@ -32,6 +32,7 @@ DEFAULT_AUGMENT = "auto"  # chosen on validation (headstart.augment.AUTO_CANDIDA
 FEATURE_NORMS = ("none", "l2")  # the head's input: raw pooled features, or L2-normalised
 RUNTIME_CHOICES = ("auto", "keras", "openvino")  # --runtime, see headstart.runtime
 MLFLOW_DEFAULT = "default"  # --mlflow without a URI: $MLFLOW_TRACKING_URI, else ./mlruns
+QUALITY_CHOICES = ("fast", "balanced", "best")  # --quality, see headstart.budget
 
 
 @dataclass
@@ -113,6 +114,13 @@ class Config:
     coordinator: str | None = None  # HOST:PORT of process 0
     num_processes: int | None = None
     process_id: int | None = None
+    # The time budget (headstart.budget): minutes for the whole run, in which candidates are
+    # added to the default model (None: --quality's; 0: the default model only)
+    time_limit: float | None = None
+    quality: str = "fast"  # fast: the default model only; balanced, best: a budget's minutes
+    # write the choosing phase's validation probabilities (validation_probabilities.npz): a
+    # budget's members, whose ensemble weights are fitted on them
+    validation_probabilities: bool = False
 
     def validate(self) -> None:
         """Reject impossible values with the option's name, before any work starts."""
@@ -153,6 +161,14 @@ class Config:
             (
                 not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,
                 "--tensorboard needs the tensorboard package: pip install tensorboard",
+            ),
+            (
+                self.quality in QUALITY_CHOICES,
+                f"--quality must be one of {', '.join(QUALITY_CHOICES)}",
+            ),
+            (
+                self.time_limit is None or self.time_limit >= 0,
+                "--time-limit must be 0 or more minutes",
             ),
             (
                 not self.mlflow or importlib.util.find_spec("mlflow") is not None,

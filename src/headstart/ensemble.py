@@ -13,6 +13,7 @@ result.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -55,12 +56,17 @@ def ensemble(
     *,
     weights: str | Sequence[float] | None = None,
     batch_size: int = 32,
+    test_from_members: bool = False,
 ) -> EnsembleResult:
     """Combine finished runs into one ensemble run in ``out``, scored on their test split.
 
     ``weights``: None for the plain mean; a list (one non-negative number per member, rescaled
     to sum to 1); or "fit" to choose them on the validation split (`fit_weights`). The members
     must share labels.json and split.json (train them with ``--split-from`` the first).
+    ``test_from_members``: score the test split from the members' own test probabilities
+    (their predictions.csv, `member_test_probabilities`) where every member has them: the
+    ensemble's are their weighted mean, as its model computes them, so the test images need
+    not run through every member again.
     """
     if len(members) < 2:
         raise UsageError("ensemble needs at least two runs")
@@ -103,7 +109,12 @@ def ensemble(
     _write_config(run_dir, config, size, record)
     files.write_json(run_dir / runs.LABELS_FILE, class_names)
     files.write_json(run_dir / runs.SPLIT_FILE, manifest)
-    metrics = _score(run_dir, model, folder, class_names, batch_size)
+    given_test = None
+    if test_from_members and len(folder.test):
+        own = [member_test_probabilities(r, folder.test.paths, class_names) for r in run_dirs]
+        if all(p is not None for p in own):
+            given_test = sum(w * p for w, p in zip(given, own, strict=True))
+    metrics = _score(run_dir, model, folder, class_names, batch_size, given_test)
     metrics["ensemble"] = {**record, "member_accuracy": _member_accuracies(run_dirs)}
     files.write_json(run_dir / runs.METRICS_FILE, metrics)
     return EnsembleResult(run_dir, metrics, list(given))
@@ -219,12 +230,30 @@ def _write_config(run_dir: Path, config: Config, size: int, record: dict) -> Non
     files.write_json(run_dir / runs.CONFIG_FILE, values)
 
 
-def _score(run_dir: Path, model, folder, class_names, batch_size: int) -> dict:
+def _score(run_dir: Path, model, folder, class_names, batch_size: int, probabilities=None):
     if not len(folder.test):
         return metrics_for_split(model, folder.test, class_names)
-    probabilities = predict_split(model, folder.test, batch_size)
+    if probabilities is None:
+        probabilities = predict_split(model, folder.test, batch_size)
     write_predictions(run_dir / PREDICTIONS_FILE, folder.test, class_names, probabilities)
     return metrics_for_split(model, folder.test, class_names, probabilities=probabilities)
+
+
+def member_test_probabilities(
+    run: Path, test_paths: Sequence[str], class_names
+) -> np.ndarray | None:
+    """A finished run's test probabilities (its predictions.csv, to 6 decimals) in the order
+    of ``test_paths``; None if it has none for one of them."""
+    path = Path(run) / PREDICTIONS_FILE
+    if not path.is_file():
+        return None
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = {row["path"]: row for row in csv.DictReader(handle)}
+    if not all(str(p) in rows for p in test_paths):
+        return None
+    return np.array(
+        [[float(rows[str(p)][name]) for name in class_names] for p in test_paths], np.float64
+    )
 
 
 def _member_accuracies(run_dirs: list[Path]) -> list[float | None]:

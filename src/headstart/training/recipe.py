@@ -13,6 +13,7 @@ file in the run directory.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from headstart import files, runs
 from headstart.augment import AUTO, SEEDS_POLICY, parse_augment
@@ -86,6 +88,9 @@ from headstart.training.state import (
 
 log = logging.getLogger(__name__)
 
+# config.validation_probabilities: the choosing phase's validation outputs (a budget's members)
+VALIDATION_PROBABILITIES_FILE = "validation_probabilities.npz"
+
 HeadBuilder = Callable[[keras.KerasTensor, int], keras.KerasTensor]  # (features, n_classes)
 
 
@@ -121,6 +126,11 @@ def train(
     """
     clock = PhaseClock(started)
     config.validate()
+    if config.time_limit or config.quality != "fast":
+        raise UsageError(
+            "--time-limit/--quality: train(config) trains one model; the time budget is "
+            "headstart.train_with_budget(config) (the command line's `headstart train`)"
+        )
     if head_builder is not None:
         config = dataclasses.replace(config, custom_head=_name_of(head_builder))
     elif config.custom_head:  # a custom-head run's config.json given back: its head is code
@@ -493,6 +503,10 @@ def _test_metrics(
         )
         files.write_json(run_dir / runs.THRESHOLDS_FILE, record)
         thresholds = [record["thresholds"][name] for name in folder.class_names]
+    if config.validation_probabilities and len(folder.val):  # held out from the chosen model
+        on = chosen_model(run_dir) if refits else model
+        probabilities = _test_probabilities(on, folder.val, config, session, fine_tune, "val")
+        write_validation_probabilities(run_dir, probabilities, folder.val.labels)
     if len(folder.test):
         probabilities = _test_probabilities(model, folder.test, config, session, fine_tune)
         metrics = metrics_for_split(
@@ -510,6 +524,21 @@ def _test_metrics(
     if calibration:
         metrics["calibration"] = calibration
     return metrics, model
+
+
+def write_validation_probabilities(run_dir: Path, probabilities, labels) -> None:
+    """``config.validation_probabilities``: the choosing phase's model's class probabilities
+    for the validation images, in split.json's order, with their labels (the time budget fits
+    its ensemble's weights on them: out of sample even when the run was refit)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, probabilities=np.asarray(probabilities), labels=np.asarray(labels))
+    files.write_bytes_atomic(run_dir / VALIDATION_PROBABILITIES_FILE, buffer.getvalue())
+
+
+def read_validation_probabilities(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, labels) that `write_validation_probabilities` wrote."""
+    with np.load(Path(run_dir) / VALIDATION_PROBABILITIES_FILE) as values:
+        return values["probabilities"], values["labels"]
 
 
 def _test_probabilities(model, split, config: Config, session, fine_tune: bool, name="test"):

@@ -86,7 +86,9 @@ def start_refit(session: Session, fine_tune: bool) -> None:
     """End the choosing phase: the plan made and saved with the state (a run killed from here
     on resumes into the refit), the chosen model kept for ``--calibrate``."""
     session.plan = plan_refit(session, fine_tune)
-    if session.config.calibrate or session.folder.multi_label:  # fitted on it at the end
+    config = session.config
+    # fitted on it at the end (--calibrate, thresholds), or scored (validation_probabilities)
+    if config.calibrate or session.folder.multi_label or config.validation_probabilities:
         model_file = session.run_dir / runs.MODEL_FILE
         files.write_bytes_atomic(session.run_dir / CHOSEN_MODEL_FILE, model_file.read_bytes())
     session.checkpoint.best_values = {}  # the choosing phase's: model.keras holds them
