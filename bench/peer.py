@@ -17,10 +17,14 @@ At each size, each tool runs as a subprocess, timed by wall clock from start to 
              choices and both stages) and history.csv's epoch seconds.
   workflow1  the frozen base in the loop with augmentation, then fine-tuning (bench/fast_loop.py's
              a_workflow1 as CLI flags): the yardstick of the 224 px target.
+  budget-best, budget-10  (only when named) ``headstart`` with ``--quality best`` or
+             ``--time-limit 10``: the time budget of issue 20 (`headstart.budget`); its phases
+             are the default member's and each candidate's seconds.
 The tools run one after another at each size; odd repeats reverse the order. Both sides get
 the machine's two cores (torch.set_num_threads(2); TensorFlow's defaults). Usage::
 
     python bench/peer.py [--sizes 96 224] [--repeats 1] [--tools pytorch headstart workflow1]
+    python bench/peer.py --tools pytorch headstart budget-10 budget-best --keep   # issue 20
 
 writes bench/results/peer.{json,md} (``--keep`` keeps the rows of sizes and tools not run this
 time, each with its own date).
@@ -47,6 +51,8 @@ from fast_loop import write_dataset  # noqa: E402  (the same split, written once
 
 RESULTS = Path(__file__).parent / "results"
 TOOLS = ("pytorch", "pytorch1", "headstart", "workflow1")
+# the time budget (issue 20): `headstart train` with these flags; not run unless named
+BUDGETS = {"budget-best": ["--quality=best"], "budget-10": ["--time-limit=10"]}
 WORKFLOW1 = [  # bench/fast_loop.py's a_workflow1
     "--mode=frozen",
     "--augment=flip,rotate=0.1,zoom=0.2",
@@ -98,7 +104,8 @@ def run_headstart(data: Path, size: int, work: Path, extra: list[str], name: str
     command += [f"--image-size={size}", f"--cache-dir={cache}", *extra]
     wall, cpu = timed(command, work / f"{name}-{size}.log")
     metrics = json.loads((out / "metrics.json").read_text())
-    history = list(csv.DictReader((out / "history.csv").open()))
+    history_file = out / "history.csv"  # a budget's ensemble has none
+    history = list(csv.DictReader(history_file.open())) if history_file.exists() else []
     epochs = {
         stage: [float(row["epoch_seconds"]) for row in history if row["stage"] == stage]
         for stage in ("head", "fine_tune")
@@ -115,6 +122,10 @@ def run_headstart(data: Path, size: int, work: Path, extra: list[str], name: str
             "outside_train": round(wall - train, 1),  # startup, data check, test, report
         }
     shutil.rmtree(cache, ignore_errors=True)  # features of 11,500 images: don't keep them
+    budget = metrics.get("budget")
+    if budget:  # what the time bought: each candidate's estimate and actual seconds, the result
+        phases = {"default": budget["default_seconds"]}
+        phases.update({row["name"]: row["seconds"] for row in budget["candidates"]})
     return {
         "wall_seconds": round(wall, 1),
         "cpu_seconds": round(cpu, 1),
@@ -128,13 +139,15 @@ def run_headstart(data: Path, size: int, work: Path, extra: list[str], name: str
         "augment": metrics.get("augment"),
         "feature_norm": metrics.get("feature_norm"),
         "fine_tune_lr": metrics.get("fine_tune_lr"),
+        **({"budget": budget} if budget else {}),
     }
 
 
 def run_tool(tool: str, data: Path, size: int, work: Path, args: argparse.Namespace) -> dict:
     if tool.startswith("pytorch"):
         return run_pytorch(data, size, work, args, threads=1 if tool == "pytorch1" else 2)
-    return run_headstart(data, size, work, WORKFLOW1 if tool == "workflow1" else [], tool)
+    extra = WORKFLOW1 if tool == "workflow1" else BUDGETS.get(tool, [])
+    return run_headstart(data, size, work, extra, tool)
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -180,7 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[96, 224])
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
+    parser.add_argument("--tools", nargs="+", choices=TOOLS + tuple(BUDGETS), default=list(TOOLS))
     parser.add_argument("--torch-python", default="/work/venv-torch/bin/python")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "headstart-bench"))
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -222,6 +235,9 @@ def write(runs: dict[int, dict[str, list[dict]]], args: argparse.Namespace) -> N
             "torch.set_num_threads(1) (what the second thread buys on a busy machine).",
             "headstart: `headstart train DATA --image-size N --cache-dir <empty>`, defaults.",
             "workflow1: the same with " + " ".join(WORKFLOW1) + ".",
+            "budget-best, budget-10: the same with --quality best, --time-limit 10 (issue 20's "
+            "time budget); phases: the default member's and each candidate's seconds (0: not "
+            "started), the outcome in peer.json's budget.",
             "headstart phases without phase_seconds in metrics.json: before_epochs = "
             "train_seconds - epoch seconds (extraction of every view, the choices, model "
             "building), outside_train = wall - train_seconds (startup, data check, test, report).",

@@ -87,6 +87,7 @@ COSTS = Costs(  # made up: a 96 px Lite0 run of 1,000 + 500 images
     backbone="efficientnet_lite0",
     size=96,
     fixed=20.0,
+    build=2.0,
     per_image=0.002,
     extraction_images=12_000,
     fine_tune=10.0,
@@ -110,7 +111,7 @@ def test_estimates_scale_with_pixels_and_backbone_and_reuse_cached_parts():
     parts = ("efficientnet_lite0", "efficientnet_lite1")
     fusion = Candidate("fusion", {}, 1.0, parts, 96, fine_tune=False)
     extracted = frozenset((p, 96) for p in parts)
-    assert estimate_seconds(fusion, COSTS, extracted) == pytest.approx(20 + 3 * 2.35)
+    assert estimate_seconds(fusion, COSTS, extracted) == pytest.approx(20 + 2 + 3 * 2.35)
     deep = Candidate("deep", {}, 1.0, ("efficientnet_lite0",), 160, deep=True)
     scale = (160 / 96) ** 2
     epochs = 4.0 * 0.002 * scale * 10 * (1000 + 1500)  # every epoch on images, and its refit
@@ -261,8 +262,7 @@ def tiny_member(image_folder_factory, tmp_path_factory):
         weights="none",
         image_size=32,
         epochs=2,
-        fine_tune_epochs=1,
-        fine_tune_lr=1e-3,
+        fine_tune=False,  # the chosen model's outputs from cached features (a refit run)
         batch_size=8,
         augment="none",
         feature_norm="none",

@@ -115,6 +115,7 @@ class Costs:
     backbone: str
     size: int
     fixed: float  # decode, model building, stage 1, report, other: not the backbone's work
+    build: float  # building the model (loading its weights): again for a fusion's second part
     per_image: float  # one extraction forward pass, per image
     extraction_images: int  # images (views) a cold cache extracts
     fine_tune: float  # stage 2 and the refit on cached rows
@@ -151,6 +152,7 @@ class Costs:
             backbone=config.backbone,
             size=size,
             fixed=fixed,
+            build=phases.get("build model", 0.0),
             per_image=per_image,
             extraction_images=sum(p["images"] for p in passes),
             fine_tune=phases.get("stage 2", 0.0) + phases.get("refit", 0.0),
@@ -242,7 +244,8 @@ def estimate_seconds(
 
     scale = work(candidate.backbones)
     new = work([b for b in candidate.backbones if (b, candidate.size) not in extracted])
-    seconds = costs.fixed + costs.extraction_images * costs.per_image * new + costs.test * scale
+    seconds = costs.fixed + costs.build * (len(candidate.backbones) - 1)
+    seconds += costs.extraction_images * costs.per_image * new + costs.test * scale
     if candidate.deep:  # stage 2 and its refit on images, every epoch, all their epochs
         images = costs.train_images + (costs.train_images + costs.val_images)
         seconds += TRAIN_STEP_COST * costs.per_image * scale * costs.fine_tune_epochs * images

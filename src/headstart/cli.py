@@ -873,6 +873,13 @@ def _interrupted(args: argparse.Namespace) -> str:
         )
         if run and os.path.isfile(os.path.join(run, name))
     ]
+    members = os.path.join(run, "members") if run else ""
+    if not kept and members and os.path.isdir(members):  # a time budget's (headstart.budget)
+        return (
+            f"headstart: interrupted; the time budget's finished members are complete runs in "
+            f"{members} (a member being trained resumes with `headstart train --resume "
+            f"{members}/NAME`); {run} has no result yet: run train again with a new --out"
+        )
     if not kept:
         return "headstart: interrupted before anything was saved"
     again = _how_to_go_on(args, run)
