@@ -61,9 +61,10 @@ from headstart.training.recipe import (
 log = logging.getLogger(__name__)
 
 # --quality's minutes. balanced: the issue's 10 minutes on 2 cores, where the benchmark's
-# default run (1,500 labelled images, 10,000 test images) takes 1.5 minutes at 96 px and each
-# candidate at 160 px or another backbone about 2-3: room for three or four members and their
-# ensemble. best: 30, room for the deeper fine-tune at the larger size too (~10 minutes).
+# default run (1,500 labelled images, 10,000 test images) takes 90 s at 96 px and
+# `estimate_seconds` prices the fusion with Lite1, Lite1, Lite2 and Lite0 at 160 px at 58, 39,
+# 85 and 133 s: all of them and their ensemble. best: 30, room for the full fine-tune at 160 px
+# too (666 s).
 QUALITY_MINUTES = {"fast": 0.0, "balanced": 10.0, "best": 30.0}
 MEMBERS_DIR = "members"
 DEFAULT_MEMBER = "default"
@@ -80,6 +81,9 @@ FALLBACK_SECONDS_PER_IMAGE_224 = 0.0074
 # A training step on images (forward and backward, Keras, augmentation) against one extraction
 # forward pass, per image: the deeper fine-tune's cost per epoch.
 TRAIN_STEP_COST = 4.0
+# ... and its start: tracing the whole backbone's training step (the first epoch of
+# `--unfreeze all` on Lite0 at 128 px took 16.3 s, the next 3.2 s, on 30 images)
+DEEP_START_SECONDS = 15.0
 # Expected test-accuracy points a candidate adds, alone or as an ensemble member (priors from
 # the measurements of issue 20 and the README: the full fine-tune at 160 px +1.3 over the
 # default at 96 px; the Lite0 + Lite1 fusion and a 3-member ensemble +1.0 each; a larger size
@@ -188,16 +192,17 @@ def larger_size(size: int) -> int:
 def default_candidates(config: Config) -> list[Candidate]:
     """What the budget may add to a default run of ``config`` (resolved: its backbone and size
     as run): for an offline EfficientNet-Lite backbone, the larger size, the deeper fine-tune
-    there, the other two Lite variants at the same size and the fusion with the smaller of
+    there, the other two Lite variants at the same size and the fusion with the first of
     them; nothing for other backbones (their weights may not be offline), a custom head or
     workflow 1 (no cached features)."""
     name, size = config.backbone, int(config.image_size)
     if name not in LITE or config.mode != "extract" or config.custom_head:
         log.info(
-            "time budget: candidates are tried for %s in extract mode; %s %s trains alone",
-            "/".join(LITE),
+            "time budget: no candidates for %s (mode %s%s): they are for %s in extract mode",
             name,
             config.mode,
+            ", custom head" if config.custom_head else "",
+            ", ".join(LITE),
         )
         return []
     found = []
@@ -249,6 +254,7 @@ def estimate_seconds(
     if candidate.deep:  # stage 2 and its refit on images, every epoch, all their epochs
         images = costs.train_images + (costs.train_images + costs.val_images)
         seconds += TRAIN_STEP_COST * costs.per_image * scale * costs.fine_tune_epochs * images
+        seconds += DEEP_START_SECONDS
     elif candidate.fine_tune:
         seconds += (costs.fine_tune + (costs.rate_trials if own_rate else 0.0)) * scale
     return seconds
