@@ -113,6 +113,12 @@ class Config:
     coordinator: str | None = None  # HOST:PORT of process 0
     num_processes: int | None = None
     process_id: int | None = None
+    # the cheap choices (head input, augmentation, stage 1's epochs in the refit) scored by
+    # k-fold cross-validation over train + validation, the simplest kept unless another wins
+    # by more than one standard error (headstart.training.noise); 0 or 1: on validation alone
+    choice_folds: int = 5
+    # per choice: how it was scored, the best and the chosen candidate, whether within noise
+    choice_noise: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         """Reject impossible values with the option's name, before any work starts."""
@@ -137,6 +143,7 @@ class Config:
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.patience >= 1, "--patience must be at least 1"),
             (self.views >= 0, "--views must be 0 or more"),
+            (self.choice_folds >= 0, "--choice-folds must be 0 or more (0 or 1: one split)"),
             (self.image_size is None or self.image_size >= 1, "--image-size must be positive"),
             (
                 self.class_weight in CLASS_WEIGHT_CHOICES,

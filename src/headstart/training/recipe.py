@@ -573,4 +573,6 @@ def _what_was_chosen(session: Session, fine_tune: bool, refits: bool = False) ->
         record["fine_tune_lr"] = config.fine_tune_lr
         if config.fine_tune_lr_scores:
             record["fine_tune_lr_scores"] = config.fine_tune_lr_scores
+    if config.choice_noise:  # per choice: how it was scored, the best, within noise or not
+        record["choice_noise"] = config.choice_noise
     return record
