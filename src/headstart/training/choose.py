@@ -251,6 +251,7 @@ def _cross_validate(session, heads: dict, policy: str, n_views: int, folds) -> d
         seed=config.seed,
         multi_label=multi_label,
         class_weight=weights,
+        cache=session.fold_models,
     )
     return {name: cv_score(record, multi_label) for name, record in records.items()}
 
@@ -299,7 +300,10 @@ def _choose_augmentation_by_folds(session, classifier, folds) -> None:
         session.tracker.trial("augment", policy, result)
         return result
 
-    scores = climb(AUTO_CANDIDATES, score, by_loss=by_loss)
+    def pick(scores: dict) -> str | None:  # the one-standard-error rule's choice so far
+        return decide(scores, by_loss, lambda _, best: scores[best]["se"], "")[0]
+
+    scores = climb(AUTO_CANDIDATES, score, by_loss=by_loss, pick=pick)
     chosen, noise = decide(scores, by_loss, lambda _, best: scores[best]["se"], folds_text(folds))
     session.feature_views.keep_policy(chosen)
     session.record_choice(
@@ -308,6 +312,19 @@ def _choose_augmentation_by_folds(session, classifier, folds) -> None:
         views=config.views if chosen != "none" else 0,
         choice_noise={**config.choice_noise, "augment": noise},
     )
+    # the winner's trial on the validation split, as stage 1 trains it: stage 1 replays it
+    reset = snapshot(classifier.variables)
+    train_views = session.views("pooled", "train", chosen, session.config.views)
+    scores[chosen]["split"] = session.trial(
+        classifier,
+        session.sampler(train_views, "train"),
+        session.sampler(session.views("pooled", "val"), "val"),
+        config.epochs,
+        config.lr,
+        key=("head", chosen),
+    )
+    reset()
+    session.record_choice(augment_scores=scores)
     untried = AUTO_CANDIDATES[len(scores) :]
     log.info(
         "%s%s",
@@ -464,20 +481,28 @@ def epochs_of(scores: dict[str, dict], chosen: str, epochs: int) -> int:
     data and procedure, so the same weights epoch by epoch) stops at that trial's best epoch,
     where it would save; the epochs after it are only early stopping's wait. A candidate
     chosen by cross-validation has no trial on the split to repeat: the stage trains, up to
-    ``epochs`` (its folds' epochs are the refit's, `cross_validated_epochs`)."""
+    ``epochs`` (its folds' epochs are the refit's, `cross_validated_epochs`), unless its
+    trial on the split was made to be repeated (``split``: its score)."""
     score = scores.get(chosen) or {}
-    if "fold_epochs" in score:
-        return epochs
+    if "fold_epochs" in score:  # its trial on the split, if it had one (`choose_augmentation`)
+        return (score.get("split") or {}).get("epochs") or epochs
     return score.get("epochs") or epochs
 
 
-def climb(candidates, score: Callable[[str], dict], *, by_loss: bool = False) -> dict[str, dict]:
+def climb(
+    candidates, score: Callable[[str], dict], *, by_loss: bool = False, pick=None
+) -> dict[str, dict]:
     """The scores of ``candidates`` in order, up to and including the first one that does
-    worse than the best before it (the candidates grow stronger: the rest would do worse)."""
+    worse than the best before it (the candidates grow stronger: the rest would do worse).
+
+    ``pick(scores) -> name``: the choice among the scores so far (default `best_of`); the
+    climb ends at the first candidate it would not choose (with the one-standard-error rule:
+    the first that does not beat the simpler ones by more than the noise)."""
+    pick = pick or (lambda scores: best_of(scores, by_loss=by_loss))
     scores = {}
     for candidate in candidates:
         scores[candidate] = score(candidate)
-        if best_of(scores, by_loss=by_loss) != candidate:
+        if pick(scores) != candidate:
             break
     return scores
 

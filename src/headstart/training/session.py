@@ -140,6 +140,7 @@ class Session:
         # the records of the current choice's trials (`trial`), by (stage, candidate)
         self.trials: dict[tuple[str, str], TrialRecord] = {}
         self._compiled = weakref.WeakKeyDictionary()  # trainer -> how `compile` compiled it
+        self.fold_models: dict = {}  # the cross-validated choices' compiled models (crossval)
 
     def elapsed(self) -> float:
         """Seconds of training so far, including those before an interruption."""
