@@ -170,8 +170,8 @@ def test_the_default_chooses_by_five_fold_cross_validation_and_records_it(folds_
     assert [line for line in lines if "5-fold cross-validation" in line]  # said in the log
     # the refit's stage 1 runs the chosen candidate's median fold epoch
     chosen = config.augment_scores[config.augment]
-    assert metrics["refit_epochs"]["head"] == chosen["epochs"] == int(
-        np.median(chosen["fold_epochs"])
+    assert (
+        metrics["refit_epochs"]["head"] == chosen["epochs"] == int(np.median(chosen["fold_epochs"]))
     )
     # the test split is read by the test pass only: every extraction before is train or val
     passes = [p["split"] for p in metrics["extraction_passes"]]
