@@ -12,6 +12,7 @@ import pytest
 
 from headstart import Config, train
 from headstart.model import build_head
+from headstart.training.choose import cv_score, decide, noise_line
 from headstart.training.crossval import cross_validate_heads, scores_per_row
 from headstart.training.noise import fold_assignment, mean_and_se, one_se_choice, paired_se
 
@@ -74,16 +75,19 @@ def test_per_row_scores_match_the_cross_entropies():
     assert right[:, 0].tolist() == [1.0, 0.0]
 
 
-def test_the_folds_heads_train_apart_in_one_fit():
-    """Each fold's copy learns from the rows outside its fold only: on features whose class
-    is plain, every fold scores high; the per-fold figures are those of the copies' best
-    epochs, as the stage's checkpoint would save."""
+@pytest.mark.slow  # a fit of six heads (about 3 s with its first trace)
+def test_the_folds_heads_train_apart_in_one_fit_and_a_clear_winner_is_chosen():
+    """Each fold's copy learns from the rows outside its fold only. Features whose direction
+    is the class but whose length ranges over four orders of magnitude: the L2-normalised head
+    gets every fold right, the raw one misses the shortest vectors in every fold (their logits
+    are its bias), so "l2" wins by far more than its standard error and is chosen although
+    "none" is the simpler."""
     rng = np.random.default_rng(0)
-    targets = np.arange(60) % 3
-    features = (np.eye(3)[targets] * 3 + rng.normal(size=(60, 3)) * 0.3).astype("float32")
-    features = np.concatenate([features, rng.normal(size=(60, 5)).astype("float32")], axis=1)
+    targets = np.arange(90) % 3
+    directions = np.eye(3)[targets] + rng.normal(size=(90, 3)) * 0.1
+    features = (directions * 10 ** rng.uniform(-3, 1, size=(90, 1))).astype("float32")
     folds = fold_assignment(targets, 3, seed=0)
-    heads = {"none": build_head(8, 3, 0, 0.0), "l2": build_head(8, 3, 0, 0.0, "l2")}
+    heads = {"none": build_head(3, 3, 0, 0.0), "l2": build_head(3, 3, 0, 0.0, "l2")}
     start = [w.copy() for w in heads["none"].get_weights()]
     records = cross_validate_heads(
         heads,
@@ -98,9 +102,31 @@ def test_the_folds_heads_train_apart_in_one_fit():
     )
     for name, record in records.items():
         assert len(record.accuracy) == len(record.loss) == len(record.epochs) == 3, name
-        assert min(record.accuracy) >= 0.9 and all(1 <= e <= 30 for e in record.epochs)
+        assert all(1 <= e <= 30 for e in record.epochs)
+    assert min(records["l2"].accuracy) >= 0.9
+    assert max(records["none"].accuracy) < 0.9
     for value, before in zip(heads["none"].get_weights(), start, strict=True):
         np.testing.assert_array_equal(value, before)  # the candidates themselves untouched
+    scores = {name: cv_score(record) for name, record in records.items()}
+    chosen, noise = decide(scores, False, lambda _, best: scores[best]["se"], "3-fold")
+    assert chosen == noise["best"] == "l2" and noise["within_noise"] is False
+    assert scores["l2"]["mean"] - scores["none"]["mean"] > scores["l2"]["se"]
+    line = noise_line("head input", scores, chosen, noise, False)
+    assert line.startswith("head input chosen by 3-fold: l2 (") and "within" not in line
+
+
+def test_a_choice_within_noise_keeps_the_simpler_and_says_so():
+    def score(mean, se):
+        return {"val_accuracy": mean, "val_loss": 1 - mean, "mean": mean, "se": se}
+
+    scores = {"none": score(0.812, 0.011), "flip": score(0.818, 0.012), "more": score(0.79, 0.01)}
+    chosen, noise = decide(scores, False, lambda _, best: scores[best]["se"], "5-fold cv")
+    assert chosen == "none" and noise["best"] == "flip" and noise["within_noise"] is True
+    assert [scores[n]["within_one_se"] for n in scores] == [True, True, False]
+    assert noise_line("augmentation", scores, chosen, noise, False) == (
+        "augmentation chosen by 5-fold cv: none (0.8120 ± 0.0110); flip 0.8180 ± 0.0120 is "
+        "within one standard error: kept the simpler; more 0.7900 ± 0.0100"
+    )
 
 
 # ------------------------------------------------------------------------- runs of the recipe
@@ -138,6 +164,7 @@ def _config(data, out, **overrides) -> Config:
         epochs=6,
         batch_size=8,
         fine_tune=False,
+        runtime="keras",  # nothing to convert
         quiet=True,
     )
     return Config(**{**settings, **overrides})
