@@ -13,7 +13,7 @@ import pytest
 from headstart import Config, train
 from headstart.model import build_head
 from headstart.training.choose import cv_score, decide, noise_line
-from headstart.training.crossval import cross_validate_heads, scores_per_row
+from headstart.training.crossval import FoldMaskedLoss, cross_validate_heads, scores_per_row
 from headstart.training.noise import fold_assignment, mean_and_se, one_se_choice, paired_se
 
 # ----------------------------------------------------------------------- the pure helpers
@@ -115,6 +115,19 @@ def test_the_folds_heads_train_apart_in_one_fit_and_a_clear_winner_is_chosen():
     assert line.startswith("head input chosen by 3-fold: l2 (") and "within" not in line
 
 
+def test_each_copy_learns_only_outside_its_fold_and_weighs_rows_by_class():
+    """`FoldMaskedLoss`: the mean loss over (row, copy) pairs where the row is outside the
+    copy's fold, each weighed by its class's --class-weight."""
+    logits = np.array([[[2.0, 0.0], [0.0, 1.0]], [[0.5, 0.5], [1.0, -1.0]]], "float32")
+    y_true = np.array([[0, 0], [1, 1]], "float32")  # (label, fold) per row
+    weights = np.array([1.0, 3.0], "float32")
+    loss = FoldMaskedLoss(np.array([0, 1]), "sparse", weights)(y_true, logits)
+    per, _ = scores_per_row(logits, np.array([0, 1]), "sparse")
+    # row 0 (fold 0) trains copy 1 only; row 1 (fold 1) trains copy 0 only, weighed 3
+    expected = (1.0 * per[0, 1] + 3.0 * per[1, 0]) / (1.0 + 3.0)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
 def test_a_choice_within_noise_keeps_the_simpler_and_says_so():
     def score(mean, se):
         return {"val_accuracy": mean, "val_loss": 1 - mean, "mean": mean, "se": se}
@@ -198,7 +211,10 @@ def test_the_default_chooses_by_five_fold_cross_validation_and_records_it(folds_
     # the refit's stage 1 runs the chosen candidate's median fold epoch
     chosen = config.augment_scores[config.augment]
     assert (
-        metrics["refit_epochs"]["head"] == chosen["epochs"] == int(np.median(chosen["fold_epochs"]))
+        metrics["refit_epochs"]["head"]
+        == config.head_epochs
+        == chosen["epochs"]
+        == int(np.median(chosen["fold_epochs"]))
     )
     # the test split is read by the test pass only: every extraction before is train or val
     passes = [p["split"] for p in metrics["extraction_passes"]]

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from headstart.augment import AUTO_CANDIDATES
+from headstart.augment import AUTO, AUTO_CANDIDATES
 from headstart.config import FEATURE_NORMS, FINE_TUNE_LR_CANDIDATES, GUIDE_FINE_TUNE_LR
 from headstart.extract import ViewSampler
 from headstart.imbalance import class_weights
@@ -275,10 +275,12 @@ def _choose_feature_norm_by_folds(session, folds) -> None:
         session.tracker.trial("feature_norm", norm, score)
     by_loss = session.folder.multi_label
     chosen, noise = decide(scores, by_loss, lambda _, best: scores[best]["se"], folds_text(folds))
+    fixed_policy = config.augment != AUTO and not config.views  # the head is trained as here
     session.record_choice(
         feature_norm=chosen,
         feature_norm_scores=scores,
         choice_noise={**config.choice_noise, "feature_norm": noise},
+        head_epochs=scores[chosen]["epochs"] if fixed_policy else config.head_epochs,
     )
     log.info("%s", noise_line("head input", scores, chosen, noise, by_loss))
     if chosen != "none":
@@ -311,6 +313,7 @@ def _choose_augmentation_by_folds(session, classifier, folds) -> None:
         augment_scores=scores,
         views=config.views if chosen != "none" else 0,
         choice_noise={**config.choice_noise, "augment": noise},
+        head_epochs=scores[chosen]["epochs"],
     )
     # the winner's trial on the validation split, as stage 1 trains it: stage 1 replays it
     reset = snapshot(classifier.variables)
@@ -454,14 +457,9 @@ def paired_noise_line(scores: dict, chosen: str | None, noise: dict, by_loss: bo
 
 
 def cross_validated_epochs(config) -> int | None:
-    """Stage 1's epochs for the refit where cross-validation chose its head: the median of
-    the chosen candidate's folds' best epochs (None: no cross-validated choice of it)."""
-    score = (config.augment_scores or {}).get(config.augment)
-    if score is None and not config.views:  # --augment given without views: the head input's
-        score = (config.feature_norm_scores or {}).get(config.feature_norm)
-    if not score or "fold_epochs" not in score:
-        return None
-    return int(score["epochs"])
+    """Stage 1's epochs for the refit where cross-validation chose its head (``head_epochs``:
+    the median of the chosen candidate's folds' best epochs), else None."""
+    return config.head_epochs
 
 
 def snapshot(variables) -> Callable[[], None]:

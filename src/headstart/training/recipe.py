@@ -165,6 +165,7 @@ def train(
         feature_norm=feature_norm or config.feature_norm,
         feature_norm_scores={},
         fine_tune_lr_scores={},  # a rate given (not auto) has none; auto records them anew
+        choice_noise={},
         views=config.views if augments and mode == "extract" else 0,
         class_weight="none"
         if folder.multi_label
