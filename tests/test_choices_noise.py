@@ -107,6 +107,13 @@ def test_the_folds_heads_train_apart_in_one_fit_and_a_clear_winner_is_chosen():
     assert max(records["none"].accuracy) < 0.9
     for value, before in zip(heads["none"].get_weights(), start, strict=True):
         np.testing.assert_array_equal(value, before)  # the candidates themselves untouched
+    # a run's later fit of the same heads (another policy's views) reuses the compiled model,
+    # put back in its first state: the same records as a new one's
+    cache: dict = {}
+    settings = dict(epochs=30, learning_rate=0.05, batch_size=8, patience=3, seed=0)
+    for _ in range(2):
+        again = cross_validate_heads(heads, [features], targets, folds, cache=cache, **settings)
+        assert again == records and len(cache) == 1
     scores = {name: cv_score(record) for name, record in records.items()}
     chosen, noise = decide(scores, False, lambda _, best: scores[best]["se"], "3-fold")
     assert chosen == noise["best"] == "l2" and noise["within_noise"] is False
@@ -207,6 +214,8 @@ def test_the_default_chooses_by_five_fold_cross_validation_and_records_it(folds_
         assert noise["chosen"] == getattr(config, choice) and noise["best"] in record
         assert isinstance(noise["within_noise"], bool)
     assert saved["choice_noise"] == metrics["choice_noise"] == config.choice_noise
+    report = (result.run_dir / "report.html").read_text()  # the choices' table
+    assert '<section id="choices">' in report and "(5 folds, ± " in report
     assert [line for line in lines if "5-fold cross-validation" in line]  # said in the log
     # the refit's stage 1 runs the chosen candidate's median fold epoch
     chosen = config.augment_scores[config.augment]

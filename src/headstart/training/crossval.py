@@ -277,6 +277,7 @@ def cross_validate_heads(
                 variable.assign(value)
             for variable in model.optimizer.variables:  # as a new compile's Adam
                 variable.assign(np.zeros(variable.shape, variable.dtype))
+            model.optimizer.learning_rate = learning_rate  # (zeroed with the rest)
         else:
             inputs = keras.Input(tuple(heads[names[0]].input.shape[1:]))
             model = keras.Model(inputs, FoldHeads(forms, folds, seed)(inputs))
