@@ -12,7 +12,7 @@ import pytest
 
 from headstart import Config, train
 from headstart.model import build_head
-from headstart.training.choose import cv_score, decide, noise_line
+from headstart.training.choose import cv_score, decide, noise_line, paired_noise_line
 from headstart.training.crossval import FoldMaskedLoss, cross_validate_heads, scores_per_row
 from headstart.training.noise import fold_assignment, mean_and_se, one_se_choice, paired_se
 
@@ -243,3 +243,20 @@ def test_a_candidate_within_noise_loses_to_the_simpler_and_the_log_says_so(folds
     best = config.choice_noise["augment"]["best"]
     if best != "none":
         assert f"{best} " in line and "is within one standard error: kept the simpler" in line
+
+
+def test_the_gentler_rate_is_kept_when_the_other_wins_within_the_paired_error():
+    scores = {
+        "0.0001": {"val_accuracy": 0.80, "val_loss": 0.50},
+        "0.001": {"val_accuracy": 0.81, "val_loss": 0.49},
+    }
+    right = {"0.0001": np.r_[np.ones(80), np.zeros(20)], "0.001": np.r_[np.ones(81), np.zeros(19)]}
+    chosen, noise = decide(
+        scores, False, lambda name, best: paired_se(right[name], right[best]), "paired"
+    )
+    assert chosen == "0.0001" and noise["best"] == "0.001" and noise["within_noise"] is True
+    scores["0.0001"]["paired_se"] = paired_se(right["0.0001"], right["0.001"])  # 0.01
+    assert paired_noise_line(scores, chosen, noise, False) == (
+        "fine-tuning rate chosen on validation: 0.0001 (0.8000); 0.001 0.8100 wins by less "
+        "than the paired standard error of the difference (0.0100): kept the gentler"
+    )

@@ -450,7 +450,7 @@ def paired_noise_line(scores: dict, chosen: str | None, noise: dict, by_loss: bo
         if name == noise["best"]:
             text += (
                 f" wins by less than the paired standard error of the difference "
-                f"({score.get('paired_se', 0.0):.4f}): kept the gentler"
+                f"({scores[chosen].get('paired_se', 0.0):.4f}): kept the gentler"
             )
         parts.append(text)
     return "; ".join(parts)

@@ -20,7 +20,6 @@ before early stopping, after the best epoch in most fits.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -253,55 +252,52 @@ def cross_validate_heads(
     start on other views of the same rows (another augmentation policy) reuses the model
     compiled before, put back in its first state (tracing its step again costs about as much
     as a few epochs)."""
-    with _local():
-        names = list(heads)
-        forms = [head_form(heads[name]) for name in names]
-        if any(form is None for form in forms):
-            raise ValueError("cross_validate_heads takes heads of build_head's form (head_form)")
-        folds = int(row_folds.max()) + 1
-        units = int(heads[names[0]].output.shape[-1])
-        kind = loss_kind(units, multi_label)
-        weights = None
-        if class_weight and not multi_label:
-            weights = np.array([class_weight[i] for i in sorted(class_weight)], dtype="float32")
-        targets = np.asarray(targets)
-        columns = targets.reshape(len(targets), -1).astype("float32")
-        labels = np.concatenate([columns, row_folds.reshape(-1, 1).astype("float32")], axis=1)
-        rows_per_step = math.ceil(batch_size * folds / max(1, folds - 1))
-        sampler = ViewSampler(views, labels, rows_per_step, shuffle=True, seed=seed)
-        tensorflow = keras.backend.backend() == "tensorflow"
-        key = _key(forms, row_folds, kind, weights, learning_rate, seed, len(sampler))
-        if cache is not None and key in cache:
-            model, start = cache[key]
-            for variable, value in zip(model.variables, start, strict=True):
-                variable.assign(value)
-            for variable in model.optimizer.variables:  # as a new compile's Adam
-                variable.assign(np.zeros(variable.shape, variable.dtype))
-            model.optimizer.learning_rate = learning_rate  # (zeroed with the rest)
-        else:
-            inputs = keras.Input(tuple(heads[names[0]].input.shape[1:]))
-            model = keras.Model(inputs, FoldHeads(forms, folds, seed)(inputs))
-            copy_folds = [fold for _ in names for fold in range(folds)]
-            model.compile(
-                optimizer=keras.optimizers.Adam(learning_rate),
-                loss=FoldMaskedLoss(copy_folds, kind, weights),
-                steps_per_execution=min(len(sampler), STEPS_PER_CALL) if tensorflow else 1,
-            )
-            if cache is not None:
-                cache[key] = (model, [np.array(v.numpy()) for v in model.variables])
-        copy_folds = np.array([fold for _ in names for fold in range(folds)])
-        clean = np.asarray(views[0][np.arange(len(targets))], dtype="float32")
-        scoring = _FoldScoring(model, clean, targets, row_folds, copy_folds, kind, patience)
-        draws = keras.callbacks.LambdaCallback(
-            on_epoch_begin=lambda epoch, _: sampler.set_epoch(epoch)
+    names = list(heads)
+    forms = [head_form(heads[name]) for name in names]
+    if any(form is None for form in forms):
+        raise ValueError("cross_validate_heads takes heads of build_head's form (head_form)")
+    folds = int(row_folds.max()) + 1
+    units = int(heads[names[0]].output.shape[-1])
+    kind = loss_kind(units, multi_label)
+    weights = None
+    if class_weight and not multi_label:
+        weights = np.array([class_weight[i] for i in sorted(class_weight)], dtype="float32")
+    targets = np.asarray(targets)
+    columns = targets.reshape(len(targets), -1).astype("float32")
+    labels = np.concatenate([columns, row_folds.reshape(-1, 1).astype("float32")], axis=1)
+    rows_per_step = math.ceil(batch_size * folds / max(1, folds - 1))
+    sampler = ViewSampler(views, labels, rows_per_step, shuffle=True, seed=seed)
+    tensorflow = keras.backend.backend() == "tensorflow"
+    key = _key(forms, row_folds, kind, weights, learning_rate, seed, len(sampler))
+    if cache is not None and key in cache:
+        model, start = cache[key]
+        for variable, value in zip(model.variables, start, strict=True):
+            variable.assign(value)
+        for variable in model.optimizer.variables:  # as a new compile's Adam
+            variable.assign(np.zeros(variable.shape, variable.dtype))
+        model.optimizer.learning_rate = learning_rate  # (zeroed with the rest)
+    else:
+        inputs = keras.Input(tuple(heads[names[0]].input.shape[1:]))
+        model = keras.Model(inputs, FoldHeads(forms, folds, seed)(inputs))
+        copy_folds = [fold for _ in names for fold in range(folds)]
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss=FoldMaskedLoss(copy_folds, kind, weights),
+            steps_per_execution=min(len(sampler), STEPS_PER_CALL) if tensorflow else 1,
         )
-        model.fit(
-            sampler.as_dataset() if tensorflow else sampler,
-            epochs=epochs,
-            callbacks=[draws, scoring],
-            verbose=0,
-            shuffle=False,
-        )
+        if cache is not None:
+            cache[key] = (model, [np.array(v.numpy()) for v in model.variables])
+    copy_folds = np.array([fold for _ in names for fold in range(folds)])
+    clean = np.asarray(views[0][np.arange(len(targets))], dtype="float32")
+    scoring = _FoldScoring(model, clean, targets, row_folds, copy_folds, kind, patience)
+    draws = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, _: sampler.set_epoch(epoch))
+    model.fit(
+        sampler.as_dataset() if tensorflow else sampler,
+        epochs=epochs,
+        callbacks=[draws, scoring],
+        verbose=0,
+        shuffle=False,
+    )
     records = {}
     for index, name in enumerate(names):
         record = FoldRecord()
@@ -325,16 +321,3 @@ def _key(forms, row_folds, kind, weights, learning_rate, seed, steps) -> str:
     if weights is not None:
         digest.update(weights.tobytes())
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _local():
-    """No Keras distribution while the folds train (``--distributed``): every process fits
-    them alone on its own copy of the rows, the same computation from the same seed, so
-    every process makes the same choice (as one process would)."""
-    distribution = keras.distribution.distribution()
-    keras.distribution.set_distribution(None)
-    try:
-        yield
-    finally:
-        keras.distribution.set_distribution(distribution)

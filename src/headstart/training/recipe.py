@@ -174,6 +174,7 @@ def train(
         ),
         multi_label=folder.multi_label,
         mlflow=resolve_mlflow_uri(config.mlflow) if config.mlflow else None,
+        choice_folds=_choice_folds(config),
     )
     config = place(config, cluster)
     with clock.phase("build model"):
@@ -302,6 +303,16 @@ def resume(
             head_builder,
         ),
     )
+
+
+def _choice_folds(config: Config) -> int:
+    """``--choice-folds`` as the run uses it: a ``--distributed`` run makes its choices on the
+    validation split (the folds' fits are one process's: not yet made to run under a
+    distribution), which config.json then says (1)."""
+    if config.distributed and config.choice_folds > 1:
+        log.info("--distributed: the choices are made on the validation split (--choice-folds 1)")
+        return 1
+    return config.choice_folds
 
 
 def _check_multi_label(config: Config) -> None:
