@@ -89,31 +89,20 @@ def test_the_folds_heads_train_apart_in_one_fit_and_a_clear_winner_is_chosen():
     folds = fold_assignment(targets, 3, seed=0)
     heads = {"none": build_head(3, 3, 0, 0.0), "l2": build_head(3, 3, 0, 0.0, "l2")}
     start = [w.copy() for w in heads["none"].get_weights()]
-    records = cross_validate_heads(
-        heads,
-        [features],
-        targets,
-        folds,
-        epochs=30,
-        learning_rate=0.05,
-        batch_size=8,
-        patience=3,
-        seed=0,
-    )
+    cache: dict = {}
+    settings = dict(epochs=20, learning_rate=0.05, batch_size=8, patience=3, seed=0)
+    records = cross_validate_heads(heads, [features], targets, folds, cache=cache, **settings)
     for name, record in records.items():
         assert len(record.accuracy) == len(record.loss) == len(record.epochs) == 3, name
-        assert all(1 <= e <= 30 for e in record.epochs)
+        assert all(1 <= e <= 20 for e in record.epochs)
     assert min(records["l2"].accuracy) >= 0.9
     assert max(records["none"].accuracy) < 0.9
     for value, before in zip(heads["none"].get_weights(), start, strict=True):
         np.testing.assert_array_equal(value, before)  # the candidates themselves untouched
     # a run's later fit of the same heads (another policy's views) reuses the compiled model,
-    # put back in its first state: the same records as a new one's
-    cache: dict = {}
-    settings = dict(epochs=30, learning_rate=0.05, batch_size=8, patience=3, seed=0)
-    for _ in range(2):
-        again = cross_validate_heads(heads, [features], targets, folds, cache=cache, **settings)
-        assert again == records and len(cache) == 1
+    # put back in its first state: the same records as the new one's
+    again = cross_validate_heads(heads, [features], targets, folds, cache=cache, **settings)
+    assert again == records and len(cache) == 1
     scores = {name: cv_score(record) for name, record in records.items()}
     chosen, noise = decide(scores, False, lambda _, best: scores[best]["se"], "3-fold")
     assert chosen == noise["best"] == "l2" and noise["within_noise"] is False
