@@ -38,7 +38,10 @@ pytestmark = [
     pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds processes in /proc"),
 ]
 # no recipe flag: only the size of the job (tiny images, whole batches, few epochs) and the seed
+# --choice-folds=1: a distributed run makes its choices on the validation split (the folds'
+# fits are one process's), and the run alone must make them the same way
 DEFAULTS = ["--image-size=32", "--batch-size=4", "--epochs=2", "--fine-tune-epochs=1", "--seed=0"]
+DEFAULTS += ["--choice-folds=1"]
 CHOICES = ("feature_norm", "augment", "fine_tune_lr", "fine_tune_kept", "class_weight")
 SCORES = ("feature_norm_scores", "augment_scores", "fine_tune_lr_scores")
 HEADSTART = [sys.executable, "-m", "headstart"]

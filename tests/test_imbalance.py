@@ -109,6 +109,7 @@ def test_auto_weights_every_fit_of_the_recipe_and_records_the_choice(
             fine_tune_epochs=1,
             views=1,
             batch_size=8,
+            choice_folds=1,  # every choice a Keras fit on the split (the folds weigh in the loss)
             quiet=True,
         )
     )

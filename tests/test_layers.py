@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("training.refit",),  # the final fit on train + validation, after the choices
     ("training.session", "ensemble", "deploy", "deploy.serve", "deploy.export", "deploy.predict"),
     ("training.choose", "training.views", "report"),
-    ("calibrate", "explain", "deploy.predictor"),
+    ("calibrate", "explain", "deploy.predictor", "training.crossval"),
     (
         "evaluation",
         "extract",
@@ -46,6 +46,7 @@ LAYERS: list[tuple[str, ...]] = [
         "backbones.efficientnet_lite",
         "backbones.hub",
         "training.phases",
+        "training.noise",  # folds, standard errors, the one-standard-error rule
     ),
     ("_version", "errors"),  # the foundation
 ]

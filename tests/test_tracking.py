@@ -15,7 +15,7 @@ from headstart.config import read_config_file
 from headstart.tracking import Tracker, resolve_mlflow_uri
 
 TINY = dict(backbone="tiny_test", weights="none", image_size=32, batch_size=8, runtime="keras")
-RECORDS = ("augment_scores", "feature_norm_scores", "fine_tune_lr_scores")
+RECORDS = ("augment_scores", "feature_norm_scores", "fine_tune_lr_scores", "choice_noise")
 
 
 def _config(argv: list[str]) -> Config:

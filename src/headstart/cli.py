@@ -724,6 +724,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="once every choice is made on validation, train the final model again on train + "
         "validation images for the chosen epochs (default; --no-refit: keep the chosen model)",
     )
+    add(
+        "--choice-folds",
+        type=int,
+        metavar="K",
+        help="score the head input and augmentation by K-fold cross-validation over train + "
+        "validation, keeping the simplest within one standard error of the best (default 5; "
+        "0 or 1: on the validation split alone)",
+    )
     add("--seed", type=int)
     add("--tensorboard", action="store_true", help="write TensorBoard logs to RUN/tensorboard/")
     add(

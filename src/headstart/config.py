@@ -121,6 +121,15 @@ class Config:
     # write the choosing phase's validation probabilities (validation_probabilities.npz): a
     # budget's members, whose ensemble weights are fitted on them
     validation_probabilities: bool = False
+    # the cheap choices (head input, augmentation, stage 1's epochs in the refit) scored by
+    # k-fold cross-validation over train + validation, the simplest kept unless another wins
+    # by more than one standard error (headstart.training.noise); 0 or 1: on validation alone
+    choice_folds: int = 5
+    # per choice: how it was scored, the best and the chosen candidate, whether within noise
+    choice_noise: dict[str, dict] = dataclasses.field(default_factory=dict)
+    # the refit's stage-1 epochs where cross-validation chose the head: the median of the
+    # chosen candidate's folds' best epochs; None: as many as the choosing phase's stage 1
+    head_epochs: int | None = None
 
     def validate(self) -> None:
         """Reject impossible values with the option's name, before any work starts."""
@@ -145,6 +154,8 @@ class Config:
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.patience >= 1, "--patience must be at least 1"),
             (self.views >= 0, "--views must be 0 or more"),
+            (self.choice_folds >= 0, "--choice-folds must be 0 or more (0 or 1: one split)"),
+            (self.head_epochs is None or self.head_epochs >= 1, "head_epochs must be 1 or more"),
             (self.image_size is None or self.image_size >= 1, "--image-size must be positive"),
             (
                 self.class_weight in CLASS_WEIGHT_CHOICES,

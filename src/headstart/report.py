@@ -466,6 +466,7 @@ def _html(run_dir: Path, notes: _Notes) -> str:
     sections = [
         ("result", "Result", _result_section(metrics, notes)),
         ("curves", "Training", _figure(run_dir, "curves.png", notes, _curves_caption(metrics))),
+        ("choices", "Choices", _choices_section(config)),
         ("test", "Test set", _test_section(run_dir, metrics, notes)),
         ("gradcam", "Grad-CAM", _gradcam_section(run_dir, notes)),
         ("data", "Data", _data_section(run_dir, config, notes)),
@@ -756,6 +757,42 @@ def _model_section(run_dir: Path, notes: _Notes) -> str:
             f"<pre>{_e(summary)}</pre></details>"
         )
     return "".join(parts)
+
+
+_CHOICES = (("feature_norm", "head input"), ("augment", "augmentation"), ("fine_tune_lr", "rate"))
+
+
+def _choices_section(config: dict) -> str:
+    """Each choice's candidates: their score (mean ± standard error over the folds, or on
+    the validation split), and which was best and which chosen (`headstart.training.choose`)."""
+    noise, rows = config.get("choice_noise") or {}, []
+    for key, what in _CHOICES:
+        record = noise.get(key, {})
+        for name, score in (config.get(f"{key}_scores") or {}).items():
+            if score.get("val_accuracy") is None:
+                text = "not better than stage 1"
+            else:
+                text = f"accuracy {score['val_accuracy']:.4f}, loss {score['val_loss']:.4f}"
+                if "se" in score:
+                    text += f" ({len(score['fold_scores'])} folds, ± {score['se']:.4f})"
+                elif "paired_se" in score:
+                    text += f" (paired ± {score['paired_se']:.4f} against the best)"
+            marks = [m for m, on in (("best", name == record.get("best")),) if on]
+            if name == str(config.get(key)):
+                marks.append("chosen")
+            if score.get("within_one_se") and name != record.get("best"):
+                marks.append("within one standard error of the best")
+            rows.append((what, name, text, ", ".join(marks)))
+    if not rows:
+        return "<p>No choice was made on the labelled images (every setting was given).</p>"
+    verdicts = [
+        f"{what}: {record['method']}, "
+        + ("within noise (kept the simpler)" if record["within_noise"] else "beyond noise")
+        for key, what in _CHOICES
+        if (record := noise.get(key))
+    ]
+    note = f"<p>{_e('; '.join(verdicts))}.</p>" if verdicts else ""
+    return _table(("choice", "candidate", "score", ""), rows) + note
 
 
 def _config_section(run_dir: Path, config: dict) -> str:

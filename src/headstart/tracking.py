@@ -34,7 +34,7 @@ MLFLOW_FILE = "mlflow.json"  # in the run folder: the MLflow run it is logged to
 MLFLOW_DEFAULT_FOLDER = "mlruns"
 MLFLOW_EXPERIMENT = "headstart"  # unless $MLFLOW_EXPERIMENT_NAME names another
 # config fields that are records of the run's choices, not settings: logged as trial metrics
-_RECORDS = ("augment_scores", "feature_norm_scores", "fine_tune_lr_scores")
+_RECORDS = ("augment_scores", "feature_norm_scores", "fine_tune_lr_scores", "choice_noise")
 # metrics.json entries about the run itself; the others are test metrics ("test_" + name)
 _RUN_METRICS = ("train_seconds", "total_seconds", "skipped")
 # MLflow's metric and parameter names: letters, digits and _ - . space : /

@@ -175,6 +175,7 @@ def train(
         feature_norm=feature_norm or config.feature_norm,
         feature_norm_scores={},
         fine_tune_lr_scores={},  # a rate given (not auto) has none; auto records them anew
+        choice_noise={},
         views=config.views if augments and mode == "extract" else 0,
         class_weight="none"
         if folder.multi_label
@@ -183,6 +184,7 @@ def train(
         ),
         multi_label=folder.multi_label,
         mlflow=resolve_mlflow_uri(config.mlflow) if config.mlflow else None,
+        choice_folds=_choice_folds(config),
     )
     config = place(config, cluster)
     with clock.phase("build model"):
@@ -311,6 +313,16 @@ def resume(
             head_builder,
         ),
     )
+
+
+def _choice_folds(config: Config) -> int:
+    """``--choice-folds`` as the run uses it: a ``--distributed`` run makes its choices on the
+    validation split (the folds' fits are one process's: not yet made to run under a
+    distribution), which config.json then says (1)."""
+    if config.distributed and config.choice_folds > 1:
+        log.info("--distributed: the choices are made on the validation split (--choice-folds 1)")
+        return 1
+    return config.choice_folds
 
 
 def _check_multi_label(config: Config) -> None:
@@ -602,4 +614,6 @@ def _what_was_chosen(session: Session, fine_tune: bool, refits: bool = False) ->
         record["fine_tune_lr"] = config.fine_tune_lr
         if config.fine_tune_lr_scores:
             record["fine_tune_lr_scores"] = config.fine_tune_lr_scores
+    if config.choice_noise:  # per choice: how it was scored, the best, within noise or not
+        record["choice_noise"] = config.choice_noise
     return record

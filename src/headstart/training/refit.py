@@ -50,6 +50,7 @@ from headstart import files, runs
 from headstart.calibrate import calibrate_model, with_temperature
 from headstart.extract import ViewSampler
 from headstart.imbalance import class_weights
+from headstart.training.choose import cross_validated_epochs
 from headstart.training.session import Session
 from headstart.training.views import TRAIN_VAL, split_of
 
@@ -77,8 +78,13 @@ def plan_refit(session: Session, fine_tune: bool) -> dict:
             epochs = checkpoint.saved["epoch"] + 1
         else:  # no epoch of the stage was saved: all of them
             epochs = len(stage_rows)
+        folds_epochs = cross_validated_epochs(config) if stage == "head" else None
+        if folds_epochs:  # the folds' median best epoch (rates past the history's: its last)
+            epochs = folds_epochs
         rates = [float(row.get("learning_rate", rate)) for row in stage_rows[:epochs]]
         plan[stage] = {"epochs": epochs, "rates": rates}
+        if folds_epochs:
+            plan[stage]["epochs_from"] = "cross-validation"
     return plan
 
 

@@ -59,7 +59,7 @@ from headstart.training.state import (
     trained_indices,
     write_state,
 )
-from headstart.training.views import FeatureViews, split_of
+from headstart.training.views import TRAIN_VAL, FeatureViews, split_of
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ class Session:
         # the records of the current choice's trials (`trial`), by (stage, candidate)
         self.trials: dict[tuple[str, str], TrialRecord] = {}
         self._compiled = weakref.WeakKeyDictionary()  # trainer -> how `compile` compiled it
+        self.fold_models: dict = {}  # the cross-validated choices' compiled models (crossval)
 
     def elapsed(self) -> float:
         """Seconds of training so far, including those before an interruption."""
@@ -178,6 +179,16 @@ class Session:
         policy = self.config.augment if policy is None else policy
         n_views = self.config.views if n_views is None else n_views
         return self.feature_views.views(kind, split, policy, n_views)
+
+    def choice_views(self, policy: str, n_views: int) -> list:
+        """The training then validation images' pooled views, clean and (``n_views``)
+        augmented by ``policy``: what the cross-validated choices train and score on
+        (`headstart.training.choose`); the refit reads the same rows."""
+        return self.feature_views.views("pooled", TRAIN_VAL, policy, n_views)
+
+    def choice_targets(self) -> np.ndarray:
+        """The targets of `choice_views`' rows, in their order."""
+        return split_of(self.folder, TRAIN_VAL).targets()
 
     def sampler(self, views, split: str) -> ViewSampler:
         return self.feature_views.sampler(views, split)
