@@ -265,11 +265,32 @@ def register_tiny_backbones() -> None:
     )
 
 
+# The modules that take longest (minutes, not seconds: other processes, real weights), longest
+# first (measured with --durations, 2026-12-01). `--dist loadfile` keeps a module on one
+# worker, and xdist would hand out the modules with the most tests first, which left
+# test_distributed_default.py (3 tests, the longest) for last, one worker idle meanwhile
+# (2 min of an 18-min suite). Collected first, and with `--no-loadscope-reorder`
+# (pyproject.toml's addopts), they start first: the longest-first schedule.
+LONGEST_MODULES = (
+    "test_distributed_default.py",
+    "test_train.py",
+    "test_distributed.py",
+    "test_resume.py",
+    "test_backbones.py",
+    "test_report.py",
+    "test_backends.py",
+    "test_runs.py",
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Real offline weights take minutes, not seconds: every integration test is also slow."""
+    """Real offline weights take minutes, not seconds: every integration test is also slow.
+    The longest modules are collected first (`LONGEST_MODULES`)."""
     for item in items:
         if item.get_closest_marker("integration") and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as found
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -160,7 +160,7 @@ def test_ls_and_clear(tmp_path, capsys):
     assert clear(tmp_path / "cache") > 0 and list_entries(tmp_path / "cache") == []
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # two default runs
 def test_a_second_run_on_the_same_images_runs_the_backbone_zero_times(
     tiny_folder, tmp_path, monkeypatch
 ):
@@ -176,7 +176,9 @@ def test_a_second_run_on_the_same_images_runs_the_backbone_zero_times(
     )
     config = dict(
         data=str(tiny_folder),
-        image_size=64,
+        backbone="tiny_test",  # tests/conftest.py: pretrained-style, so the default recipe
+        weights="none",  # runs as on real weights (cached trunk, fine-tuning, refit)
+        image_size=32,
         epochs=2,
         fine_tune_epochs=1,
         views=2,

@@ -112,16 +112,13 @@ def _kill_during_extraction(command: list[str], env: dict, child_processes) -> d
 
 @pytest.fixture(scope="module")
 def default_runs(tmp_path_factory, jax_env, child_processes, run_cluster):
+    """One process alone; two machines, each with its own cache; and a `launch --nproc 2` run
+    killed during extraction, then resumed by `launch` (whose log is that of a launched run
+    from there on: every choice, every augmented view extracted in parts, the final weights)."""
     tmp = tmp_path_factory.mktemp("default")
     data = _fashion_folder(tmp / "data")
     env = jax_env(tmp)
-    runs = {name: tmp / name for name in ("launched", "alone", "machines")}
-    _run(
-        [*HEADSTART, "launch", "--nproc", "2", "--", "train", str(data)]
-        + [f"--out={runs['launched']}", f"--cache-dir={tmp / 'cache-shared'}", *DEFAULTS],
-        env,
-        tmp / "launched.log",
-    )
+    runs = {name: tmp / name for name in ("alone", "machines", "launched")}
     _run(
         [*HEADSTART, "train", str(data), f"--out={runs['alone']}"]
         + [f"--cache-dir={tmp / 'cache-alone'}", *DEFAULTS],
@@ -130,15 +127,14 @@ def default_runs(tmp_path_factory, jax_env, child_processes, run_cluster):
     )
     machines = [tmp / f"cache-machine-{i}" for i in range(2)]
     _manual_cluster(data, runs["machines"], machines, env, tmp, run_cluster)
-    runs["killed"] = tmp / "killed"
     launch = [*HEADSTART, "launch", "--nproc", "2", "--", "train"]
     killed = _kill_during_extraction(
-        [*launch, str(data), f"--out={runs['killed']}", f"--cache-dir={tmp / 'cache-killed'}"]
+        [*launch, str(data), f"--out={runs['launched']}", f"--cache-dir={tmp / 'cache-shared'}"]
         + DEFAULTS,
         env,
         child_processes,
     )
-    _run([*launch, "--resume", str(runs["killed"])], env, tmp / "resumed.log")
+    _run([*launch, "--resume", str(runs["launched"])], env, tmp / "launched.log")
     return {"tmp": tmp, **runs, "machine_caches": machines, "kill": killed}
 
 
@@ -169,8 +165,9 @@ def _assert_same_model(run: Path, reference: Path, same_training) -> None:
 
 
 def test_default_recipe_on_two_processes_matches_one_process(default_runs, same_training):
-    """Every choice made, the augmented views extracted in parts: the same choices, history
-    and model as one process, and both processes ended with the same weights."""
+    """Every choice made, the augmented views extracted in parts (by `launch`, after the
+    resume): the same choices, history and model as one process, and both processes ended
+    with the same weights."""
     log = (default_runs["tmp"] / "launched.log").read_text()
     digests = sorted(line.split()[-1] for line in log.splitlines() if "final weights" in line)
     assert len(digests) == 2 and digests[0] == digests[1], log[-3000:]
@@ -182,23 +179,23 @@ def test_default_recipe_on_two_processes_matches_one_process(default_runs, same_
 def test_two_machines_without_a_shared_cache_train_the_same_model(default_runs, same_training):
     """Each process fills its own cache, the other process's part of an augmented view with
     the draws a shared cache holds: the same candidates' scores, choices and model."""
-    _assert_same_model(default_runs["machines"], default_runs["launched"], same_training)
+    _assert_same_model(default_runs["machines"], default_runs["alone"], same_training)
     for cache in default_runs["machine_caches"]:
         assert list(cache.glob("*/meta.json"))
 
 
 def test_a_process_killed_during_extraction_stops_the_run_and_resume_finishes_it(
-    default_runs, same_training
+    default_runs,
 ):
     """Bound: the launcher ends within POLL_SECONDS + GRACE_SECONDS (5.2 s) of the death (10 s
-    of slack for a loaded machine); `launch -- train --resume` then ends as an uninterrupted
-    run does, from the rows the killed run had cached."""
+    of slack for a loaded machine); `launch -- train --resume` then goes on from stage 1's
+    first epoch with the rows the killed run had cached, and ends as an uninterrupted run
+    does (`test_default_recipe_on_two_processes_matches_one_process`)."""
     kill = default_runs["kill"]
     assert kill["code"] == 1, kill["output"][-3000:]
     assert "process 1 was killed by SIGKILL; stopped the other 1" in kill["output"]
     assert kill["seconds"] < POLL_SECONDS + GRACE_SECONDS + 10, kill["seconds"]
     assert kill["alive"] == []
-    resumed = (default_runs["tmp"] / "resumed.log").read_text()
+    resumed = (default_runs["tmp"] / "launched.log").read_text()
     assert "resuming" in resumed and "stage head, epoch 1" in resumed
-    _assert_same_model(default_runs["killed"], default_runs["alone"], same_training)
-    assert not (default_runs["killed"] / "resume.npz").exists()
+    assert not (default_runs["launched"] / "resume.npz").exists()

@@ -405,6 +405,7 @@ def test_report_of_a_split_from_run_describes_the_runs_own_split(data, tmp_path)
         batch_size=8,
         augment="none",
         split_from=str(manifest),
+        refit=False,  # not about the refit
         quiet=True,
     )
     run = train(config).run_dir

@@ -193,29 +193,13 @@ def test_transfer_recipe_with_real_offline_weights(tiny_folder, tmp_path, mode):
     )
 
 
-@pytest.mark.integration
 def test_cli_train_then_predict(tiny_folder, tmp_path, capsys):
+    """The default recipe through the command line (on the tiny pretrained-style backbone:
+    the real weights' run is `test_transfer_recipe_with_real_offline_weights`), then predict."""
     run = tmp_path / "cli"
-    assert (
-        main(
-            [
-                "--quiet",
-                "train",
-                str(tiny_folder),
-                "--out",
-                str(run),
-                "--image-size",
-                "64",
-                "--epochs",
-                "5",
-                "--fine-tune-epochs",
-                "1",
-                "--batch-size",
-                "8",
-            ]
-        )
-        == 0
-    )
+    command = ["--quiet", "train", str(tiny_folder), "--out", str(run), "--image-size", "32"]
+    command += ["--backbone", "tiny_test", "--weights", "none", "--batch-size", "8"]
+    assert main([*command, "--epochs", "5", "--fine-tune-epochs", "1"]) == 0
     assert "test accuracy" in capsys.readouterr().out
     dogs = sorted(str(p) for p in (tiny_folder / "dog").iterdir())[:3]
     assert main(["predict", str(run), *dogs, "--format", "json", "--top-k", "2"]) == 0
