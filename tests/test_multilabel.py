@@ -13,6 +13,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from headstart.cli import main
+from headstart.compare import compare
 from headstart.data import write_skipped
 from headstart.errors import UsageError
 from headstart.metrics import average_precision, best_threshold, multi_label_metrics
@@ -272,6 +273,8 @@ def test_evaluate_predict_and_report_of_a_multi_label_run(run, capsys):
     assert "not drawn for a multi-label run" in page and not (run / "confusion.png").exists()
     assert main(["calibrate", str(run)]) == 2
     assert "multi-label run: calibrate" in capsys.readouterr().err
+    row = compare([run], out=run.parent / "comparison").rows[0]
+    assert row["test accuracy"] == f"mAP {metrics['map']:.4f}"  # its headline figure, not "?"
 
 
 @pytest.mark.slow

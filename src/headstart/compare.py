@@ -103,6 +103,10 @@ def _row(name: str, path: Path, history: list[dict]) -> dict:
     accuracy = metrics.get("accuracy")
     seconds = metrics.get("train_seconds")
     interval = metrics.get("accuracy_ci95")
+    if metrics.get("multi_label"):  # no accuracy: its headline figure, mean average precision
+        score = f"mAP {metrics['map']:.4f}"
+    else:
+        score = f"{accuracy:.4f}" if isinstance(accuracy, int | float) else "?"
     return {
         "run": name,
         "backbone": config.get("backbone", "?"),
@@ -111,7 +115,7 @@ def _row(name: str, path: Path, history: list[dict]) -> dict:
         "image size": str(config.get("image_size", "?")),
         "epochs": f"{head_epochs}+{tune_epochs}" if tune_epochs else str(head_epochs),
         "wall time": f"{seconds:.0f} s" if isinstance(seconds, int | float) else "?",
-        "test accuracy": f"{accuracy:.4f}" if isinstance(accuracy, int | float) else "?",
+        "test accuracy": score,
         "95% CI": f"{interval[0]:.2f}-{interval[1]:.2f}" if interval else "?",
         "parameters trained": trained,
     }
