@@ -217,7 +217,7 @@ def test_the_report_stops_on_a_full_disk_but_not_on_other_failures(tmp_path, mon
 
 @pytest.mark.parametrize("resumable", [True, False], ids=["resume", "before-resume-state"])
 def test_the_cli_says_it_in_one_line(tmp_path, monkeypatch, capsys, resumable):
-    import headstart.training
+    import headstart.budget
 
     run = tmp_path / "run"
 
@@ -228,7 +228,7 @@ def test_the_cli_says_it_in_one_line(tmp_path, monkeypatch, capsys, resumable):
             (run / RESUME_FILE).write_bytes(b"")
         raise DiskFullError(run / runs.MODEL_FILE, 12 * 2**20, 300 * 1024)
 
-    monkeypatch.setattr(headstart.training, "train", fake_train, raising=False)
+    monkeypatch.setattr(headstart.budget, "train", fake_train)  # what the CLI calls
     code = main(["train", str(tmp_path), "--out", str(run)])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_DISK_FULL == 1
@@ -244,12 +244,12 @@ def test_the_cli_says_it_in_one_line(tmp_path, monkeypatch, capsys, resumable):
 
 
 def test_the_cli_names_the_file_of_a_write_headstart_does_not_make(tmp_path, monkeypatch, capsys):
-    import headstart.training
+    import headstart.budget
 
     def fake_train(config, **_):
         raise _enospc(tmp_path / "run" / "tensorboard" / "events")
 
-    monkeypatch.setattr(headstart.training, "train", fake_train, raising=False)
+    monkeypatch.setattr(headstart.budget, "train", fake_train)  # what the CLI calls
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "run")]) == 1
     line = capsys.readouterr().err.strip()
     assert line.startswith(

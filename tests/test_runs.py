@@ -215,7 +215,7 @@ def test_ctrl_c_during_train_keeps_the_run_and_exits_130(tiny_folder, tmp_path):
 
 
 def test_interrupted_message_before_any_epoch(tmp_path, monkeypatch, tiny_folder, capsys):
-    train_module = importlib.import_module("headstart.training")  # what the CLI calls
+    train_module = importlib.import_module("headstart.budget")  # what the CLI calls
 
     def interrupted(config, **_):
         runs.new_run_dir(config.out)
