@@ -117,14 +117,14 @@ def _block_plan(v: _Variant) -> list[_Block]:
     return plan
 
 
-def _conv(filters: int, kernel: int, name: str, strides: int = 1) -> layers.Conv2D:
+def _conv(filters: int, kernel: int, name: str, strides: int = 1, init=_CONV_INIT) -> layers.Conv2D:
     return layers.Conv2D(
         filters,
         kernel,
         strides=strides,
         padding="same",  # TF "SAME" (extra pad bottom/right), what the checkpoint was trained with
         use_bias=False,
-        kernel_initializer=_CONV_INIT,
+        kernel_initializer=init,
         name=name,
     )
 
@@ -137,12 +137,12 @@ def _relu6(name: str) -> layers.Activation:
     return layers.Activation("relu6", name=name)
 
 
-def _mbconv(x, b: _Block, drop_rate: float):
+def _mbconv(x, b: _Block, drop_rate: float, init=_CONV_INIT):
     """Inverted residual block without squeeze-excitation (not quantization friendly)."""
     inputs = x
     p = b.prefix
     if b.expand != 1:
-        x = _conv(b.filters_in * b.expand, 1, p + "expand_conv")(x)
+        x = _conv(b.filters_in * b.expand, 1, p + "expand_conv", init=init)(x)
         x = _bn(p + "expand_bn")(x)
         x = _relu6(p + "expand_activation")(x)
     x = layers.DepthwiseConv2D(
@@ -150,12 +150,12 @@ def _mbconv(x, b: _Block, drop_rate: float):
         strides=b.stride,
         padding="same",
         use_bias=False,
-        depthwise_initializer=_CONV_INIT,
+        depthwise_initializer=init,
         name=p + "dwconv",
     )(x)
     x = _bn(p + "bn")(x)
     x = _relu6(p + "activation")(x)
-    x = _conv(b.filters_out, 1, p + "project_conv")(x)
+    x = _conv(b.filters_out, 1, p + "project_conv", init=init)(x)
     x = _bn(p + "project_bn")(x)
     if b.stride == 1 and b.filters_in == b.filters_out:
         if drop_rate > 0:  # stochastic depth: identity at inference
@@ -171,16 +171,23 @@ def _build(
     classes: int,
     classifier_activation: str | None,
     name: str,
+    loaded: bool = False,
 ) -> keras.Model:
-    """One flat functional model: every conv/BN/activation/add is its own layer."""
+    """One flat functional model: every conv/BN/activation/add is its own layer.
+
+    ``loaded``: a checkpoint overwrites every value next, so the kernels start as zeros, not
+    as keras.applications' random draws: on JAX each random initializer compiles its own XLA
+    programs per shape (115 for Lite0, 24 s of every process's start on 2 cores, `headstart
+    launch` included; zeros: 3 s)."""
+    conv_init, dense_init = ("zeros", "zeros") if loaded else (_CONV_INIT, _DENSE_INIT)
     inputs = keras.Input(shape=input_shape, name="input_layer")
-    x = _conv(_STEM_FILTERS, 3, "stem_conv", strides=2)(inputs)
+    x = _conv(_STEM_FILTERS, 3, "stem_conv", strides=2, init=conv_init)(inputs)
     x = _bn("stem_bn")(x)
     x = _relu6("stem_activation")(x)
     plan = _block_plan(v)
     for i, block in enumerate(plan):
-        x = _mbconv(x, block, _DROP_CONNECT_RATE * i / len(plan))
-    x = _conv(_HEAD_FILTERS, 1, "top_conv")(x)
+        x = _mbconv(x, block, _DROP_CONNECT_RATE * i / len(plan), init=conv_init)
+    x = _conv(_HEAD_FILTERS, 1, "top_conv", init=conv_init)(x)
     x = _bn("top_bn")(x)
     x = _relu6("top_activation")(x)
     if include_top:
@@ -190,7 +197,7 @@ def _build(
         x = layers.Dense(
             classes,
             activation=classifier_activation,
-            kernel_initializer=_DENSE_INIT,
+            kernel_initializer=dense_init,
             name="predictions",
         )(x)
     return keras.Model(inputs, x, name=name)
@@ -235,7 +242,7 @@ def EfficientNetLite(
         raise UsageError(
             f"weights must be None, 'imagenet' or an existing .weights.h5 file, got {path}"
         )
-    model = _build(v, shape, include_top, classes, classifier_activation, name)
+    model = _build(v, shape, include_top, classes, classifier_activation, name, loaded=True)
     model.load_weights(path)
     return model
 
@@ -243,7 +250,7 @@ def EfficientNetLite(
 def _imagenet_model(variant, shape, include_top, classifier_activation, name) -> keras.Model:
     """Load the cached full weights; headless models are the full graph cut at the top."""
     weights_file = _imagenet_weights_file(variant)  # first: a missing package fails fast
-    full = _build(VARIANTS[variant], shape, True, 1000, classifier_activation, name)
+    full = _build(VARIANTS[variant], shape, True, 1000, classifier_activation, name, loaded=True)
     full.load_weights(weights_file)
     if include_top:
         return full
