@@ -110,7 +110,11 @@ def run_headstart(data: Path, size: int, work: Path, extra: list[str], name: str
         stage: [float(row["epoch_seconds"]) for row in history if row["stage"] == stage]
         for stage in ("head", "fine_tune")
     }
-    if isinstance(metrics.get("phase_seconds"), dict):
+    budget = metrics.get("budget")
+    if budget:  # what the time bought: each candidate's estimate and actual seconds, the result
+        phases = {"default": budget["default_seconds"]}
+        phases.update({row["name"]: row["seconds"] for row in budget["candidates"]})
+    elif isinstance(metrics.get("phase_seconds"), dict):
         phases = {k: round(float(v), 2) for k, v in metrics["phase_seconds"].items()}
     else:  # before phase_seconds: what metrics.json and history.csv tell
         train = float(metrics["train_seconds"])
@@ -122,10 +126,6 @@ def run_headstart(data: Path, size: int, work: Path, extra: list[str], name: str
             "outside_train": round(wall - train, 1),  # startup, data check, test, report
         }
     shutil.rmtree(cache, ignore_errors=True)  # features of 11,500 images: don't keep them
-    budget = metrics.get("budget")
-    if budget:  # what the time bought: each candidate's estimate and actual seconds, the result
-        phases = {"default": budget["default_seconds"]}
-        phases.update({row["name"]: row["seconds"] for row in budget["candidates"]})
     return {
         "wall_seconds": round(wall, 1),
         "cpu_seconds": round(cpu, 1),
