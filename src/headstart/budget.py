@@ -51,6 +51,7 @@ from headstart.config import Config
 from headstart.ensemble import ensemble, fit_weights
 from headstart.errors import DiskFullError, UsageError
 from headstart.report import redraw
+from headstart.training.noise import fold_assignment, mean_and_se, paired_se
 from headstart.training.recipe import (
     VALIDATION_PROBABILITIES_FILE,
     TrainResult,
@@ -328,11 +329,8 @@ def best_member(probabilities: Sequence[np.ndarray], labels: np.ndarray) -> dict
     and ``se`` against the first."""
     labels = np.asarray(labels)
     right = _accuracies(probabilities, labels)
-    gains, errors = [], []
-    for row in right:
-        difference = row - right[0]
-        gains.append(float(difference.mean()))
-        errors.append(float(difference.std(ddof=1) / math.sqrt(len(difference))))
+    gains = [float((row - right[0]).mean()) for row in right]
+    errors = [paired_se(row, right[0]) for row in right]
     beyond = [i for i in range(1, len(right)) if gains[i] > errors[i]]
     index = max(beyond, key=lambda i: gains[i]) if beyond else 0
     return {"index": index, "gain": gains, "se": errors}
@@ -353,11 +351,7 @@ def ensemble_evidence(
     labels = np.asarray(labels, dtype=np.int64)
     probabilities = [np.asarray(p, dtype=np.float64) for p in probabilities]
     folds = max(2, min(folds, int(np.bincount(labels).max()), len(labels) // 2))
-    rng = np.random.default_rng(seed)
-    fold_of = np.empty(len(labels), dtype=np.int64)
-    for label in np.unique(labels):  # each class dealt round the folds, shuffled
-        where = rng.permutation(np.flatnonzero(labels == label))
-        fold_of[where] = (np.arange(len(where)) + rng.integers(folds)) % folds
+    fold_of = fold_assignment(labels, folds, seed)  # the choices' own stratified folds
     right = _accuracies(probabilities, labels)
     gains = []
     for fold in range(folds):
@@ -370,8 +364,8 @@ def ensemble_evidence(
         gains.append(
             float(np.mean(np.argmax(mixed, axis=1) == labels[held]) - right[best, held].mean())
         )
-    mean = float(np.mean(gains))
-    se = float(np.std(gains, ddof=1) / math.sqrt(len(gains))) if len(gains) > 1 else math.inf
+    mean, se = mean_and_se(gains)
+    se = se if len(gains) > 1 else math.inf  # one fold: no evidence
     return {
         "metric": "accuracy",
         "folds": len(gains),
