@@ -505,20 +505,16 @@ def _test_metrics(
             model, calibration = calibrate_model(model, folder.val, config.batch_size)
         files.save_model_atomic(model, run_dir / runs.MODEL_FILE)
     thresholds = None
+    held_out = None  # the validation images' probabilities, from the chosen model only
+    if folder.multi_label or (config.validation_probabilities and len(folder.val)):
+        on = chosen_model(run_dir) if refits else model
+        held_out = _test_probabilities(on, folder.val, config, session, fine_tune, "val")
     if folder.multi_label:  # each label's threshold: its best F1 on validation
-        val = folder.val
-        on = chosen_model(run_dir) if refits else model  # held out from the chosen model only
-        record = thresholds_record(
-            folder.class_names,
-            val.targets(),
-            _test_probabilities(on, val, config, session, fine_tune, "val"),
-        )
+        record = thresholds_record(folder.class_names, folder.val.targets(), held_out)
         files.write_json(run_dir / runs.THRESHOLDS_FILE, record)
         thresholds = [record["thresholds"][name] for name in folder.class_names]
-    if config.validation_probabilities and len(folder.val):  # held out from the chosen model
-        on = chosen_model(run_dir) if refits else model
-        probabilities = _test_probabilities(on, folder.val, config, session, fine_tune, "val")
-        write_validation_probabilities(run_dir, probabilities, folder.val.labels)
+    if config.validation_probabilities and len(folder.val):  # a budget's member
+        write_validation_probabilities(run_dir, held_out, folder.val.labels)
     if len(folder.test):
         probabilities = _test_probabilities(model, folder.test, config, session, fine_tune)
         metrics = metrics_for_split(
