@@ -321,7 +321,9 @@ def test_the_budget_stops_in_time_and_ends_in_one_normal_run_folder(
     """A 9-second budget: the default model, a candidate that fits, and one whose estimate
     was far too short, stopped at the deadline; the two complementary members make an
     ensemble (kept on evidence), one run folder that evaluate reads; all within 10%."""
-    monkeypatch.setattr(budget, "FINISH_SECONDS", 2.0)  # tiny models: the end is quick
+    # tiny models: the end is quick, but building and saving the ensemble took at least 3.6 s on a
+    # clean-clone CI run (once in four, 2026-12-01), more than the 2.4 s first reserved here
+    monkeypatch.setattr(budget, "FINISH_SECONDS", 4.0)
     monkeypatch.setattr(budget, "FINISH_SECONDS_PER_MEMBER", 0.2)
     labels = read_validation_probabilities(tiny_member.run_dir)[1]
     n = len(labels)
