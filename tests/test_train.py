@@ -162,7 +162,7 @@ def test_transfer_recipe_with_real_offline_weights(tiny_folder, tmp_path, mode):
     config = Config(
         data=str(tiny_folder),
         out=str(tmp_path / mode),
-        image_size=64,
+        image_size=32,  # Lite0's smallest input: the recipe, not the pixels, is tested here
         epochs=6,
         fine_tune_epochs=2,
         fine_tune_lr=1e-4,  # a fixed rate: "auto" skips stage 2 when it cannot beat stage 1
@@ -182,7 +182,7 @@ def test_transfer_recipe_with_real_offline_weights(tiny_folder, tmp_path, mode):
     chosen = result.metrics.get("validation_choosing_phase") or result.metrics["saved_from"]
     assert chosen["stage"] == "head" and "refit_fine_tune" not in stages
     model = keras.saving.load_model(result.run_dir / "model.keras")
-    images = np.stack([read_image(p, (64, 64)) for p in find_images([str(tiny_folder)])[:8]])
+    images = np.stack([read_image(p, (32, 32)) for p in find_images([str(tiny_folder)])[:8]])
     images = images.astype("float32")
     # the saved model is exactly preprocessing + backbone + head (no augmentation inside)
     np.testing.assert_allclose(

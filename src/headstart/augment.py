@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
+import tensorflow as tf
 from keras import layers
 
 from headstart.errors import UsageError
@@ -75,3 +77,13 @@ def build_augmenter(spec: str, seed: int = 0) -> keras.layers.Pipeline | None:
     return keras.layers.Pipeline(
         [makers[name](value) for name, value in parsed.items()], name="augmentation"
     )
+
+
+def augment_images(augmenter: keras.layers.Pipeline, images: np.ndarray) -> np.ndarray:
+    """One batch through ``augmenter`` in training mode, as NumPy: called directly on
+    TensorFlow, in a tf.data map elsewhere (as training runs it; an eager call on JAX compiles
+    each random op on its own: 3 s for the report's 9 images of a 32-px run)."""
+    if keras.backend.backend() == "tensorflow":
+        return keras.ops.convert_to_numpy(augmenter(images, training=True))
+    views = tf.data.Dataset.from_tensors(images).map(lambda x: augmenter(x, training=True))
+    return next(iter(views)).numpy()

@@ -24,7 +24,13 @@ from headstart import figures, runs
 from headstart.data import UnreadableImage, find_images, read_image
 from headstart.errors import UsageError
 from headstart.metrics import probabilities_from_logits
-from headstart.model import CLASSIFIER_NAME, FEATURES_NAME, backbone_layer_name, temperature_of
+from headstart.model import (
+    CLASSIFIER_NAME,
+    FEATURES_NAME,
+    backbone_layer_name,
+    infer,
+    temperature_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +64,8 @@ def gradcam(model: keras.Model, images: np.ndarray, classes=None) -> Explanation
     head = model.get_layer(CLASSIFIER_NAME)
     conv = keras.Model(model.input, pool.input, name="last_conv")
     images = np.asarray(images, "float32")
-    maps = np.concatenate(  # direct calls, not predict(): no tf.function retraced per call
-        [
-            keras.ops.convert_to_numpy(conv(images[i : i + _BATCH], training=False))
-            for i in range(0, len(images), _BATCH)
-        ]
+    maps = np.concatenate(
+        [infer(conv, images[i : i + _BATCH]) for i in range(0, len(images), _BATCH)]
     ).astype(np.float64)
     n, height, width, channels = maps.shape
     gap = isinstance(pool, keras.layers.GlobalAveragePooling2D)
@@ -116,8 +119,8 @@ def _dense_stack(head: keras.Model, x: np.ndarray):
         kernel = keras.ops.convert_to_numpy(layer.kernel).astype(np.float64)
         bias = keras.ops.convert_to_numpy(layer.bias).astype(np.float64) if layer.use_bias else 0
         z = x @ kernel + bias
-        activation = keras.activations.serialize(layer.activation)
-        activation = activation if isinstance(activation, str) else activation.get("config", "")
+        # by name: keras.activations.serialize takes seconds on JAX
+        activation = getattr(layer.activation, "__name__", repr(layer.activation))
         if activation == "relu":
             mask = (z > 0).astype(np.float64)
             x = z * mask

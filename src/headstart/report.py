@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from headstart import figures, files, runs
-from headstart.augment import build_augmenter
+from headstart.augment import augment_images, build_augmenter
 from headstart.check import CHECK_FILE, summary_line
 from headstart.config import Config
 from headstart.data import make_dataset, read_image
 from headstart.evaluation import PREDICTIONS_FILE
 from headstart.explain import gradcam
 from headstart.metrics import TOP_K, confusion_matrix, probabilities_from_logits
+from headstart.model import infer
 from headstart.splits import run_images, run_split
 
 log = logging.getLogger(__name__)
@@ -261,14 +262,12 @@ def _samples(folder, config: Config, run_dir: Path) -> None:
 
 def _augmentations(folder, config: Config, run_dir: Path) -> None:
     """The first training image and 9 versions through the run's own augmentation layers."""
-    import keras
-
     image = read_image(folder.train.paths[0], _size(config))
     augmenter = build_augmenter(config.augment, config.seed)
     augmented = []
     if augmenter is not None:
         batch = np.repeat(image[None].astype("float32"), 9, axis=0)
-        augmented = list(keras.ops.convert_to_numpy(augmenter(batch, training=True)))
+        augmented = list(augment_images(augmenter, batch))
     figures.augmentations(image, augmented, config.augment, run_dir / "augmentations.png")
 
 
@@ -309,18 +308,12 @@ def _saved_test_predictions(run_dir: Path, config: Config, class_names, folder, 
 
 def _predict_test(model, folder, class_names, metrics: dict, notes: _Notes) -> _TestPredictions:
     """The saved model on the re-created test split, checked against metrics.json."""
-    import keras
-
     if list(folder.class_names) != list(class_names):
         raise ValueError("the data folder's classes differ from the run's labels")
     size = tuple(model.input_shape[1:3])
     split = folder.test
-    # direct calls, not predict(): a fresh predict function per report makes TensorFlow warn
-    # about retracing at the end of every train
-    logits = [model(np.asarray(x), training=False) for x, _ in make_dataset(split, size)]
-    probabilities = probabilities_from_logits(
-        np.concatenate([keras.ops.convert_to_numpy(batch) for batch in logits])
-    )
+    logits = [infer(model, np.asarray(x)) for x, _ in make_dataset(split, size)]
+    probabilities = probabilities_from_logits(np.concatenate(logits))
     test = _TestPredictions(
         split.paths,
         size,
