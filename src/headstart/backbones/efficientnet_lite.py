@@ -74,6 +74,37 @@ _DENSE_INIT = {
 }
 
 
+class _HostZeros(keras.initializers.Initializer):
+    """Zeros made by NumPy, for a model whose checkpoint is loaded next: Keras' own
+    initializers, zeros included, run on the backend, and JAX compiles an XLA program for each
+    shape (Lite0: 50 programs, 2 s of every process's start). Swapped back for Keras' own by
+    `_keras_initializers` before the model is returned, so saved configs name only Keras'."""
+
+    def __call__(self, shape, dtype=None):
+        return np.zeros(shape, dtype=keras.backend.standardize_dtype(dtype or "float32"))
+
+
+# each initializer attribute of the layers built here -> Keras' initializer when loaded
+_LOADED_INITIALIZERS = {
+    "kernel_initializer": "zeros",
+    "depthwise_initializer": "zeros",
+    "bias_initializer": "zeros",
+    "gamma_initializer": "ones",
+    "beta_initializer": "zeros",
+    "moving_mean_initializer": "zeros",
+    "moving_variance_initializer": "ones",
+}
+
+
+def _keras_initializers(model: keras.Model) -> keras.Model:
+    """Every `_HostZeros` of ``model``'s layers replaced by Keras' (see `_LOADED_INITIALIZERS`)."""
+    for layer in model.layers:
+        for attribute, keras_name in _LOADED_INITIALIZERS.items():
+            if isinstance(getattr(layer, attribute, None), _HostZeros):
+                setattr(layer, attribute, keras.initializers.get(keras_name))
+    return model
+
+
 class _Block(NamedTuple):
     prefix: str  # e.g. "block2a_"
     kernel: int
@@ -129,8 +160,16 @@ def _conv(filters: int, kernel: int, name: str, strides: int = 1, init=_CONV_INI
     )
 
 
-def _bn(name: str) -> layers.BatchNormalization:
-    return layers.BatchNormalization(momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, name=name)
+def _bn(name: str, init=_CONV_INIT) -> layers.BatchNormalization:
+    """``init``: a `_HostZeros` for every statistic and parameter, else Keras' defaults."""
+    host = (
+        {}
+        if not isinstance(init, _HostZeros)
+        else {
+            key: init for key in _LOADED_INITIALIZERS if key.startswith(("gamma", "beta", "moving"))
+        }
+    )
+    return layers.BatchNormalization(momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, name=name, **host)
 
 
 def _relu6(name: str) -> layers.Activation:
@@ -143,7 +182,7 @@ def _mbconv(x, b: _Block, drop_rate: float, init=_CONV_INIT):
     p = b.prefix
     if b.expand != 1:
         x = _conv(b.filters_in * b.expand, 1, p + "expand_conv", init=init)(x)
-        x = _bn(p + "expand_bn")(x)
+        x = _bn(p + "expand_bn", init)(x)
         x = _relu6(p + "expand_activation")(x)
     x = layers.DepthwiseConv2D(
         b.kernel,
@@ -153,10 +192,10 @@ def _mbconv(x, b: _Block, drop_rate: float, init=_CONV_INIT):
         depthwise_initializer=init,
         name=p + "dwconv",
     )(x)
-    x = _bn(p + "bn")(x)
+    x = _bn(p + "bn", init)(x)
     x = _relu6(p + "activation")(x)
     x = _conv(b.filters_out, 1, p + "project_conv", init=init)(x)
-    x = _bn(p + "project_bn")(x)
+    x = _bn(p + "project_bn", init)(x)
     if b.stride == 1 and b.filters_in == b.filters_out:
         if drop_rate > 0:  # stochastic depth: identity at inference
             x = layers.Dropout(drop_rate, noise_shape=(None, 1, 1, 1), name=p + "drop")(x)
@@ -175,20 +214,20 @@ def _build(
 ) -> keras.Model:
     """One flat functional model: every conv/BN/activation/add is its own layer.
 
-    ``loaded``: a checkpoint overwrites every value next, so the kernels start as zeros, not
-    as keras.applications' random draws: on JAX each random initializer compiles its own XLA
-    programs per shape (115 for Lite0, 24 s of every process's start on 2 cores, `headstart
-    launch` included; zeros: 3 s)."""
-    conv_init, dense_init = ("zeros", "zeros") if loaded else (_CONV_INIT, _DENSE_INIT)
+    ``loaded``: a checkpoint overwrites every value next, so every variable starts as NumPy
+    zeros (`_HostZeros`), not as keras.applications' random draws: on JAX each initializer
+    compiles its own XLA programs per shape (random ones: 115 programs for Lite0, 24 s of every
+    process's start on 2 cores, `headstart launch` included)."""
+    conv_init, dense_init = (_HostZeros(), _HostZeros()) if loaded else (_CONV_INIT, _DENSE_INIT)
     inputs = keras.Input(shape=input_shape, name="input_layer")
     x = _conv(_STEM_FILTERS, 3, "stem_conv", strides=2, init=conv_init)(inputs)
-    x = _bn("stem_bn")(x)
+    x = _bn("stem_bn", conv_init)(x)
     x = _relu6("stem_activation")(x)
     plan = _block_plan(v)
     for i, block in enumerate(plan):
         x = _mbconv(x, block, _DROP_CONNECT_RATE * i / len(plan), init=conv_init)
     x = _conv(_HEAD_FILTERS, 1, "top_conv", init=conv_init)(x)
-    x = _bn("top_bn")(x)
+    x = _bn("top_bn", conv_init)(x)
     x = _relu6("top_activation")(x)
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
@@ -198,9 +237,10 @@ def _build(
             classes,
             activation=classifier_activation,
             kernel_initializer=dense_init,
+            bias_initializer=dense_init if loaded else "zeros",
             name="predictions",
         )(x)
-    return keras.Model(inputs, x, name=name)
+    return _keras_initializers(keras.Model(inputs, x, name=name))
 
 
 # --------------------------------------------------------------------------- public API
