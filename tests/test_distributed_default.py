@@ -2,8 +2,9 @@
 
 ``headstart launch --nproc 2 -- train DATA`` with no recipe flags (head input, augmentation and
 fine-tuning rate all chosen on validation, the augmented views extracted in parts) must end as
-one process with the same global batch does; so must two processes that share no feature
-cache (two machines without a shared file system). Real processes on 127.0.0.1, JAX backend,
+one process with the same global batch does. (Two processes that share no feature cache, as
+two machines without a shared file system: `test_distributed.py`'s sharded runs, whose caches
+must hold a single process's very rows.) Real processes on 127.0.0.1, JAX backend,
 EfficientNet-Lite0 with its ImageNet weights at 32 px on the four Fashion-MNIST classes that
 look most alike (the demo's images, 10 each: 28 train, 8 validation, 4 test), so the
 candidates' scores differ; global batch 4, so every batch is whole on both sides.
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from headstart.backbones.efficientnet_lite import imagenet_weights_available
-from headstart.distributed.launch import GRACE_SECONDS, POLL_SECONDS, free_port
+from headstart.distributed.launch import GRACE_SECONDS, POLL_SECONDS
 from headstart.training.demo import demo_data_path
 
 pytestmark = [
@@ -65,20 +66,6 @@ def _run(command: list[str], env: dict, log: Path) -> None:
     assert done.returncode == 0, log.read_text()[-3000:]
 
 
-def _manual_cluster(data, run, caches, env, tmp, run_cluster) -> None:
-    """The multi-machine form: each process started on its own, with its own feature cache."""
-    port = free_port()
-    commands = [
-        [*HEADSTART, "train", str(data), f"--out={run}", f"--cache-dir={cache}", *DEFAULTS]
-        + ["--distributed", f"--coordinator=127.0.0.1:{port}", "--num-processes=2"]
-        + [f"--process-id={i}"]
-        for i, cache in enumerate(caches)
-    ]
-    logs = [tmp / f"machine-{i}.log" for i in range(2)]
-    codes, tails = run_cluster(commands, env, logs)
-    assert codes == [0, 0], tails
-
-
 def _kill_during_extraction(command: list[str], env: dict, child_processes) -> dict:
     """Start ``command`` (a `headstart launch`), SIGKILL its process 1 once that process has
     started extracting, and wait for the launcher: its exit code, output and seconds taken."""
@@ -111,22 +98,20 @@ def _kill_during_extraction(command: list[str], env: dict, child_processes) -> d
 
 
 @pytest.fixture(scope="module")
-def default_runs(tmp_path_factory, jax_env, child_processes, run_cluster):
-    """One process alone; two machines, each with its own cache; and a `launch --nproc 2` run
-    killed during extraction, then resumed by `launch` (whose log is that of a launched run
-    from there on: every choice, every augmented view extracted in parts, the final weights)."""
+def default_runs(tmp_path_factory, jax_env, child_processes):
+    """One process alone; and a `launch --nproc 2` run killed during extraction, then resumed
+    by `launch` (whose log is that of a launched run from there on: every choice, every
+    augmented view extracted in parts, the final weights)."""
     tmp = tmp_path_factory.mktemp("default")
     data = _fashion_folder(tmp / "data")
     env = jax_env(tmp)
-    runs = {name: tmp / name for name in ("alone", "machines", "launched")}
+    runs = {name: tmp / name for name in ("alone", "launched")}
     _run(
         [*HEADSTART, "train", str(data), f"--out={runs['alone']}"]
         + [f"--cache-dir={tmp / 'cache-alone'}", *DEFAULTS],
         env,
         tmp / "alone.log",
     )
-    machines = [tmp / f"cache-machine-{i}" for i in range(2)]
-    _manual_cluster(data, runs["machines"], machines, env, tmp, run_cluster)
     launch = [*HEADSTART, "launch", "--nproc", "2", "--", "train"]
     killed = _kill_during_extraction(
         [*launch, str(data), f"--out={runs['launched']}", f"--cache-dir={tmp / 'cache-shared'}"]
@@ -135,7 +120,7 @@ def default_runs(tmp_path_factory, jax_env, child_processes, run_cluster):
         child_processes,
     )
     _run([*launch, "--resume", str(runs["launched"])], env, tmp / "launched.log")
-    return {"tmp": tmp, **runs, "machine_caches": machines, "kill": killed}
+    return {"tmp": tmp, **runs, "kill": killed}
 
 
 def _choices(run: Path) -> tuple[dict, dict]:
@@ -174,14 +159,6 @@ def test_default_recipe_on_two_processes_matches_one_process(default_runs, same_
     assert "(part 1 of 2)" in log  # an augmented view was extracted in parts
     assert "augmentation chosen on validation" in log
     _assert_same_model(default_runs["launched"], default_runs["alone"], same_training)
-
-
-def test_two_machines_without_a_shared_cache_train_the_same_model(default_runs, same_training):
-    """Each process fills its own cache, the other process's part of an augmented view with
-    the draws a shared cache holds: the same candidates' scores, choices and model."""
-    _assert_same_model(default_runs["machines"], default_runs["alone"], same_training)
-    for cache in default_runs["machine_caches"]:
-        assert list(cache.glob("*/meta.json"))
 
 
 def test_a_process_killed_during_extraction_stops_the_run_and_resume_finishes_it(
