@@ -3,6 +3,7 @@ saved model over members of different sizes that evaluate and predict use like a
 
 import csv
 import json
+import logging
 
 import keras
 import numpy as np
@@ -122,10 +123,16 @@ def test_binary_members_average_their_sigmoids(tiny_run):
     assert not [op.type for op in graph.get_operations() if "Random" in op.type]
 
 
-def test_cli_ensemble_then_evaluate_and_predict(members, three_class_folder, tmp_path, capsys):
+def test_cli_ensemble_then_evaluate_and_predict(
+    members, three_class_folder, tmp_path, capsys, caplog
+):
     out = tmp_path / "ens"
     assert main(["ensemble", *map(str, members), "--out", str(out), "--quiet"]) == 0
     assert "weights: 0.500, 0.500" in capsys.readouterr().out
+    # an ensemble has no single feature map: its report says so, and nothing is warned
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    page = (out / "report.html").read_text()
+    assert "an ensemble (several models averaged) has no single feature map" in page
     metrics = json.loads((out / runs.METRICS_FILE).read_text())
 
     def tested(run):  # the same test files as the members', so `compare` pairs them

@@ -51,6 +51,11 @@ def gradcam(model: keras.Model, images: np.ndarray, classes=None) -> Explanation
 
     ``classes`` (N,) picks the class to explain per image; None explains the predicted class.
     """
+    if FEATURES_NAME not in [layer.name for layer in model.layers]:
+        raise UsageError(
+            "Grad-CAM: an ensemble (several models averaged) has no single feature map: "
+            "explain one of its members' runs"
+        )
     pool = model.get_layer(FEATURES_NAME)
     if isinstance(pool, keras.layers.Concatenate):
         raise UsageError("Grad-CAM: a two-backbone fusion model has no single feature map")

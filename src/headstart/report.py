@@ -27,6 +27,7 @@ from headstart.augment import augment_images, build_augmenter
 from headstart.check import CHECK_FILE, summary_line
 from headstart.config import Config
 from headstart.data import make_dataset, read_image
+from headstart.errors import UsageError
 from headstart.evaluation import PREDICTIONS_FILE
 from headstart.explain import gradcam
 from headstart.metrics import TOP_K, confusion_matrix, probabilities_from_logits
@@ -124,6 +125,10 @@ def write_figures(run_dir: Path, folder=None, model=None) -> _Notes:
         """``draw()``'s value; on failure None, and ``name`` (and ``also``) noted as missing."""
         try:
             return draw()
+        except UsageError as error:  # a figure this kind of model has none of: said, not warned
+            for missing in (name, *also):
+                notes.missing[missing] = f"not drawn: {error}"
+            return None
         except Exception as error:  # one broken figure must not cost the others
             if files.is_disk_full(error):  # but a full disk stops the run, to be resumed
                 raise
