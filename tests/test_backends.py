@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _on_jax(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT / "src")}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the runs' own: the feature cache's
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
     )
@@ -29,18 +30,23 @@ def _on_jax(args: list[str], timeout: float) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @needs_jax
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the second pass itself")
-def test_core_subset_passes_on_jax():
-    """The CI's second backend: `pytest -m core` again with KERAS_BACKEND=jax (~80 s here),
-    collecting only the modules with core tests (importing all the others costs seconds)."""
+def test_core_subset_passes_on_jax(tmp_path):
+    """The CI's second backend: `pytest -m core` again with KERAS_BACKEND=jax (~40 s here),
+    collecting only the modules with core tests (importing all the others costs seconds).
+    Its training runs keep their compiled programs in the feature cache's ``.xla`` folder
+    (`headstart.training.cache.use_compilation_cache`): a refit loads stage 1's train step."""
     modules = sorted(
         str(path.relative_to(ROOT))
         for path in (ROOT / "tests").glob("test_*.py")
         if "pytest.mark.core" in path.read_text()
     )
     args = ["-m", "pytest", "-m", "core", "-q", "-p", "no:cacheprovider", "-n", "0", *modules]
-    done = _on_jax(args, timeout=600)
+    done = _on_jax([*args, f"--basetemp={tmp_path}"], timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "failed" not in done.stdout
+    # the nested session's cache (conftest's $HEADSTART_CACHE): programs kept, in one folder
+    programs = list(tmp_path.glob("feature_cache*/.xla/*"))
+    assert len(programs) >= 3, sorted(p.name for p in tmp_path.rglob("*"))[:50]
 
 
 @pytest.mark.slow  # another process, on JAX

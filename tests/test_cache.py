@@ -11,7 +11,13 @@ import pytest
 from headstart import Config, train
 from headstart.augment import AUTO_CANDIDATES
 from headstart.cli import main
-from headstart.training.cache import EntrySpec, FeatureCache, clear, list_entries
+from headstart.training.cache import (
+    EntrySpec,
+    FeatureCache,
+    clear,
+    list_entries,
+    use_compilation_cache,
+)
 
 SPEC = EntrySpec("efficientnet_lite0", "imagenet", 64, "lite", "pooled:gap", "clean")
 
@@ -157,7 +163,18 @@ def test_ls_and_clear(tmp_path, capsys):
     assert len(entries) == 1 and entries[0]["images"] == 4 and entries[0]["image_size"] == 64
     assert main(["cache", "ls", "--cache-dir", str(tmp_path / "cache")]) == 0
     assert "efficientnet_lite0" in capsys.readouterr().out
+    (tmp_path / "cache" / ".xla").mkdir()  # JAX's compiled programs go too
+    (tmp_path / "cache" / ".xla" / "jit_train_step-abc-cache").write_bytes(b"x")
     assert clear(tmp_path / "cache") > 0 and list_entries(tmp_path / "cache") == []
+    assert not (tmp_path / "cache" / ".xla").exists()
+
+
+def test_compiled_programs_are_kept_on_jax_alone_and_jaxs_own_setting_wins(tmp_path, monkeypatch):
+    """The JAX pass (`test_backends.py`) checks that a run's programs land there."""
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert use_compilation_cache(tmp_path, "tensorflow") is None
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "theirs"))
+    assert use_compilation_cache(tmp_path, "jax") is None
 
 
 @pytest.mark.slow  # two default runs

@@ -66,6 +66,7 @@ from headstart.model import (
 from headstart.report import REPORT_FILE, redraw
 from headstart.splits import folder_for, split_manifest
 from headstart.tracking import Tracker, resolve_mlflow_uri, trackers_for
+from headstart.training.cache import use_compilation_cache
 from headstart.training.phases import PhaseClock, breakdown_line
 from headstart.training.refit import (
     REFIT_STAGES,
@@ -140,6 +141,8 @@ def train(
             f"custom_head to null for the built-in head"
         )
     cluster = join(config)
+    if config.cache:
+        use_compilation_cache(config.cache_dir, keras.backend.backend())
     with clock.phase("build model"):
         backbone = get_backbone(config.backbone)
         image_size = config.image_size or backbone.default_size
