@@ -30,11 +30,12 @@ def short(name: str, limit: int = _NAME_LIMIT) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
-def _save(fig: Figure, path: str | Path, *, tight: bool = True) -> Path:
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Every figure but a text-only one lays itself out (``layout="constrained"``), so it is
+    drawn once, not measured by a first draw for ``bbox_inches="tight"`` (10% of a report)."""
     path = Path(path)
-    bbox = "tight" if tight else None
     buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=DPI, format="png", bbox_inches=bbox, pad_inches=0.15)
+    fig.savefig(buffer, dpi=DPI, format="png")
     files.write_bytes_atomic(path, buffer.getvalue())  # a killed run never leaves half a PNG
     return path
 
@@ -270,7 +271,7 @@ def errors(
             va="center",
             fontsize=13,
         )
-        return _save(fig, path, tight=False)
+        return _save(fig, path)
     fig, axes = _grid(len(images), 4, cell=2.2, title_lines=2)
     for ax, image, t, p, prob in zip(axes, images, true, predicted, probabilities, strict=True):
         _show(ax, image, f"true: {short(t)}\npredicted: {short(p)} ({prob:.2f})", size=8.5)
