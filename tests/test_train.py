@@ -163,8 +163,8 @@ def test_transfer_recipe_with_real_offline_weights(tiny_folder, tmp_path, mode):
         data=str(tiny_folder),
         out=str(tmp_path / mode),
         image_size=32,  # Lite0's smallest input: the recipe, not the pixels, is tested here
-        epochs=6,
-        fine_tune_epochs=2,
+        epochs=3,
+        fine_tune_epochs=1,
         fine_tune_lr=1e-4,  # a fixed rate: "auto" skips stage 2 when it cannot beat stage 1
         batch_size=8,
         mode=mode,
