@@ -256,20 +256,7 @@ def build_from_config(config: Config, backbone: Backbone, n_classes: int, head_b
     distributed one build the very same weights."""
     keras.utils.set_random_seed(config.seed)
     base = _bases(config, backbone)
-    return build_on_base(config, backbone, base, n_classes, head_builder), base
-
-
-def build_on_base(
-    config: Config, backbone: Backbone, base, n_classes: int, head_builder=None
-) -> keras.Model:
-    """The run's full model around a ``base`` built by `build_from_config` and not trained
-    since, as `build_from_config` builds it: the head's random state (a hidden layer's kernel,
-    dropout's seed) starts from the seed again, so a candidate head put on the session's own
-    base is the model a resumed run builds whole, without building and loading the backbone
-    once more (a second Lite0 in a distributed JAX run: 500 variables checked equal across
-    processes)."""
-    keras.utils.set_random_seed(config.seed)
-    return build_model(
+    model = build_model(
         backbone,
         base,
         n_classes,
@@ -280,6 +267,7 @@ def build_on_base(
         head_builder=head_builder,
         multi_label=bool(config.multi_label),
     )
+    return model, base
 
 
 def _bases(config: Config, backbone: Backbone):

@@ -38,7 +38,7 @@ from headstart.augment import AUTO, AUTO_CANDIDATES
 from headstart.config import FEATURE_NORMS, FINE_TUNE_LR_CANDIDATES, GUIDE_FINE_TUNE_LR
 from headstart.extract import ViewSampler
 from headstart.imbalance import class_weights
-from headstart.model import build_head, build_on_base, classifier_of
+from headstart.model import build_from_config, build_head, classifier_of
 from headstart.training.crossval import (
     FoldRecord,
     cross_validate_heads,
@@ -59,11 +59,11 @@ def choose_feature_norm(session) -> None:
 
     The first candidate, "none", is the plain cached-features head (the floor of the run) and
     the session's own model, which `build_from_config` made with that input: it is put back as
-    it was built and kept when it wins; another candidate is its head on the session's base
-    (`build_on_base`, from the seed like a resumed run's), put back as it was built if it wins.
+    it was built and kept when it wins; another winner is its candidate model (built from the
+    seed like a resumed run's) put back as it was built.
 
     With cross-validation (`choice_folds`), each candidate head is scored over the folds
-    instead, and a winner other than "none" is put on the base from the seed.
+    instead, and a winner other than "none" is built into the model from the seed.
     """
     folds = choice_folds(session)
     if folds is not None:
@@ -76,10 +76,10 @@ def choose_feature_norm(session) -> None:
     built = {}  # norm -> (model, base, what puts its head back as built)
     for norm in FEATURE_NORMS:
         model = session.model
-        if norm != "none":  # its head on the session's base, as a resumed run builds it
+        if norm != "none":
             candidate = dataclasses.replace(config, feature_norm=norm)
-            model = build_on_base(candidate, session.backbone, session.base, session.n_classes)
-            built[norm] = (model, session.base, snapshot(classifier_of(model).variables))
+            model, base = build_from_config(candidate, session.backbone, session.n_classes)
+            built[norm] = (model, base, snapshot(classifier_of(model).variables))
         classifier = classifier_of(model)
         scores[norm] = session.trial(
             classifier,
@@ -283,11 +283,8 @@ def _choose_feature_norm_by_folds(session, folds) -> None:
         head_epochs=scores[chosen]["epochs"] if fixed_policy else config.head_epochs,
     )
     log.info("%s", noise_line("head input", scores, chosen, noise, by_loss))
-    if chosen != "none":  # built from the seed with the chosen input, as a resumed run's
-        model = build_on_base(
-            session.config, session.backbone, session.base, session.n_classes, session.head_builder
-        )
-        session.rebuild((model, session.base))
+    if chosen != "none":
+        session.rebuild()  # built from the seed with the chosen input, as a resumed run's
 
 
 def _choose_augmentation_by_folds(session, classifier, folds) -> None:
