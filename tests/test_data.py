@@ -20,9 +20,11 @@ from headstart.data import (
     ImageFolder,
     Split,
     UnreadableImage,
+    decode_threads,
     find_images,
     make_dataset,
     read_image,
+    unreadable_images,
     write_skipped,
 )
 from headstart.errors import UsageError
@@ -505,3 +507,26 @@ def test_find_images_errors(tmp_path, make, match):
         find_images([str(make(tmp_path))])
     with pytest.raises(UsageError):
         find_images([])
+
+
+def test_checks_decode_small_files_in_one_thread_and_large_ones_on_every_core(tmp_path):
+    """Threads pay off only where PIL's decoding (without Python's lock) dominates: the
+    verdicts are the same either way."""
+    rng = np.random.default_rng(0)
+    small, large = tmp_path / "small", tmp_path / "large"
+    for folder, side in ((small, 28), (large, 160)):  # noise PNGs: 2.4 KB and 77 KB
+        folder.mkdir()
+        for i in range(4):
+            pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+        (folder / "broken.png").write_bytes(b"not an image")
+    small_paths = sorted(str(p) for p in small.iterdir())
+    large_paths = sorted(str(p) for p in large.iterdir())
+    assert all(os.path.getsize(p) > data_module.SMALL_FILE_BYTES for p in large_paths[:-1])
+    assert decode_threads(small_paths) == 1
+    assert decode_threads(large_paths) == max(1, min(32, os.cpu_count() or 1))
+    assert decode_threads([str(tmp_path / "missing.png")]) == 1
+    for paths in (small_paths, large_paths):
+        alone = unreadable_images(paths, 32, 1)
+        assert unreadable_images(paths, 32, 4) == alone == unreadable_images(paths, 32, None)
+        assert list(alone) == [paths[-1]] and "not an image" in alone[paths[-1]]
