@@ -245,6 +245,7 @@ WEAK_STAGE_1 = dict(
 )
 
 
+@pytest.mark.slow  # a whole training run
 def test_stage_2_repeats_the_winning_rate_and_stops_at_its_best_epoch(mirrored_classes, tmp_path):
     result = train(
         Config(

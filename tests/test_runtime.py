@@ -223,6 +223,7 @@ def test_what_each_choice_means(monkeypatch):
         Config(data="x", runtime="tensorrt").validate()
 
 
+@pytest.mark.slow  # a whole training run
 @needs_openvino
 def test_a_run_whose_runtime_disagrees_finishes_on_keras(
     tiny_folder, tmp_path, monkeypatch, caplog
