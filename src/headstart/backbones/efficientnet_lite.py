@@ -162,13 +162,10 @@ def _conv(filters: int, kernel: int, name: str, strides: int = 1, init=_CONV_INI
 
 def _bn(name: str, init=_CONV_INIT) -> layers.BatchNormalization:
     """``init``: a `_HostZeros` for every statistic and parameter, else Keras' defaults."""
-    host = (
-        {}
-        if not isinstance(init, _HostZeros)
-        else {
-            key: init for key in _LOADED_INITIALIZERS if key.startswith(("gamma", "beta", "moving"))
-        }
-    )
+    host = {}
+    if isinstance(init, _HostZeros):
+        statistics = ("gamma", "beta", "moving")
+        host = {key: init for key in _LOADED_INITIALIZERS if key.startswith(statistics)}
     return layers.BatchNormalization(momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, name=name, **host)
 
 
