@@ -144,6 +144,7 @@ def test_default_candidates_are_the_offline_lite_models(monkeypatch):
     assert names == [
         "efficientnet_lite0-160",
         "efficientnet_lite0-160-all",
+        "efficientnet_lite0-260",
         "efficientnet_lite1-96",
         "efficientnet_lite2-96",
         "efficientnet_lite0+efficientnet_lite1-96",

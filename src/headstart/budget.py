@@ -193,9 +193,9 @@ def larger_size(size: int) -> int:
 def default_candidates(config: Config) -> list[Candidate]:
     """What the budget may add to a default run of ``config`` (resolved: its backbone and size
     as run): for an offline EfficientNet-Lite backbone, the larger size, the deeper fine-tune
-    there, the other two Lite variants at the same size and the fusion with the first of
-    them; nothing for other backbones (their weights may not be offline), a custom head or
-    workflow 1 (no cached features)."""
+    there, the size a step larger again, the other two Lite variants at the same size and the
+    fusion with the first of them; nothing for other backbones (their weights may not be
+    offline), a custom head or workflow 1 (no cached features)."""
     name, size = config.backbone, int(config.image_size)
     if name not in LITE or config.mode != "extract" or config.custom_head:
         log.info(
@@ -217,6 +217,10 @@ def default_candidates(config: Config) -> list[Candidate]:
             found.append(
                 Candidate(f"{name}-{large}-all", changes, GAINS["deep"], (name,), large, deep=True)
             )
+        larger = larger_size(large)  # a step further: what a long budget has time for
+        if larger != large:  # (--quality best at 96 px ran out of candidates at 19 minutes)
+            changes = {"image_size": larger}
+            found.append(Candidate(f"{name}-{larger}", changes, GAINS["size"], (name,), larger))
     others = [other for other in LITE if other != name]
     for other in others:
         found.append(
