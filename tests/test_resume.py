@@ -11,12 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
 from headstart import Config, UsageError, train
 from headstart.cli import main
-from headstart.training import resume
+from headstart.training import recipe, resume
 from headstart.training.state import RESUME_FILE, TrainingState, read_state, write_state
 
 # Both stages long enough that a kill lands inside the stage it aims at (an epoch here takes
@@ -173,7 +174,7 @@ def test_killed_in_stage_1_in_stage_2_and_in_the_refit_resumes_to_the_uninterrup
 
 @pytest.mark.slow
 def test_killed_while_a_stage_replays_its_trial_resumes_to_the_uninterrupted_result(
-    tiny_folder, tmp_path
+    tiny_folder, tmp_path, monkeypatch
 ):
     """A stage that repeats its chosen trial replays it (`Session.fit`): the model holds only
     the trial's best weights, so the training state is written at the stage's last epoch only.
@@ -201,8 +202,11 @@ def test_killed_while_a_stage_replays_its_trial_resumes_to_the_uninterrupted_res
     if state.stage == "head" and state.next_epoch == 0:
         assert state.variables == {}  # before the stage: it runs again from the start
 
+    kept = []  # where the resumed run keeps its compiled programs (JAX: `.xla/` there)
+    monkeypatch.setattr(recipe, "use_compilation_cache", lambda *args: kept.append(args))
     resume(run)
     _assert_ends_as(run, reference)
+    assert kept == [(None, keras.backend.backend())]  # the default cache, as trained
 
 
 def test_resume_refuses_what_it_cannot_continue(tiny_run, tmp_path, capsys):

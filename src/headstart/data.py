@@ -385,7 +385,7 @@ def decode_threads(paths: list[str]) -> int:
             continue
     if not sizes or sorted(sizes)[len(sizes) // 2] < SMALL_FILE_BYTES:
         return 1
-    return max(1, min(32, os.cpu_count() or 1))
+    return min(32, os.cpu_count() or 1)
 
 
 # ----------------------------------------------------------------------------- scanning

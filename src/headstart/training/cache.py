@@ -435,7 +435,7 @@ def clear(directory: str | Path | None = None) -> int:
     return freed
 
 
-def use_compilation_cache(directory: str | Path | None = None, backend: str = "") -> Path | None:
+def use_compilation_cache(directory: str | Path | None, backend: str) -> Path | None:
     """On JAX, keep compiled XLA programs in ``<cache_dir>/.xla`` (JAX's persistent
     compilation cache): the refit's new model compiles the very train step stage 1 did, and a
     resumed or repeated run, or a `launch`ed process, all of stage 1's and 2's programs, each

@@ -141,8 +141,7 @@ def train(
             f"custom_head to null for the built-in head"
         )
     cluster = join(config)
-    if config.cache:
-        use_compilation_cache(config.cache_dir, keras.backend.backend())
+    _keep_compiled_programs(config)
     with clock.phase("build model"):
         backbone = get_backbone(config.backbone)
         image_size = config.image_size or backbone.default_size
@@ -289,6 +288,7 @@ def resume(
             f"--resume {run_dir}: the run has a custom head ({config.custom_head}): resume it "
             f"from Python, headstart.training.resume(run, head_builder={config.custom_head})"
         )
+    _keep_compiled_programs(config)
     with clock.phase("build model"):
         model, base = build_from_config(config, backbone, len(folder.class_names), head_builder)
     log.info("resuming %s at stage %s, epoch %d", run_dir, state.stage, state.next_epoch + 1)
@@ -316,6 +316,13 @@ def resume(
             head_builder,
         ),
     )
+
+
+def _keep_compiled_programs(config: Config) -> None:
+    """A run with a feature cache keeps its compiled programs there too (JAX only:
+    `use_compilation_cache`), so a resumed run finds them."""
+    if config.cache:
+        use_compilation_cache(config.cache_dir, keras.backend.backend())
 
 
 def _choice_folds(config: Config) -> int:
