@@ -438,9 +438,9 @@ def clear(directory: str | Path | None = None) -> int:
 def use_compilation_cache(directory: str | Path | None, backend: str) -> Path | None:
     """On JAX, keep compiled XLA programs in ``<cache_dir>/.xla`` (JAX's persistent
     compilation cache): the refit's new model compiles the very train step stage 1 did, and a
-    resumed or repeated run, or a `launch`ed process, all of stage 1's and 2's programs, each
-    up to seconds on a CPU. JAX's own ``JAX_COMPILATION_CACHE_DIR`` wins when set; other
-    backends have nothing to keep. Returns the folder used (None: not set here)."""
+    resumed or repeated run (a later `launch` of the same job too) all of stage 1's and 2's
+    programs, each up to seconds on a CPU. JAX's own ``JAX_COMPILATION_CACHE_DIR`` wins when
+    set; other backends have nothing to keep. Returns the folder used (None: not set here)."""
     if backend != "jax" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return None
     import jax  # only a JAX run gets here
