@@ -74,6 +74,21 @@ def _recorded(events: list):
         yield
 
 
+@contextmanager
+def _traced(traces: list):
+    """Record the name of the model each time its train step is traced (Python runs it only
+    then: the compiled step runs without it)."""
+    train_step = keras.Model.train_step
+
+    def tracing(model, data):
+        traces.append(model.name)
+        return train_step(model, data)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(keras.Model, "train_step", tracing)
+        yield
+
+
 @pytest.fixture(scope="module")
 def runs(mirrored_classes, tmp_path_factory):
     """The same run refit (the default, every image file it opens recorded), --no-refit, and
@@ -81,9 +96,12 @@ def runs(mirrored_classes, tmp_path_factory):
     root = tmp_path_factory.mktemp("refit")
     common = dict(data=str(mirrored_classes), cache_dir=str(root / "cache"), **CONFIG)
     events: list = []
-    with _recorded(events):
+    traces = {"refit": [], "chosen": []}
+    with _recorded(events), _traced(traces["refit"]):
         refit = train(Config(out=str(root / "refit"), **common))
-    chosen = train(Config(out=str(root / "chosen"), refit=False, **common))
+    with _traced(traces["chosen"]):
+        chosen = train(Config(out=str(root / "chosen"), refit=False, **common))
+    refit.traces, chosen.traces = traces["refit"], traces["chosen"]
     with pytest.MonkeyPatch.context() as patch:  # right on half its images: chance, 2 classes
         patch.setattr(Session, "evaluate", lambda *_: {"loss": 0.7, "accuracy": 0.5})
         rejected = train(Config(out=str(root / "rejected"), **common))
@@ -136,6 +154,10 @@ def test_the_refit_trains_both_stages_again_on_train_and_validation_for_the_chos
     )
     assert metrics["n_test"] == chosen.metrics["n_test"] == len(folder.test)
     assert metrics["refit_accuracy_on_its_images"] > 0.5  # its check: better than chance
+    # the refit puts the chosen model's variables back as built (`Session.restart`) and
+    # trains the same trainers: their compiled steps are kept, each traced once in the run
+    # (an optimizer built in the trace would have it traced twice)
+    assert sorted(refit.traces) == sorted(chosen.traces) == sorted(set(chosen.traces))
 
 
 @pytest.mark.slow  # three training runs

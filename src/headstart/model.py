@@ -338,3 +338,6 @@ def compile_for(
         steps_per_execution=steps_per_execution,
         **metrics,
     )
+    # built now rather than in the first trace of the train step: on TensorFlow, variables
+    # made while tracing have the step traced twice (a second each on a large top)
+    model.optimizer.build(model.trainable_variables)

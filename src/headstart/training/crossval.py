@@ -285,6 +285,7 @@ def cross_validate_heads(
             loss=FoldMaskedLoss(copy_folds, kind, weights),
             steps_per_execution=min(len(sampler), STEPS_PER_CALL) if tensorflow else 1,
         )
+        model.optimizer.build(model.trainable_variables)  # not in the trace (`compile_for`)
         if cache is not None:
             cache[key] = (model, [np.array(v.numpy()) for v in model.variables])
     copy_folds = np.array([fold for _ in names for fold in range(folds)])

@@ -8,7 +8,8 @@ fine-tuning rate, whether fine-tuning is kept) and every stage's length decided 
 validation. Its end is the refit's plan (`plan_refit`): each stage's epochs up to the one the
 checkpoint saved last (where validation said to stop), with the learning rate each of them had
 (ReduceLROnPlateau's cuts included), and stage 2 only if fine-tuning was kept. The refit
-(`refit`) then builds the model afresh from the seed (the choosing phase's own start) and
+(`refit`) then puts the model's variables back to those of a model built afresh from the seed
+(the choosing phase's own start; `Session.restart`, which keeps the compiled training steps) and
 trains stage 1 and stage 2 by that plan on `headstart.training.views.TRAIN_VAL`: the cached
 rows of both splits joined, plus the validation images' augmented views where the chosen
 augmentation uses them (the only new extraction). AutoGluon does the same for small data
@@ -107,7 +108,7 @@ def refit(session: Session, stage: str, unfreeze: list[int]) -> None:
     model.keras is then the refit model, if it beats `chance` on its own images."""
     state = session.state
     if state is None or state.stage not in REFIT_STAGES:  # the choosing phase trained it
-        session.rebuild()
+        session.restart()
     train_val = split_of(session.folder, TRAIN_VAL)
     chosen_weights = session.class_weight  # the training split's, which metrics.json records
     weighting = session.config.class_weight
@@ -133,8 +134,8 @@ def _refit(session: Session, stage: str, unfreeze: list[int], train_val) -> None
     session.freeze_for_head(record=False)
     if stage == "refit_head":
         trainer = session.head_trainer()
-        session.compile(trainer, config.lr)
         data = session.head_data(TRAIN_VAL)
+        session.compile(trainer, config.lr, session.steps_per_call(data))
         session.fit(trainer, "refit_head", data, None, head["epochs"], rates=head["rates"])
         if fine_tune["epochs"]:
             session.end_stage("refit_fine_tune")
@@ -142,8 +143,8 @@ def _refit(session: Session, stage: str, unfreeze: list[int], train_val) -> None
         state.apply(session.model)  # the head as the refit's stage 1 left it
     if fine_tune["epochs"]:
         trainer = session.unfreeze_for_fine_tuning(unfreeze, record=False)
-        session.compile(trainer, config.fine_tune_lr)
         data = session.fine_tune_data(TRAIN_VAL)
+        session.compile(trainer, config.fine_tune_lr, session.steps_per_call(data))
         rates = fine_tune["rates"]
         session.fit(trainer, "refit_fine_tune", data, None, fine_tune["epochs"], rates=rates)
     clean = _clean_images(session, fine_tuned=bool(fine_tune["epochs"]))

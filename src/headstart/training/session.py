@@ -69,8 +69,8 @@ STAGE_NAMES = {
     "refit_head": "refit stage 1",
     "refit_fine_tune": "refit stage 2",
 }
-# A trial's batches per call of its compiled step: Python's per-batch overhead gone, and a
-# Ctrl-C still answered within that many batches
+# Batches per call of the compiled step on cached views (`Session.steps_per_call`): Python's
+# per-batch overhead gone, and a Ctrl-C still answered within that many batches
 STEPS_PER_CALL = 64
 
 
@@ -111,8 +111,8 @@ class Session:
         tracker: Tracker | None = None,
     ):
         self.config, self.backbone, self.folder = config, backbone, folder
-        self.model, self.base, self.run_dir = model, base, run_dir
-        self.state = state
+        self.run_dir, self.state = run_dir, state
+        self._adopt(model, base)
         self.head_builder = None  # train(head_builder=...): `rebuild` builds it again
         # the refit's plan (`headstart.training.refit`), saved with every state from its start
         self.plan: dict = dict(state.plan) if state is not None else {}
@@ -160,6 +160,7 @@ class Session:
             log.info("%s: fine-tuning runs the full model on images", self.backbone.name)
         elif self.config.mode == "extract" and self.config.cache_trunk:
             self.feature_views.trunk = split_at_cut(self.model, self.base, unfreeze[0])
+            self._trainers.pop("fine_tune", None)  # it trains on this trunk's activations
 
     def rebuild(self, built: tuple | None = None) -> None:
         """The model built anew from the (changed) config, as a resumed run would build it
@@ -168,11 +169,26 @@ class Session:
         built = built or build_from_config(
             self.config, self.backbone, self.n_classes, self.head_builder
         )
-        self.model, self.base = built
+        self._adopt(*built)
         self.checkpoint.full_model = self.model
         self.feature_views.use_model(self.model)
         if self.feature_views.trunk is not None:
             self.plan_fine_tuning(self.unfreeze)
+
+    def restart(self) -> None:
+        """The model's variables (weights, statistics, random-seed states) put back as built,
+        the values `rebuild` or a resumed run builds from the seed, but in the same model: its
+        training views and their compiled steps are kept (a new model's are traced again, a
+        second or more per step on a CPU, and building it loads the backbone's weights)."""
+        for variable, value in zip(self.model.variables, self._as_built, strict=True):
+            variable.assign(value)
+
+    def _adopt(self, model, base) -> None:
+        """``model`` (as built) becomes the session's; with the refit to come, a copy of its
+        variables is kept for `restart` (memory: the model's weights once more)."""
+        self.model, self.base = model, base
+        self._trainers = {}  # each stage's training view of the model
+        self._as_built = [np.array(v.numpy()) for v in model.variables] if self.config.refit else []
 
     def views(self, kind: str, split: str, policy: str | None = None, n_views: int | None = None):
         """`FeatureViews.views`, by default with the run's policy and number of views."""
@@ -264,13 +280,16 @@ class Session:
             log_dir = self.run_dir / "tensorboard" / stage
             callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir)))
         callbacks.append(resume)
+        # several batches per call: a line per epoch (a progress bar would count past an
+        # epoch's batches, 64/4); an epoch on cached views takes seconds at most
+        many = getattr(trainer, "steps_per_execution", 1) > 1
         trainer.fit(
             self._feed(train_data, training=True),
             validation_data=self._feed(val_data, training=False) if validated else None,
             epochs=epochs,
             initial_epoch=start,
             callbacks=callbacks,
-            verbose=self.verbose,
+            verbose=2 if many and self.verbose else self.verbose,
             shuffle=False,
             class_weight=self.class_weight,
         )
@@ -322,9 +341,19 @@ class Session:
             self.checkpoint.path = path
         callback_list.on_train_end()
 
+    def steps_per_call(self, train_data, *, trial: bool = False) -> int:
+        """Batches per call of the compiled step (the same weights as one per call): on
+        TensorFlow, `STEPS_PER_CALL` on cached views, so that the trials, the stage that
+        follows them and the refit (more batches) share one compiled step; one where something
+        may watch each batch (a stage's user callbacks), when distributed or on other backends.
+        """
+        many = isinstance(train_data, ViewSampler) and not self.config.distributed
+        many = many and keras.backend.backend() == "tensorflow"
+        return STEPS_PER_CALL if many and (trial or not self.user_callbacks) else 1
+
     def compile(self, trainer: keras.Model, learning_rate: float, steps: int = 1) -> None:
         """`compile_for` this run: its classes (or labels), and weighted accuracy when
-        distributed; ``steps`` batches per call of the compiled step.
+        distributed; ``steps`` batches per call of the compiled step (`steps_per_call`).
 
         A trainer this session compiled so before, training the same variables, keeps its
         compiled step (tracing it again costs up to 2 s): only its optimizer starts afresh,
@@ -421,10 +450,13 @@ class Session:
             self.summaries.append("# stage 1: head training\n" + summary_text(self.model))
 
     def head_trainer(self) -> keras.Model:
-        """What stage 1 fits: the head alone on cached features, else the whole model."""
+        """What stage 1 fits: the head alone on cached features, else the whole model (the
+        same training view each time, so its compiled step is kept)."""
         if self.config.mode == "extract":
             return classifier_of(self.model)
-        return trainer_for(self.model, self.backbone)
+        if "head" not in self._trainers:
+            self._trainers["head"] = trainer_for(self.model, self.backbone)
+        return self._trainers["head"]
 
     def head_data(self, split: str):
         """Stage 1's data for ``split``: cached pooled views (extract mode), else images;
@@ -442,8 +474,8 @@ class Session:
             self._train_head_on_features()
             return
         trainer = self.head_trainer()
-        self.compile(trainer, self.config.lr)
         train_data, val_data = self.head_data("train"), self.head_data("val")
+        self.compile(trainer, self.config.lr, self.steps_per_call(train_data))
         self.fit(trainer, "head", train_data, val_data, self.config.epochs)
 
     def _train_head_on_features(self) -> None:
@@ -457,11 +489,12 @@ class Session:
             with self.clock.phase("augmentation"):
                 choose_augmentation(self)
         classifier = self.head_trainer()
-        self.compile(classifier, self.config.lr)
+        train_data = self.head_data("train")
+        self.compile(classifier, self.config.lr, self.steps_per_call(train_data))
         self.fit(
             classifier,
             "head",
-            self.head_data("train"),
+            train_data,
             self.head_data("val"),
             epochs_of(self.config.augment_scores, self.config.augment, self.config.epochs),
             replay=("head", self.config.augment),
@@ -475,10 +508,14 @@ class Session:
             unfreeze_top(base, count, self.config.bn, part)
         if record:
             self.summaries.append("# stage 2: fine-tuning\n" + summary_text(self.model))
-        trunk = self.feature_views.trunk
-        if trunk is not None:
-            return InferenceModeTop(trunk, self.model)
-        return trainer_for(self.model, self.backbone)
+        if "fine_tune" not in self._trainers:  # the same each time: its compiled step is kept
+            trunk = self.feature_views.trunk
+            self._trainers["fine_tune"] = (
+                InferenceModeTop(trunk, self.model)
+                if trunk is not None
+                else trainer_for(self.model, self.backbone)
+            )
+        return self._trainers["fine_tune"]
 
     def fine_tune_data(self, split: str):
         """Stage 2's data for ``split``: cached trunk views, else images (as `head_data`)."""
@@ -500,7 +537,7 @@ class Session:
         if self.config.fine_tune_lr is None:
             log.info("fine-tuning skipped: no learning rate beat stage 1 on validation")
             return
-        self.compile(trainer, self.config.fine_tune_lr)
+        self.compile(trainer, self.config.fine_tune_lr, self.steps_per_call(train_data))
         scores, rate = self.config.fine_tune_lr_scores, self.config.fine_tune_lr
         epochs = epochs_of(scores, str(rate), self.config.fine_tune_epochs)
         self.fit(
@@ -526,11 +563,7 @@ class Session:
         trial's epochs and best weights are kept in `trials` (a `TrialRecord`), for the stage
         to replay if the candidate is chosen."""
         model = self.model if model is None else model
-        # nothing sees a trial's batches: on TensorFlow, up to an epoch of cached views per
-        # call of the compiled step (the same weights as one batch per call)
-        many = isinstance(train_data, ViewSampler) and not self.config.distributed
-        many = many and keras.backend.backend() == "tensorflow"
-        self.compile(trainer, learning_rate, min(len(train_data), STEPS_PER_CALL) if many else 1)
+        self.compile(trainer, learning_rate, self.steps_per_call(train_data, trial=True))
         best = BestModelCheckpoint(model, path=None)
         best.accuracy_floor = floor
         if key is not None:
