@@ -6,6 +6,7 @@ scratch CNN at 32 px; each is bounded by a timeout.
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import tensorflow as tf
 
 from headstart.cli import main
 from headstart.distributed.cluster import Cluster, check_batch_size, even_batches, initialize
-from headstart.distributed.launch import free_port, launch
+from headstart.distributed.launch import free_port, launch, process_environment
 from headstart.errors import UsageError
 from headstart.model import compile_for
 from headstart.training.cache import FeatureCache
@@ -101,6 +102,31 @@ def test_launch_refuses_other_verbs_and_no_processes():
         launch(0, ["--", "train", "data"])
 
 
+def test_launched_processes_share_the_cores_unless_the_user_set_the_threads():
+    """As torchrun's OMP_NUM_THREADS: cores // processes threads each (at least 1), for OpenMP,
+    TensorFlow and XLA alike; a count the user set is kept, and so are their XLA flags."""
+    env = process_environment(2, {"PATH": "/bin"}, cores=2)
+    assert env["KERAS_BACKEND"] == "jax" and env["PATH"] == "/bin"
+    assert env["OMP_NUM_THREADS"] == env["TF_NUM_INTRAOP_THREADS"] == "1"
+    assert env["TF_NUM_INTEROP_THREADS"] == "1"
+    assert env["XLA_FLAGS"] == "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    many = process_environment(3, {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}, cores=16)
+    assert many["OMP_NUM_THREADS"] == "5"
+    assert many["XLA_FLAGS"] == (
+        "--xla_dump_to=/tmp/x --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=5"
+    )
+    assert process_environment(4, {}, cores=2)["OMP_NUM_THREADS"] == "1"
+    mine = {
+        "OMP_NUM_THREADS": "2",
+        "TF_NUM_INTRAOP_THREADS": "3",
+        "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=true",
+    }
+    chosen = process_environment(2, mine, cores=2)
+    assert chosen["OMP_NUM_THREADS"] == chosen["TF_NUM_INTEROP_THREADS"] == "2"
+    assert chosen["TF_NUM_INTRAOP_THREADS"] == "3"
+    assert chosen["XLA_FLAGS"] == "--xla_cpu_multi_thread_eigen=true"
+
+
 @pytest.mark.slow
 @needs_jax
 def test_two_processes_end_identical_and_match_one_process(
@@ -121,6 +147,9 @@ def test_two_processes_end_identical_and_match_one_process(
         timeout=600,
     )
     assert launched.returncode == 0, launched.stdout[-3000:]
+    assert launched.stdout.startswith(  # 2 processes on this machine's cores (CI: 2)
+        f"headstart launch: {max(1, os.cpu_count() // 2)} thread(s) per process for the math"
+    )
     digests = dict(
         re.findall(r"\[\d\] headstart: process (\d): final weights (\w+)", launched.stdout)
     )
