@@ -202,6 +202,7 @@ def test_a_second_run_on_the_same_images_runs_the_backbone_zero_times(
         batch_size=8,
         quiet=True,
         cache_dir=str(tmp_path / "cache"),
+        report=False,
     )
     first = train(Config(out=str(tmp_path / "one"), **config))
     # train and val (cross-validated choices): clean + 2 views of each augmenting --augment

@@ -233,6 +233,7 @@ def test_two_train_runs_at_once_on_one_cache_dir(tiny_folder, tmp_path):
         "--no-fine-tune",
         "--batch-size=8",
         "--augment=none",
+        "--no-report",
         "--no-check",
     ]
 

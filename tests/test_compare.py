@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow  # end-to-end training runs of several seconds eac
 def two_runs(tiny_folder, tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
     common = dict(data=str(tiny_folder), backbone="scratch_cnn", batch_size=8, quiet=True)
+    common["report"] = False  # compare reads history.csv and metrics.json
     plain = Config(out=str(root / "scratch"), image_size=32, epochs=2, augment="none", **common)
     augmented = Config(
         out=str(root / "scratch_augmented"),

@@ -38,6 +38,7 @@ TRAIN = [  # the scratch CNN: one stage, the cheapest model
     "--dropout=0",  # dropout masks of a sharded batch need not match the unsharded ones
     "--augment=none",
     "--no-check",
+    "--no-report",
 ]
 BOTH_STAGES = [  # tiny_test (random weights, 32 px): a head epoch, then a fine-tuning epoch
     "--backbone=tiny_test",  # tests/conftest.py: registered in the processes by jax_env
@@ -52,6 +53,7 @@ BOTH_STAGES = [  # tiny_test (random weights, 32 px): a head epoch, then a fine-
     "--dropout=0",
     "--augment=none",
     "--no-check",
+    "--no-report",
 ]
 
 

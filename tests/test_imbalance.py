@@ -111,6 +111,7 @@ def test_auto_weights_every_fit_of_the_recipe_and_records_the_choice(
             batch_size=8,
             choice_folds=1,  # every choice a Keras fit on the split (the folds weigh in the loss)
             quiet=True,
+            report=False,
         )
     )
     counts = [int(c) for c in np.bincount(_train_labels(result.run_dir), minlength=2)]
@@ -175,6 +176,7 @@ def test_frozen_mode_weights_its_tf_data_pipeline_too(imbalanced_folder, tmp_pat
             augment="none",
             check=False,
             quiet=True,
+            report=False,
         )
     )
     assert result.config.mode == "frozen" and result.metrics["class_weight"] == "balanced"

@@ -100,11 +100,11 @@ def runs(mirrored_classes, tmp_path_factory):
     with _recorded(events), _traced(traces["refit"]):
         refit = train(Config(out=str(root / "refit"), **common))
     with _traced(traces["chosen"]):
-        chosen = train(Config(out=str(root / "chosen"), refit=False, **common))
+        chosen = train(Config(out=str(root / "chosen"), refit=False, report=False, **common))
     refit.traces, chosen.traces = traces["refit"], traces["chosen"]
     with pytest.MonkeyPatch.context() as patch:  # right on half its images: chance, 2 classes
         patch.setattr(Session, "evaluate", lambda *_: {"loss": 0.7, "accuracy": 0.5})
-        rejected = train(Config(out=str(root / "rejected"), **common))
+        rejected = train(Config(out=str(root / "rejected"), report=False, **common))
     return refit, chosen, events, rejected
 
 

@@ -107,6 +107,28 @@ def test_a_failing_report_never_costs_the_trained_run(tiny_folder, tmp_path, mon
     assert "report not written (the run itself is complete): no fonts today" in caplog.text
 
 
+def test_no_report_skips_the_figures_and_headstart_report_draws_them_later(
+    tiny_folder, tmp_path, capsys
+):
+    """``--no-report`` (a sweep, a script, CI): the run is complete without report.html or a
+    figure, and its time has no "report" phase; `headstart report RUN` draws them from the
+    run's files. From Python, ``Config(report=False)``."""
+    run = tmp_path / "run"
+    command = ["--quiet", "train", str(tiny_folder), "--out", str(run), "--backbone"]
+    command += ["scratch_cnn", "--image-size", "32", "--epochs", "1", "--augment", "none"]
+    assert main([*command, "--no-report"]) == 0
+    capsys.readouterr()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert json.loads((run / "config.json").read_text())["report"] is False
+    assert (run / "model.keras").is_file() and metrics["n_test"] == 4
+    assert not (run / "report.html").exists() and not list(run.glob("*.png"))
+    assert "report" not in metrics["phase_seconds"]
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.html").stat().st_size > 20_000
+    assert {"curves.png", "confusion.png", "samples.png"} <= {p.name for p in run.glob("*.png")}
+    assert Config(data="d").report is True  # the default: train writes the report
+
+
 def test_report_is_self_contained_and_has_the_run_numbers(run, data):
     page = (run / "report.html").read_text(encoding="utf-8")
     sources = re.findall(r'<img [^>]*src="([^"]+)"', page)

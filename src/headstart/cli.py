@@ -735,6 +735,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int)
     add("--tensorboard", action="store_true", help="write TensorBoard logs to RUN/tensorboard/")
     add(
+        "--report",
+        action=argparse.BooleanOptionalAction,
+        help="draw the figures and write RUN/report.html at the end (default; --no-report: "
+        "skip them, `headstart report RUN` draws them later)",
+    )
+    add(
         "--mlflow",
         nargs="?",
         const=MLFLOW_DEFAULT,

@@ -93,6 +93,9 @@ class Config:
     # once every choice is made on validation, train the final model again on train + val
     # with them, for the chosen epochs (headstart.training.refit); False: the chosen model
     refit: bool = True
+    # report.html and its figures at the end of the run; False: none (a sweep, a script, CI),
+    # `headstart report RUN` draws them later from the run's files
+    report: bool = True
     # The headstart that wrote config.json; `runs.open_run_dir` refuses other major versions.
     headstart_version: str = __version__
     quiet: bool = False

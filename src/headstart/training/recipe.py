@@ -443,10 +443,11 @@ def _stages_and_test(
             session.checkpoint.accuracy_floor,
             " (refit: stage 1 only)" if refitted else "",
         )
-    with clock.phase("report"):
-        if session.summaries:  # a resumed run keeps the summaries written when it started
-            files.write_text_atomic(run_dir / runs.SUMMARY_FILE, "\n".join(session.summaries))
-        redraw(run_dir, folder=folder, model=saved)  # figures + report.html
+    if session.summaries:  # a resumed run keeps the summaries written when it started
+        files.write_text_atomic(run_dir / runs.SUMMARY_FILE, "\n".join(session.summaries))
+    if config.report:
+        with clock.phase("report"):
+            redraw(run_dir, folder=folder, model=saved)  # figures + report.html
     remove_state(run_dir)
     end_refit(run_dir)
     metrics["total_seconds"], metrics["phase_seconds"] = clock.breakdown()
