@@ -127,6 +127,9 @@ def test_launched_processes_share_the_cores_unless_the_user_set_the_threads():
     assert chosen["OMP_NUM_THREADS"] == chosen["TF_NUM_INTEROP_THREADS"] == "2"
     assert chosen["TF_NUM_INTRAOP_THREADS"] == "3"
     assert chosen["XLA_FLAGS"] == "--xla_cpu_multi_thread_eigen=true"
+    nested = process_environment(2, {"OMP_NUM_THREADS": "4,2"}, cores=8)  # OpenMP's own
+    assert nested["OMP_NUM_THREADS"] == "4,2" and "TF_NUM_INTRAOP_THREADS" not in nested
+    assert "XLA_FLAGS" not in nested and nested["KERAS_BACKEND"] == "jax"
 
 
 @pytest.mark.slow
@@ -139,6 +142,7 @@ def test_two_processes_end_identical_and_match_one_process(
     measured: 1e-6 on the losses)."""
     data = image_folder_factory(tmp_path / "data", per_class=20)  # 28 train, 8 val, 4 test
     env = jax_env(tmp_path)
+    env.pop("OMP_NUM_THREADS", None)  # launch chooses the threads (and says so)
     two, one = tmp_path / "two", tmp_path / "one"
     cmd = [sys.executable, "-m", "headstart"]
     launched = subprocess.run(

@@ -32,9 +32,13 @@ def process_environment(nproc: int, environ, cores: int) -> dict[str, str]:
     processes, as ``torchrun`` sets ``OMP_NUM_THREADS``: every process's math would otherwise
     take all of them, and the processes, which wait for each other at every step, would crowd
     each other out (measured: 2 processes on 2 cores, 12% less wall time with 1 thread each).
-    A thread count the user set (``OMP_NUM_THREADS``, TensorFlow's or XLA's own) is kept."""
+    A thread count the user set (``OMP_NUM_THREADS``, TensorFlow's or XLA's own) is kept; an
+    ``OMP_NUM_THREADS`` that is not one count (OpenMP's nested "4,2") is left to OpenMP alone."""
     env = {**environ, "KERAS_BACKEND": "jax"}
-    threads = str(int(environ.get(THREADS_VARIABLE) or max(1, cores // nproc)))
+    given = environ.get(THREADS_VARIABLE, "").strip()
+    if given and not (given.isdigit() and int(given) > 0):
+        return env
+    threads = given or str(max(1, cores // nproc))
     env[THREADS_VARIABLE] = threads
     env.setdefault("TF_NUM_INTRAOP_THREADS", threads)  # tf.data and TensorFlow's own ops
     env.setdefault("TF_NUM_INTEROP_THREADS", threads)
