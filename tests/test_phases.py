@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from headstart.training.phases import PhaseClock, breakdown_line, process_started
+from headstart.training.phases import PhaseClock, breakdown_line, cores_line, process_started
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +33,29 @@ def test_nested_phases_count_each_second_once_and_other_is_the_rest():
     assert phases["stage 1"] == pytest.approx(0.1, abs=0.03)
     assert phases["other"] == pytest.approx(0.05, abs=0.03)
     assert sum(phases.values()) == pytest.approx(total, abs=0.02)
+
+
+def _spin(cpu_seconds: float) -> None:
+    """Keep this thread busy until it has used ``cpu_seconds`` (however loaded the machine)."""
+    end = time.thread_time() + cpu_seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_cpu_seconds_are_counted_like_wall_seconds_and_say_how_many_cores_were_busy():
+    clock = PhaseClock()
+    with clock.phase("trials"):
+        _spin(0.2)  # one core busy
+        with clock.phase("extraction"):
+            time.sleep(0.3)  # waiting: no core
+    wall_total, wall = clock.breakdown()
+    cpu_total, cpu = clock.cpu_breakdown()
+    assert list(cpu) == list(wall) == ["extraction", "trials", "other"]
+    assert 0.19 <= cpu["trials"] <= wall["trials"] * (os.cpu_count() or 1) + 0.02
+    assert cpu["extraction"] == pytest.approx(0.0, abs=0.03)
+    assert sum(cpu.values()) == pytest.approx(cpu_total, abs=0.02)
+    line = cores_line(wall, cpu, least=0.1)
+    assert line.startswith("cores busy: ") and "; extraction 0.0, trials " in line  # longest first
 
 
 def test_start_up_counts_from_the_given_start():
@@ -76,3 +99,7 @@ def test_a_run_records_its_phases_and_they_add_up_to_its_total(tiny_run):
     assert total >= metrics["train_seconds"] > 0
     assert phases["stage 1"] <= metrics["train_seconds"] + 0.1
     assert "extraction_passes" not in metrics
+    cpu = metrics["phase_cpu_seconds"]
+    assert list(cpu) == list(phases) and all(seconds >= 0 for seconds in cpu.values())
+    assert sum(cpu.values()) == pytest.approx(metrics["total_cpu_seconds"], rel=0.01)
+    assert cpu["stage 1"] > 0  # training takes CPU

@@ -67,7 +67,7 @@ from headstart.report import REPORT_FILE, redraw
 from headstart.splits import folder_for, split_manifest
 from headstart.tracking import Tracker, resolve_mlflow_uri, trackers_for
 from headstart.training.cache import use_compilation_cache
-from headstart.training.phases import PhaseClock, breakdown_line
+from headstart.training.phases import PhaseClock, breakdown_line, cores_line
 from headstart.training.refit import (
     REFIT_STAGES,
     calibrate_refit,
@@ -451,10 +451,12 @@ def _stages_and_test(
     remove_state(run_dir)
     end_refit(run_dir)
     metrics["total_seconds"], metrics["phase_seconds"] = clock.breakdown()
+    metrics["total_cpu_seconds"], metrics["phase_cpu_seconds"] = clock.cpu_breakdown()
     if session.feature_views.passes:  # each backbone pass: how long, how many images computed
         metrics["extraction_passes"] = session.feature_views.passes
     files.write_json(run_dir / runs.METRICS_FILE, metrics)  # again, with the report's time
     log.info(breakdown_line(metrics["total_seconds"], metrics["phase_seconds"]))
+    log.info(cores_line(metrics["phase_seconds"], metrics["phase_cpu_seconds"]))
     return TrainResult(run_dir, metrics, session.config)
 
 
