@@ -161,14 +161,27 @@ def test_every_out_option_has_its_short_form_and_every_verb_takes_verbose():
 
 
 def test_verbose_sets_debug_logging_and_the_default_info():
-    """Through `main` in a fresh interpreter (the logging set-up happens once per process)."""
+    """Through `main` in a fresh interpreter (the logging set-up happens once per process):
+    ``-v`` turns on headstart's debug lines, not another library's (Pillow logs two debug lines
+    per image it reads), and another library's lines carry its own name."""
     code = (
         "import logging, sys, headstart.cli as cli\n"
         "cli.main(sys.argv[1:] + ['cache', 'ls'])\n"
-        "print(logging.getLevelName(logging.getLogger().level), file=sys.stderr)\n"
+        "for name in ('headstart.data', 'PIL.PngImagePlugin', 'tensorflow'):\n"
+        "    logging.getLogger(name).debug('debug line')\n"
+        "    logging.getLogger(name).warning('warning line')\n"
+        "levels = (logging.getLogger(), logging.getLogger('headstart.data'))\n"
+        "print(*(logging.getLevelName(g.getEffectiveLevel()) for g in levels), file=sys.stderr)\n"
     )
-    levels = [
-        _python("-c", code, *flags).stderr.strip().splitlines()[-1]
-        for flags in ([], ["-v"], ["--quiet"])
-    ]
-    assert levels == ["INFO", "DEBUG", "WARNING"]
+    runs = {
+        flag: _python("-c", code, *flag.split()).stderr.splitlines()
+        for flag in ("", "-v", "--quiet")
+    }
+    levels = {flag: lines[-1] for flag, lines in runs.items()}
+    assert levels == {"": "INFO INFO", "-v": "INFO DEBUG", "--quiet": "WARNING WARNING"}
+    lines = runs["-v"]
+    assert "headstart: debug line" in lines and "PIL: debug line" not in lines
+    assert {"headstart: warning line", "PIL: warning line", "tensorflow: warning line"} <= set(
+        lines
+    )
+    assert "headstart: debug line" not in runs[""]

@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     # with --verbose; read when TensorFlow is first imported, which the verbs do after this.
     # (Its few lines logged before absl is initialised ignore it: TensorFlow 2.21.)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.verbose else "2")
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="headstart: %(message)s")
+    _set_up_logging(args.verbose, args.quiet)
     try:
         return args.handler(args)
     except UsageError as error:
@@ -70,6 +69,25 @@ def main(argv: list[str] | None = None) -> int:
             print()  # end the progress bar's line
         print(_interrupted(args), file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+class _SourceFormatter(logging.Formatter):
+    """``headstart: message`` for headstart's lines; another library's lines are prefixed with
+    its own name (``tensorflow: ...``), so no one mistakes them for headstart's."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.source = record.name.split(".", 1)[0] if record.name != "root" else "headstart"
+        return super().format(record)
+
+
+def _set_up_logging(verbose: bool, quiet: bool) -> None:
+    """Info lines by default, warnings only with ``--quiet``; ``--verbose`` adds headstart's
+    debug lines, not other libraries' (Pillow's debug lines alone are two per image read)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_SourceFormatter("%(source)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, handlers=[handler])
+    if verbose:
+        logging.getLogger("headstart").setLevel(logging.DEBUG)
 
 
 def build_parser() -> argparse.ArgumentParser:
