@@ -31,8 +31,9 @@ def short(name: str, limit: int = _NAME_LIMIT) -> str:
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    """Every figure but a text-only one lays itself out (``layout="constrained"``), so it is
-    drawn once, not measured by a first draw for ``bbox_inches="tight"`` (10% of a report)."""
+    """Every figure has its layout before it is saved (``layout="constrained"``, or an image
+    grid's fixed one), so it is drawn once, not measured by a first draw for
+    ``bbox_inches="tight"`` (10% of a report)."""
     path = Path(path)
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=DPI, format="png")
@@ -40,12 +41,30 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+_TITLE_LINE = 0.22  # inches: one line of an image's title at size 9 (and its padding)
+_SUPTITLE = 0.4  # inches: the figure's title at size 12
+_GAP = 0.08  # inches between two cells, and at the figure's edges
+
+
 def _grid(n: int, columns: int, cell: float = 1.9, title_lines: int = 1):
-    """A figure with ``n`` image cells in rows of ``columns``; unused cells are hidden."""
+    """A figure with ``n`` image cells in rows of ``columns``; unused cells are hidden.
+
+    Its layout is fixed, not constrained: every cell is ``cell`` inches square with room above
+    for its title, so nothing needs measuring (constrained layout measured each cell's title
+    and ticks: 40% of the time a grid took to save)."""
     columns = max(1, min(columns, n))
     rows = max(1, -(-n // columns))
-    fig = Figure(
-        figsize=(columns * cell, rows * (cell + 0.22 * title_lines) + 0.4), layout="constrained"
+    title = _TITLE_LINE * title_lines
+    width = columns * cell + (columns + 1) * _GAP
+    height = rows * (cell + title + _GAP) + _SUPTITLE
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(
+        left=_GAP / width,
+        right=1 - _GAP / width,
+        bottom=_GAP / height,
+        top=1 - (_SUPTITLE + title) / height,
+        wspace=_GAP / cell,
+        hspace=(title + _GAP) / cell,
     )
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
     for ax in axes:
