@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from headstart.backbones import build_backbone, get_backbone
-from headstart.extract import InferenceModeTop, ViewSampler, split_at_cut
+from headstart.extract import InferenceModeTop, ViewSampler, run_in_batches, split_at_cut
 from headstart.freeze import freeze, resolve_unfreeze, unfreeze_top
 from headstart.model import build_model, compile_for
 
@@ -144,3 +144,34 @@ def test_the_samplers_tf_data_gives_its_batches_and_the_same_training():
         assert again_logs == logs
         for value, expected in zip(again, weights, strict=True):
             np.testing.assert_array_equal(value, expected)
+
+
+class CountingTraces(keras.Model):
+    """A Dense layer that counts how often its predict step is traced (or, on JAX, compiled):
+    Python runs ``predict_step`` only then."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(3)
+        self.traces = 0
+
+    def call(self, x):
+        return self.dense(x)
+
+    def predict_step(self, data):
+        self.traces += 1
+        return super().predict_step(data)
+
+
+def test_rows_of_any_count_run_through_one_compiled_step_and_match_the_model():
+    """The splits' and views' row counts (1,000, 500, 28, 4 ...) leave different last batches:
+    each is padded to the batch size, so the step is traced once and every row is the model's
+    own answer, padding dropped."""
+    model = CountingTraces()
+    rows = np.random.default_rng(0).normal(size=(300, 5)).astype("float32")
+    model(rows[:1])  # built, as a run's frozen parts are
+    outputs = [run_in_batches(model, rows[:n], batch_size=64) for n in (300, 131, 7, 64)]
+    assert model.traces == 1
+    for n, output in zip((300, 131, 7, 64), outputs, strict=True):
+        assert output.shape == (n, 3)
+        np.testing.assert_allclose(output, model(rows[:n]), rtol=1e-5, atol=1e-6)

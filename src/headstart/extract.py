@@ -138,11 +138,18 @@ def extract_batches(
 
 
 def run_in_batches(model: keras.Model, rows, batch_size: int = 256) -> np.ndarray:
-    """``model`` over cached rows (anything with ``len`` and index-array access), in memory."""
-    outputs = [
-        predict_on_batch(model, rows[np.arange(i, min(i + batch_size, len(rows)))])
-        for i in range(0, len(rows), batch_size)
-    ]
+    """``model`` over cached rows (anything with ``len`` and index-array access), in memory.
+
+    Every call gets ``batch_size`` rows, a short last batch padded with copies of its last
+    row (their outputs dropped): each batch shape is a compiled step of its own, and the
+    splits' and views' different remainders made TensorFlow trace the step again for each
+    (and warn of "excessive retracing"), JAX compile it again."""
+    outputs = []
+    for start in range(0, len(rows), batch_size):
+        batch = np.asarray(rows[np.arange(start, min(start + batch_size, len(rows)))])
+        short = batch_size - len(batch)
+        padded = np.concatenate([batch, np.repeat(batch[-1:], short, axis=0)]) if short else batch
+        outputs.append(predict_on_batch(model, padded)[: len(batch)])
     return np.concatenate(outputs) if outputs else np.zeros((0,))
 
 
