@@ -53,6 +53,8 @@ RESULTS = Path(__file__).parent / "results"
 TOOLS = ("pytorch", "pytorch1", "headstart", "workflow1")
 # the time budget (issue 20): `headstart train` with these flags; not run unless named
 BUDGETS = {"budget-best": ["--quality=best"], "budget-10": ["--time-limit=10"]}
+# the script's own job, by headstart: its choices and a head on pooled features, no stage 2
+VARIANTS = {**BUDGETS, "headstart-head": ["--fine-tune-epochs=0"]}
 WORKFLOW1 = [  # bench/fast_loop.py's a_workflow1
     "--mode=frozen",
     "--augment=flip,rotate=0.1,zoom=0.2",
@@ -146,7 +148,7 @@ def run_headstart(data: Path, size: int, work: Path, extra: list[str], name: str
 def run_tool(tool: str, data: Path, size: int, work: Path, args: argparse.Namespace) -> dict:
     if tool.startswith("pytorch"):
         return run_pytorch(data, size, work, args, threads=1 if tool == "pytorch1" else 2)
-    extra = WORKFLOW1 if tool == "workflow1" else BUDGETS.get(tool, [])
+    extra = WORKFLOW1 if tool == "workflow1" else VARIANTS.get(tool, [])
     return run_headstart(data, size, work, extra, tool)
 
 
@@ -193,7 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[96, 224])
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--tools", nargs="+", choices=TOOLS + tuple(BUDGETS), default=list(TOOLS))
+    parser.add_argument("--tools", nargs="+", choices=TOOLS + tuple(VARIANTS), default=list(TOOLS))
     parser.add_argument("--torch-python", default="/work/venv-torch/bin/python")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "headstart-bench"))
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -235,6 +237,8 @@ def write(runs: dict[int, dict[str, list[dict]]], args: argparse.Namespace) -> N
             "torch.set_num_threads(1) (what the second thread buys on a busy machine).",
             "headstart: `headstart train DATA --image-size N --cache-dir <empty>`, defaults.",
             "workflow1: the same with " + " ".join(WORKFLOW1) + ".",
+            "headstart-head: the same with --fine-tune-epochs=0: the script's own job (a head "
+            "on pooled features) with headstart's choices, refit, test pass and report.",
             "budget-best, budget-10: the same with --quality best, --time-limit 10 (issue 20's "
             "time budget); phases: the default member's and each candidate's seconds (0: not "
             "started), the outcome in peer.json's budget.",
