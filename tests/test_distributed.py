@@ -273,7 +273,7 @@ def sharded_runs(image_folder_factory, tmp_path_factory, jax_env, run_cluster):
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     alone = subprocess.run(
         [sys.executable, "-m", "headstart", "train", str(data), f"--out={tmp / 'one'}"]
-        + [f"--cache-dir={tmp / 'cache-one'}", *EXTRACT, "--quiet"],
+        + [f"--cache-dir={tmp / 'cache-one'}", *EXTRACT, "--quiet", "--no-report"],
         capture_output=True,
         text=True,
         env=env,

@@ -106,8 +106,8 @@ def default_runs(tmp_path_factory, jax_env, child_processes):
     data = _fashion_folder(tmp / "data")
     env = jax_env(tmp)
     runs = {name: tmp / name for name in ("alone", "launched")}
-    _run(
-        [*HEADSTART, "train", str(data), f"--out={runs['alone']}"]
+    _run(  # the reference: its report is not read (the launched run draws its own)
+        [*HEADSTART, "train", str(data), f"--out={runs['alone']}", "--no-report"]
         + [f"--cache-dir={tmp / 'cache-alone'}", *DEFAULTS],
         env,
         tmp / "alone.log",

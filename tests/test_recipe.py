@@ -241,6 +241,7 @@ WEAK_STAGE_1 = dict(
     batch_size=8,
     val_split=0.3,
     refit=False,
+    report=False,
     quiet=True,
 )
 

@@ -168,6 +168,7 @@ def test_transfer_recipe_with_real_offline_weights(tiny_folder, tmp_path, mode):
         fine_tune_lr=1e-4,  # a fixed rate: "auto" skips stage 2 when it cannot beat stage 1
         batch_size=8,
         mode=mode,
+        report=False,  # the real weights' report: test_report's transfer run
         quiet=True,
     )
     result = train(config)

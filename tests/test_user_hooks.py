@@ -60,6 +60,7 @@ def test_callbacks_see_every_epoch_of_both_stages_not_the_trials(tiny_folder, tm
         augment="none",
         batch_size=8,
         check=False,
+        report=False,
         quiet=True,
     )
     result = train(config, callbacks=[recorder])
