@@ -182,6 +182,7 @@ def test_default_backbone_exports_pass_their_checks(tiny_folder, tmp_path):
         augment="none",
         views=0,
         batch_size=8,
+        report=False,
         quiet=True,
     )
     run = train(config).run_dir

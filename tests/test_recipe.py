@@ -4,8 +4,10 @@ only when it beats stage 1, and the result is never below plain cached features.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
+import random
 import time
 
 import keras
@@ -16,7 +18,13 @@ from headstart import Config, train
 from headstart.augment import AUTO_CANDIDATES
 from headstart.backbones import get_backbone
 from headstart.config import FEATURE_NORMS, FINE_TUNE_LR_CANDIDATES
-from headstart.model import build_from_config, classifier_of, compile_for
+from headstart.model import (
+    build_from_config,
+    build_on_base,
+    build_seeded,
+    classifier_of,
+    compile_for,
+)
 from headstart.runtime import FrozenRunner
 from headstart.splits import folder_for
 from headstart.training import choose as choose_module
@@ -337,8 +345,8 @@ def test_a_trainer_compiled_before_keeps_its_step_and_trains_as_if_new(tiny_fold
     config = Config(data=str(tiny_folder), backbone="tiny_test", weights="none", image_size=32)
     backbone = get_backbone(config.backbone)
     folder = folder_for(config)
-    model, base = build_from_config(config, backbone, 2)
-    session = Session(config, backbone, folder, model, base, tmp_path, None)
+    model, seeded = build_seeded(config, backbone, 2)
+    session = Session(config, backbone, folder, model, seeded, tmp_path, None)
     rng = np.random.default_rng(1)
     width = classifier_of(model).input.shape[-1]
     features, labels = rng.normal(size=(24, width)), rng.integers(0, 2, 24)
@@ -412,3 +420,26 @@ def test_the_chosen_head_input_is_its_candidate_as_built_and_no_runner_is_made_a
     for value, variable in zip(values, built.variables, strict=True):
         np.testing.assert_array_equal(value, np.array(variable))
     assert len(runners) == 1 and result.metrics["n_test"] > 0
+
+
+def test_a_head_built_on_the_base_is_the_head_a_whole_build_draws():
+    """A head input's candidate (and a chosen one) is built around the session's base: its
+    weights, its dropout's seed state and the random generators after it are those of the
+    whole model built from the seed, as a resumed run builds it."""
+    config = Config(
+        data=".", backbone="tiny_test", weights="none", image_size=32, hidden=16, dropout=0.3
+    )
+    backbone, l2 = get_backbone("tiny_test"), dataclasses.replace(config, feature_norm="l2")
+    whole, _ = build_from_config(l2, backbone, 3)
+    after_whole = (random.random(), float(np.random.random()))
+    model, seeded = build_seeded(config, backbone, 3)
+    random.random(), np.random.random()  # the run draws on meanwhile
+    on_base = build_on_base(l2, backbone, 3, seeded)
+    assert (random.random(), float(np.random.random())) == after_whole
+    assert "l2_normalize" in [layer.name for layer in classifier_of(on_base).layers]
+    shared = {id(v) for v in model.variables} & {id(v) for v in on_base.variables}
+    assert shared == {id(v) for v in seeded.base.variables}  # the very base, not a copy
+    heads = [classifier_of(m).variables for m in (whole, on_base)]
+    assert len(heads[0]) == len(heads[1]) >= 5  # hidden and logits kernels and biases, seed
+    for a, b in zip(*heads, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import keras
 import numpy as np
@@ -61,12 +61,22 @@ def split_at_cut(model: keras.Model, base: keras.Model, unfreeze: int) -> TrunkS
             "cannot cut %s before %s (%s): fine-tuning the full model", base.name, first.name, error
         )
         return None
-    pool = model.get_layer(FEATURES_NAME)
-    cut_input = keras.Input(first.input.shape[1:], name="trunk_activations")
-    logits = classifier_of(model)(pool(top_block(cut_input)))
-    top = keras.Model(cut_input, logits, name="top_and_head")
     trunk = keras.Model(model.input, _preprocessed_base_call(model, base, first))
-    return TrunkSplit(first.name, trunk, top_block, top)
+    return TrunkSplit(first.name, trunk, top_block, _top(top_block, model))
+
+
+def with_head(split: TrunkSplit, model: keras.Model) -> TrunkSplit:
+    """``split``'s cut, its top ending in ``model``'s pooling and head: the model of another
+    head around the same base (`headstart.model.build_on_base`). A base is cut once: cutting
+    calls its top layers again, and `split_at_cut` refuses a layer called more than once."""
+    return replace(split, top=_top(split.top_block, model))
+
+
+def _top(top_block: keras.Model, model: keras.Model) -> keras.Model:
+    """Activations at the cut -> ``model``'s logits: the top block, pooling, classifier."""
+    cut_input = keras.Input(top_block.input.shape[1:], name="trunk_activations")
+    logits = classifier_of(model)(model.get_layer(FEATURES_NAME)(top_block(cut_input)))
+    return keras.Model(cut_input, logits, name="top_and_head")
 
 
 def _preprocessed_base_call(model: keras.Model, base: keras.Model, first) -> object:

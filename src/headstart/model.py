@@ -6,8 +6,11 @@ Every piece is a standard Keras layer, so the saved ``.keras`` file loads anywhe
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import random
 import re
+from typing import Any
 
 import keras
 import numpy as np
@@ -254,9 +257,47 @@ def build_from_config(config: Config, backbone: Backbone, n_classes: int, head_b
     """The run's full model and its base (a tuple of two for a fusion), initialised from the
     seed: the same on every call with one config, so a resumed run and every process of a
     distributed one build the very same weights."""
+    model, seeded = build_seeded(config, backbone, n_classes, head_builder)
+    return model, seeded.base
+
+
+@dataclasses.dataclass(frozen=True)
+class SeededBase:
+    """A base built from a config's seed, and where it left Python's and NumPy's random
+    generators: the rest of the model (the head's initial weights, its dropout's seed) is
+    drawn from there (`build_on_base`)."""
+
+    base: Any  # a keras.Model, or a fusion's two
+    python_state: tuple
+    numpy_state: tuple
+
+
+def build_seeded(
+    config: Config, backbone: Backbone, n_classes: int, head_builder=None
+) -> tuple[keras.Model, SeededBase]:
+    """`build_from_config`, with the base's `SeededBase` for `build_on_base`."""
     keras.utils.set_random_seed(config.seed)
     base = _bases(config, backbone)
-    model = build_model(
+    seeded = SeededBase(base, random.getstate(), np.random.get_state())
+    return _around(config, backbone, base, n_classes, head_builder), seeded
+
+
+def build_on_base(
+    config: Config, backbone: Backbone, n_classes: int, seeded: SeededBase, head_builder=None
+) -> keras.Model:
+    """The model `build_from_config` builds with ``config`` (another head input, say), built
+    around ``seeded``'s base as it is: the same backbone, size and weights from the same seed,
+    not trained since. The random generators start where building that base left them, so the
+    head is drawn as a whole build draws it, without building and loading the backbone again
+    (a second Lite0 was 2-8 s, most on JAX; a large keras-hub backbone, more)."""
+    keras.utils.set_random_seed(config.seed)
+    random.setstate(seeded.python_state)
+    np.random.set_state(seeded.numpy_state)
+    return _around(config, backbone, seeded.base, n_classes, head_builder)
+
+
+def _around(config: Config, backbone: Backbone, base, n_classes: int, head_builder):
+    return build_model(
         backbone,
         base,
         n_classes,
@@ -267,7 +308,6 @@ def build_from_config(config: Config, backbone: Backbone, n_classes: int, head_b
         head_builder=head_builder,
         multi_label=bool(config.multi_label),
     )
-    return model, base
 
 
 def _bases(config: Config, backbone: Backbone):

@@ -38,7 +38,7 @@ from headstart.augment import AUTO, AUTO_CANDIDATES
 from headstart.config import FEATURE_NORMS, FINE_TUNE_LR_CANDIDATES, GUIDE_FINE_TUNE_LR
 from headstart.extract import ViewSampler
 from headstart.imbalance import class_weights
-from headstart.model import build_from_config, build_head, classifier_of
+from headstart.model import build_head, build_on_base, classifier_of
 from headstart.training.crossval import (
     FoldRecord,
     cross_validate_heads,
@@ -59,11 +59,12 @@ def choose_feature_norm(session) -> None:
 
     The first candidate, "none", is the plain cached-features head (the floor of the run) and
     the session's own model, which `build_from_config` made with that input: it is put back as
-    it was built and kept when it wins; another winner is its candidate model (built from the
-    seed like a resumed run's) put back as it was built.
+    it was built and kept when it wins; another winner is its candidate model (the head a
+    resumed run's build draws from the seed, around the session's base: `build_on_base`) put
+    back as it was built.
 
     With cross-validation (`choice_folds`), each candidate head is scored over the folds
-    instead, and a winner other than "none" is built into the model from the seed.
+    instead, and a winner other than "none" is built into the model so.
     """
     folds = choice_folds(session)
     if folds is not None:
@@ -73,13 +74,13 @@ def choose_feature_norm(session) -> None:
     val_data = session.sampler(session.views("pooled", "val"), "val")
     config, scores = session.config, {}
     reset = snapshot(classifier_of(session.model).variables)
-    built = {}  # norm -> (model, base, what puts its head back as built)
+    built = {}  # norm -> (model, what puts its head back as built)
     for norm in FEATURE_NORMS:
         model = session.model
         if norm != "none":
             candidate = dataclasses.replace(config, feature_norm=norm)
-            model, base = build_from_config(candidate, session.backbone, session.n_classes)
-            built[norm] = (model, base, snapshot(classifier_of(model).variables))
+            model = build_on_base(candidate, session.backbone, session.n_classes, session.seeded)
+            built[norm] = (model, snapshot(classifier_of(model).variables))
         classifier = classifier_of(model)
         scores[norm] = session.trial(
             classifier,
@@ -97,9 +98,9 @@ def choose_feature_norm(session) -> None:
     session.record_choice(feature_norm=chosen, feature_norm_scores=scores)
     log.info("head input chosen on validation: %s (%s)", chosen, scores_text(scores, by_loss))
     if chosen != "none":
-        model, base, as_built = built[chosen]
+        model, as_built = built[chosen]
         as_built()
-        session.rebuild((model, base))
+        session.rebuild(model)
 
 
 def choose_augmentation(session) -> None:
@@ -284,7 +285,7 @@ def _choose_feature_norm_by_folds(session, folds) -> None:
     )
     log.info("%s", noise_line("head input", scores, chosen, noise, by_loss))
     if chosen != "none":
-        session.rebuild()  # built from the seed with the chosen input, as a resumed run's
+        session.rebuild()  # the chosen input's head, as a resumed run's build draws it
 
 
 def _choose_augmentation_by_folds(session, classifier, folds) -> None:

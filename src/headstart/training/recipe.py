@@ -58,7 +58,7 @@ from headstart.extract import run_in_batches, split_at_cut
 from headstart.imbalance import resolve_class_weight
 from headstart.model import (
     base_of,
-    build_from_config,
+    build_seeded,
     classifier_of,
     temperature_of,
     unfreeze_counts,
@@ -190,8 +190,10 @@ def train(
     )
     config = place(config, cluster)
     with clock.phase("build model"):
-        model, base = build_from_config(config, backbone, len(folder.class_names), head_builder)
-    unfreeze = unfreeze_counts(config.unfreeze, backbone, base) if backbone.pretrained else "0"
+        model, seeded = build_seeded(config, backbone, len(folder.class_names), head_builder)
+    unfreeze = "0"
+    if backbone.pretrained:
+        unfreeze = unfreeze_counts(config.unfreeze, backbone, seeded.base)
     config = dataclasses.replace(config, unfreeze=unfreeze)
     config.save(run_dir / runs.CONFIG_FILE)
     files.write_json(run_dir / runs.LABELS_FILE, list(folder.class_names))
@@ -215,7 +217,7 @@ def train(
             backbone,
             folder,
             model,
-            base,
+            seeded,
             run_dir,
             None,
             callbacks,
@@ -290,7 +292,7 @@ def resume(
         )
     _keep_compiled_programs(config)
     with clock.phase("build model"):
-        model, base = build_from_config(config, backbone, len(folder.class_names), head_builder)
+        model, seeded = build_seeded(config, backbone, len(folder.class_names), head_builder)
     log.info("resuming %s at stage %s, epoch %d", run_dir, state.stage, state.next_epoch + 1)
     if not cluster.writes:  # the state is read: train on in a scratch copy of the run folder
         run_dir = _scratch_copy(run_dir)
@@ -307,7 +309,7 @@ def resume(
             backbone,
             folder,
             model,
-            base,
+            seeded,
             run_dir,
             state,
             callbacks,
@@ -395,7 +397,7 @@ def _stages_and_test(
     backbone,
     folder,
     model,
-    base,
+    seeded,
     run_dir: Path,
     state,
     callbacks,
@@ -406,7 +408,7 @@ def _stages_and_test(
     """Both stages from ``state`` (None: from the start), the refit, then the test metrics and
     report; metrics.json ends with where the time went (``clock``'s phases)."""
     session = Session(
-        config, backbone, folder, model, base, run_dir, state, clock=clock, tracker=tracker
+        config, backbone, folder, model, seeded, run_dir, state, clock=clock, tracker=tracker
     )
     session.user_callbacks = list(callbacks)
     session.head_builder = head_builder

@@ -25,12 +25,13 @@ from headstart.augment import AUTO, build_augmenter
 from headstart.backbones import Backbone, unfreeze_units
 from headstart.data import make_dataset
 from headstart.distributed.cluster import even_batches, sampler_batches
-from headstart.extract import InferenceModeTop, ViewSampler, split_at_cut
+from headstart.extract import InferenceModeTop, ViewSampler, split_at_cut, with_head
 from headstart.freeze import freeze, unfreeze_top
 from headstart.imbalance import class_weights
 from headstart.model import (
+    SeededBase,
     base_parts,
-    build_from_config,
+    build_on_base,
     classifier_of,
     compile_for,
     summary_text,
@@ -103,7 +104,7 @@ class Session:
         backbone: Backbone,
         folder,
         model,
-        base,
+        seeded: SeededBase,
         run_dir: Path,
         state,
         *,
@@ -112,7 +113,8 @@ class Session:
     ):
         self.config, self.backbone, self.folder = config, backbone, folder
         self.run_dir, self.state = run_dir, state
-        self._adopt(model, base)
+        self.seeded = seeded  # what another head input's model is built around (`rebuild`)
+        self._adopt(model, seeded.base)
         self.head_builder = None  # train(head_builder=...): `rebuild` builds it again
         # the refit's plan (`headstart.training.refit`), saved with every state from its start
         self.plan: dict = dict(state.plan) if state is not None else {}
@@ -162,18 +164,18 @@ class Session:
             self.feature_views.trunk = split_at_cut(self.model, self.base, unfreeze[0])
             self._trainers.pop("fine_tune", None)  # it trains on this trunk's activations
 
-    def rebuild(self, built: tuple | None = None) -> None:
-        """The model built anew from the (changed) config, as a resumed run would build it
-        (``built``: a (model, base) already built so): same backbone weights, so the cached
-        rows stay valid."""
-        built = built or build_from_config(
-            self.config, self.backbone, self.n_classes, self.head_builder
+    def rebuild(self, model: keras.Model | None = None) -> None:
+        """The model of the (changed) config, as a resumed run would build it from the seed,
+        around the session's base (`headstart.model.build_on_base`; ``model``: one built so
+        already): the same backbone, so the cached rows stay valid."""
+        model = model or build_on_base(
+            self.config, self.backbone, self.n_classes, self.seeded, self.head_builder
         )
-        self._adopt(*built)
+        self._adopt(model, self.base)
         self.checkpoint.full_model = self.model
         self.feature_views.use_model(self.model)
-        if self.feature_views.trunk is not None:
-            self.plan_fine_tuning(self.unfreeze)
+        if self.feature_views.trunk is not None:  # the same cut, on the new head
+            self.feature_views.trunk = with_head(self.feature_views.trunk, self.model)
 
     def restart(self) -> None:
         """The model's variables (weights, statistics, random-seed states) put back as built,
