@@ -54,8 +54,13 @@ def test_cpu_seconds_are_counted_like_wall_seconds_and_say_how_many_cores_were_b
     assert 0.19 <= cpu["trials"] <= wall["trials"] * (os.cpu_count() or 1) + 0.02
     assert cpu["extraction"] == pytest.approx(0.0, abs=0.03)
     assert sum(cpu.values()) == pytest.approx(cpu_total, abs=0.02)
-    line = cores_line(wall, cpu, least=0.1)
-    assert line.startswith("cores busy: ") and "; extraction 0.0, trials " in line  # longest first
+    overall, each = cores_line(wall, cpu, least=0.1).split("; ")
+    assert overall.startswith("cores busy: ") and overall.endswith(" overall")
+    assert float(overall.split()[2]) == pytest.approx(cpu_total / wall_total, abs=0.06)
+    cores = {part.rsplit(" ", 1)[0]: float(part.rsplit(" ", 1)[1]) for part in each.split(", ")}
+    assert list(cores) == sorted(cores, key=lambda name: -wall[name])  # the longest first
+    assert cores == {name: round(cpu[name] / wall[name], 1) for name in ("extraction", "trials")}
+    assert cores["extraction"] == 0.0
 
 
 def test_start_up_counts_from_the_given_start():
