@@ -5,9 +5,10 @@ training and 500 validation rows, batch 32, 32 batches per compiled call, 7 epoc
 - two fits one after the other, then the same two side by side in two threads;
 - one fit compiled as headstart compiles it, then with XLA (``jit_compile=True``).
 
-Prints wall seconds and the cores kept busy (CPU over wall). Measured 2026-12-02 (2 cores):
-threads took 0.77-0.93 of the sequential time (1.5-1.6 cores against 1.3-1.4), XLA 4x longer
-(38 s against 8-10 s). Neither is used.
+Prints wall seconds and the cores kept busy (CPU over wall). Measured 2026-12-02 (2 cores,
+two rounds each in two runs): threads took 0.77-0.96 of the sequential time (1.5-1.6 cores
+busy against 1.3-1.5), XLA 3-5x the time of a plain fit (26-39 s against 7-10 s). Neither is
+used.
 
     python bench/top_block_fits.py
 """
