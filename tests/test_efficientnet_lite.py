@@ -6,6 +6,7 @@ import collections
 import io
 import os
 import pickle
+import random
 import struct
 import sys
 import types
@@ -285,6 +286,20 @@ def test_conversion_is_cached_once_and_reused(monkeypatch, tmp_path):
     assert len(reads) == 1
     EfficientNetLite(include_top=True, weights="imagenet")
     assert len(reads) == 1  # the second build loaded the cache, not the .pth
+
+
+@pytest.mark.integration
+def test_converting_leaves_the_random_stream_where_loading_does(monkeypatch, tmp_path):
+    """A seeded run draws its head after its base: the first run on a machine (converting the
+    weights) must draw the same head as the next ones (loading them)."""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    draws = []
+    for _ in range(2):  # converts, then loads
+        keras.utils.set_random_seed(7)
+        EfficientNetLite(weights="imagenet")
+        draws.append((random.random(), float(np.random.rand())))
+    assert (tmp_path / "models" / "headstart" / "efficientnet_lite0_imagenet.weights.h5").is_file()
+    assert draws[0] == draws[1]
 
 
 @pytest.mark.integration

@@ -16,6 +16,7 @@ import importlib.util
 import math
 import os
 import pickle
+import random
 import secrets
 import struct
 from typing import NamedTuple
@@ -334,8 +335,22 @@ def _imagenet_weights_file(variant: str) -> str:
     """The cached Keras weights for ``variant``, converted from the .pth on first use."""
     path = _cache_path(variant)
     if not os.path.isfile(path):
-        _convert(variant, path)
+        with _random_state_kept():
+            _convert(variant, path)
     return path
+
+
+@contextlib.contextmanager
+def _random_state_kept():
+    """The conversion's model draws initial weights (then overwritten) from Python's and
+    NumPy's generators: they are put back, so that a seeded run's first use of the weights
+    draws the same head as every later run, which finds them cached."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def _checkpoint_path(variant: str) -> str:
