@@ -314,6 +314,30 @@ def test_errors_are_ranked_by_confidence_and_none_is_a_message(tmp_path):
     assert pixels.std() > 5 and pixels.shape[1] > 300  # a line of text, not an empty image
 
 
+@pytest.mark.parametrize("count", [1, 2, 7])
+def test_a_grid_s_title_fits_whatever_its_cell_count(drawn, tmp_path, count):
+    """One wrong test image (a good model's report) under the errors' long title, Grad-CAM's
+    two-line title: every title lies inside the figure and clear of the cells."""
+    images = [np.full((48, 48, 3), 30 * i, np.uint8) for i in range(count)]
+    names = ["pullover"] * count
+    figures.errors(
+        images, names, ["coat"] * count, [0.9] * count, tmp_path / "e.png", n_test=10_000
+    )
+    empty = [np.zeros((6, 6))] * count  # no overlay: the title gets its second line
+    figures.gradcam_grid(images, empty, ["wrong: coat\n0.90"] * count, tmp_path / "g.png")
+    for fig in drawn:
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        frame = fig.bbox
+        (title,) = [t.get_window_extent(renderer) for t in fig.texts if t.get_text()]
+        assert frame.x0 <= title.x0 and title.x1 <= frame.x1 and title.y1 <= frame.y1
+        texts = [title] + [ax.title.get_window_extent(renderer) for ax in fig.axes]
+        assert all(frame.x0 <= t.x0 and t.x1 <= frame.x1 for t in texts)
+        shown = [ax.get_window_extent(renderer) for ax in fig.axes if ax.images]
+        assert _no_overlap([title, *shown])
+
+
 def test_model_graph_or_the_one_line_hint(monkeypatch, tmp_path):
     from headstart.summaries import summary
 

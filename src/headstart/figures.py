@@ -42,30 +42,47 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 _TITLE_LINE = 0.22  # inches: one line of an image's title at size 9 (and its padding)
-_SUPTITLE = 0.4  # inches: the figure's title at size 12
+_SUPTITLE = 0.4  # inches: the figure's title, one line at size 12
 _GAP = 0.08  # inches between two cells, and at the figure's edges
+_CHARACTER = 0.6 / 72  # inches per character per point of font size: DejaVu Sans' widest
 
 
-def _grid(n: int, columns: int, cell: float = 1.9, title_lines: int = 1):
-    """A figure with ``n`` image cells in rows of ``columns``; unused cells are hidden.
+def _grid(
+    n: int,
+    columns: int,
+    title: str,
+    *,
+    cell: float = 1.9,
+    title_lines: int = 1,
+    title_size: float = 12,
+):
+    """A figure titled ``title`` with ``n`` image cells in rows of ``columns``; unused cells
+    are hidden.
 
     Its layout is fixed, not constrained: every cell is ``cell`` inches square with room above
     for its title, so nothing needs measuring (constrained layout measured each cell's title
-    and ticks: 40% of the time a grid took to save)."""
+    and ticks: 40% of the time a grid took to save). The figure is at least as wide as its
+    title, the cells centred: one wrong image under a long title is not cut off."""
     columns = max(1, min(columns, n))
     rows = max(1, -(-n // columns))
-    title = _TITLE_LINE * title_lines
-    width = columns * cell + (columns + 1) * _GAP
-    height = rows * (cell + title + _GAP) + _SUPTITLE
+    cell_title = _TITLE_LINE * title_lines
+    lines = title.splitlines() or [""]
+    cells_width = columns * cell + (columns - 1) * _GAP
+    title_width = max(len(line) for line in lines) * title_size * _CHARACTER
+    width = max(cells_width, title_width) + 2 * _GAP
+    top = _SUPTITLE + (len(lines) - 1) * title_size * 1.25 / 72
+    height = rows * (cell + cell_title + _GAP) + top
+    margin = (width - cells_width) / 2
     fig = Figure(figsize=(width, height))
     fig.subplots_adjust(
-        left=_GAP / width,
-        right=1 - _GAP / width,
+        left=margin / width,
+        right=1 - margin / width,
         bottom=_GAP / height,
-        top=1 - (_SUPTITLE + title) / height,
+        top=1 - (top + cell_title) / height,
         wspace=_GAP / cell,
-        hspace=(title + _GAP) / cell,
+        hspace=(cell_title + _GAP) / cell,
     )
+    fig.suptitle(title, fontsize=title_size)
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
     for ax in axes:
         ax.axis("off")
@@ -84,10 +101,9 @@ def samples(
     images: Sequence[np.ndarray], labels: Sequence[str], path: str | Path, *, columns: int = 3
 ) -> Path:
     """A grid of training images titled with their class names (the seeds' first 9 images)."""
-    fig, axes = _grid(len(images), columns)
+    fig, axes = _grid(len(images), columns, "Training images")
     for ax, image, label in zip(axes, images, labels, strict=True):
         _show(ax, image, short(label))
-    fig.suptitle("Training images", fontsize=12)
     return _save(fig, path)
 
 
@@ -95,12 +111,11 @@ def augmentations(
     original: np.ndarray, augmented: Sequence[np.ndarray], spec: str, path: str | Path
 ) -> Path:
     """One image and its augmented versions, as training saw them (``--augment`` spec)."""
-    fig, axes = _grid(1 + len(augmented), 5)
+    title = f"--augment {spec}" if augmented else f"--augment {spec}: images are used as they are"
+    fig, axes = _grid(1 + len(augmented), 5, title)
     _show(axes[0], original, "original", colour="#1a4f9c")
     for i, (ax, image) in enumerate(zip(axes[1:], augmented, strict=True), 1):
         _show(ax, image, f"augmented {i}")
-    title = f"--augment {spec}" if augmented else f"--augment {spec}: images are used as they are"
-    fig.suptitle(title, fontsize=12)
     return _save(fig, path)
 
 
@@ -291,14 +306,13 @@ def errors(
             fontsize=13,
         )
         return _save(fig, path)
-    fig, axes = _grid(len(images), 4, cell=2.2, title_lines=2)
+    title = (
+        f"Most confidently wrong test images ({len(images)} shown of the errors "
+        f"among {n_test} test images)"
+    )
+    fig, axes = _grid(len(images), 4, title, cell=2.2, title_lines=2, title_size=11)
     for ax, image, t, p, prob in zip(axes, images, true, predicted, probabilities, strict=True):
         _show(ax, image, f"true: {short(t)}\npredicted: {short(p)} ({prob:.2f})", size=8.5)
-    fig.suptitle(
-        f"Most confidently wrong test images ({len(images)} shown of the errors "
-        f"among {n_test} test images)",
-        fontsize=11,
-    )
     return _save(fig, path)
 
 
@@ -337,16 +351,19 @@ def gradcam_grid(
     images: Sequence[np.ndarray], heatmaps: Sequence[np.ndarray], titles: Sequence[str], path
 ) -> Path:
     """Grad-CAM overlays for several test images (the report's correct and wrong examples)."""
-    fig, axes = _grid(len(images), 4, cell=2.2, title_lines=2)
-    for ax, image, heatmap, title in zip(axes, images, heatmaps, titles, strict=True):
-        wrong = title.startswith("wrong")
-        _show(
-            ax, overlay(image, heatmap), title, colour="crimson" if wrong else "darkgreen", size=8
-        )
     title = "Grad-CAM: where the model looked (red = most important)"
     if any(not np.max(heatmap) > 0 for heatmap in heatmaps):
         title += "\nno overlay: no region raised that class's score"
-    fig.suptitle(title, fontsize=11)
+    fig, axes = _grid(len(images), 4, title, cell=2.2, title_lines=2, title_size=11)
+    for ax, image, heatmap, cell_title in zip(axes, images, heatmaps, titles, strict=True):
+        wrong = cell_title.startswith("wrong")
+        _show(
+            ax,
+            overlay(image, heatmap),
+            cell_title,
+            colour="crimson" if wrong else "darkgreen",
+            size=8,
+        )
     return _save(fig, path)
 
 
