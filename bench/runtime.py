@@ -13,6 +13,9 @@ files. Every variant runs in this one process, interleaved (one pass of each, th
 - ``openvino f32 throughput``: PERFORMANCE_HINT THROUGHPUT (streams chosen by OpenVINO), an
   AsyncInferQueue of as many requests as it suggests;
 - ``openvino f32 static 32``: the IR reshaped to a static batch of 32, called batch after batch;
+  then the same with CPU plugin settings headstart does not use: denormals flushed to zero
+  (``CPU_DENORMALS_OPTIMIZATION``), threads pinned to cores (``ENABLE_CPU_PINNING``), one
+  stream of two threads;
 - ``openvino bf16 sync``: OpenVINO's own default precision on this CPU, for information;
 - ``onnxruntime``: Keras' ONNX export in an InferenceSession (all cores, sequential);
 - from files: `headstart.extract.extract_batches` (tf.data decoding overlapped with inference)
@@ -95,6 +98,17 @@ def openvino_variants(xml: Path, runner: FrozenRunner) -> dict:
     static_model = core.read_model(str(xml))
     static_model.reshape([BATCH, *list(static_model.inputs[0].partial_shape)[1:]])
     static = core.compile_model(static_model, "CPU", {**f32, "PERFORMANCE_HINT": "LATENCY"})
+    tuned = {  # CPU plugin settings beside headstart's (a static batch, THROUGHPUT)
+        name: core.compile_model(static_model, "CPU", {**f32, **config})
+        for name, config in (
+            (
+                "denormals flushed",
+                {"PERFORMANCE_HINT": "THROUGHPUT", "CPU_DENORMALS_OPTIMIZATION": True},
+            ),
+            ("threads pinned", {"PERFORMANCE_HINT": "THROUGHPUT", "ENABLE_CPU_PINNING": True}),
+            ("1 stream of 2 threads", {"NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": 2}),
+        )
+    }
     requests = throughput.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
 
     def synchronous(compiled):
@@ -111,18 +125,39 @@ def openvino_variants(xml: Path, runner: FrozenRunner) -> dict:
         queue.wait_all()
         return [done[i] for i in range(len(batches))]
 
-    def padded(batches):  # a static batch: the last one padded to BATCH
-        outputs = []
-        for b in batches:
-            full = np.concatenate([b, np.zeros((BATCH - len(b), *b.shape[1:]), b.dtype)])
-            outputs.append(np.array(static(full)[0])[: len(b)])
-        return outputs
+    def padded(compiled):  # a static batch: the last one padded to BATCH
+        def run(batches):
+            outputs = []
+            for b in batches:
+                full = np.concatenate([b, np.zeros((BATCH - len(b), *b.shape[1:]), b.dtype)])
+                outputs.append(np.array(compiled(full)[0])[: len(b)])
+            return outputs
+
+        return run
+
+    def queued_static(compiled):  # padded static batches, as many requests as it suggests
+        def run(batches):
+            queue = openvino.AsyncInferQueue(
+                compiled, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+            )
+            done = {}
+            queue.set_callback(
+                lambda request, i: done.__setitem__(i, np.array(request.get_output_tensor(0).data))
+            )
+            for i, b in enumerate(batches):
+                full = np.concatenate([b, np.zeros((BATCH - len(b), *b.shape[1:]), b.dtype)])
+                queue.start_async(full, i)
+            queue.wait_all()
+            return [done[i][: len(b)] for i, b in enumerate(batches)]
+
+        return run
 
     return {
         "openvino f32 sync": synchronous(sync),
         "headstart openvino": lambda batches: list(runner.outputs(batches)),
         f"openvino f32 throughput ({requests} requests)": queued,
-        "openvino f32 static 32": padded,
+        "openvino f32 static 32": padded(static),
+        **{f"openvino f32 static 32, {name}": queued_static(c) for name, c in tuned.items()},
         "openvino bf16 sync": synchronous(bf16),
     }
 
