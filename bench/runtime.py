@@ -111,31 +111,18 @@ def openvino_variants(xml: Path, runner: FrozenRunner) -> dict:
     }
     requests = throughput.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
 
-    def synchronous(compiled):
-        return lambda batches: [np.array(compiled(b)[0]) for b in batches]
-
-    def queued(batches):
-        queue = openvino.AsyncInferQueue(throughput, requests)
-        done = {}
-        queue.set_callback(
-            lambda request, i: done.__setitem__(i, np.array(request.get_output_tensor(0).data))
+    def pad(batch):  # a static batch: the last one padded to BATCH
+        return np.concatenate(
+            [batch, np.zeros((BATCH - len(batch), *batch.shape[1:]), batch.dtype)]
         )
-        for i, batch in enumerate(batches):
-            queue.start_async(batch, i)
-        queue.wait_all()
-        return [done[i] for i in range(len(batches))]
 
-    def padded(compiled):  # a static batch: the last one padded to BATCH
+    def synchronous(compiled, static=False):
         def run(batches):
-            outputs = []
-            for b in batches:
-                full = np.concatenate([b, np.zeros((BATCH - len(b), *b.shape[1:]), b.dtype)])
-                outputs.append(np.array(compiled(full)[0])[: len(b)])
-            return outputs
+            return [np.array(compiled(pad(b) if static else b)[0])[: len(b)] for b in batches]
 
         return run
 
-    def queued_static(compiled):  # padded static batches, as many requests as it suggests
+    def queued(compiled, static=False):  # as many requests in flight as it suggests
         def run(batches):
             queue = openvino.AsyncInferQueue(
                 compiled, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
@@ -145,8 +132,7 @@ def openvino_variants(xml: Path, runner: FrozenRunner) -> dict:
                 lambda request, i: done.__setitem__(i, np.array(request.get_output_tensor(0).data))
             )
             for i, b in enumerate(batches):
-                full = np.concatenate([b, np.zeros((BATCH - len(b), *b.shape[1:]), b.dtype)])
-                queue.start_async(full, i)
+                queue.start_async(pad(b) if static else b, i)
             queue.wait_all()
             return [done[i][: len(b)] for i, b in enumerate(batches)]
 
@@ -155,9 +141,9 @@ def openvino_variants(xml: Path, runner: FrozenRunner) -> dict:
     return {
         "openvino f32 sync": synchronous(sync),
         "headstart openvino": lambda batches: list(runner.outputs(batches)),
-        f"openvino f32 throughput ({requests} requests)": queued,
-        "openvino f32 static 32": padded(static),
-        **{f"openvino f32 static 32, {name}": queued_static(c) for name, c in tuned.items()},
+        f"openvino f32 throughput ({requests} requests)": queued(throughput),
+        "openvino f32 static 32": synchronous(static, static=True),
+        **{f"openvino f32 static 32, {name}": queued(c, static=True) for name, c in tuned.items()},
         "openvino bf16 sync": synchronous(bf16),
     }
 
