@@ -44,7 +44,8 @@ def _save(fig: Figure, path: str | Path) -> Path:
 _TITLE_LINE = 0.22  # inches: one line of an image's title at size 9 (and its padding)
 _SUPTITLE = 0.4  # inches: the figure's title, one line at size 12
 _GAP = 0.08  # inches between two cells, and at the figure's edges
-_CHARACTER = 0.6 / 72  # inches per character per point of font size: DejaVu Sans' widest
+_CHARACTER = 0.6 / 72  # inches per character per point of font size (DejaVu Sans, rounded up)
+_LINE = 1.25 / 72  # inches per line of a title per point of font size
 
 
 def _grid(
@@ -70,7 +71,7 @@ def _grid(
     cells_width = columns * cell + (columns - 1) * _GAP
     title_width = max(len(line) for line in lines) * title_size * _CHARACTER
     width = max(cells_width, title_width) + 2 * _GAP
-    top = _SUPTITLE + (len(lines) - 1) * title_size * 1.25 / 72
+    top = _SUPTITLE + (len(lines) - 1) * title_size * _LINE
     height = rows * (cell + cell_title + _GAP) + top
     margin = (width - cells_width) / 2
     fig = Figure(figsize=(width, height))

@@ -168,9 +168,10 @@ class Session:
         """The model of the (changed) config, as a resumed run would build it from the seed,
         around the session's base (`headstart.model.build_on_base`; ``model``: one built so
         already): the same backbone, so the cached rows stay valid."""
-        model = model or build_on_base(
-            self.config, self.backbone, self.n_classes, self.seeded, self.head_builder
-        )
+        if model is None:
+            model = build_on_base(
+                self.config, self.backbone, self.n_classes, self.seeded, self.head_builder
+            )
         self._adopt(model, self.base)
         self.checkpoint.full_model = self.model
         self.feature_views.use_model(self.model)
